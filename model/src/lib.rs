@@ -1,0 +1,21 @@
+//! What a model is: its `config.json`, the tensors a checkpoint must hold (names, dtypes,
+//! shapes), memory-mapped safetensors loading (whole or a subset of layers and experts), the
+//! tokenizer and chat template, and the sizes the planner needs.
+//!
+//! This crate knows nothing about compute or networking: it hands out validated tensor bytes
+//! and token ids. Every malformed input is an error that names what was wrong.
+
+pub mod chat;
+pub mod checkpoint;
+pub mod config;
+pub mod init;
+pub mod safetensors;
+pub mod sizes;
+pub mod tokenizer;
+pub mod weights;
+
+pub use chat::ChatMessage;
+pub use checkpoint::{Checkpoint, CheckpointError};
+pub use config::{Arch, ConfigError, ModelConfig, MoeConfig};
+pub use tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError};
+pub use weights::{Subset, TensorSpec};
