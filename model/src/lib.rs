@@ -9,6 +9,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod init;
+pub mod rng;
 pub mod safetensors;
 pub mod sizes;
 pub mod tokenizer;

@@ -1,0 +1,392 @@
+//! The safetensors format, read through a memory map and checked before use, and written for
+//! `model init`. A file is 8 bytes of little-endian header length, a JSON header
+//! `{name: {dtype, shape, data_offsets}}`, then the tensor bytes. Nothing is trusted: lengths,
+//! offsets and sizes are checked against the file so a truncated or corrupt file is an error
+//! that names it, never a panic or a read out of bounds.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use serde_json::Value;
+
+/// The element types we compute from. Others may appear in a header (and are reported by
+/// name), but no model tensor may use them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum Dtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl Dtype {
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "F32",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+        }
+    }
+
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "float32",
+            Dtype::F16 => "float16",
+            Dtype::BF16 => "bfloat16",
+        }
+    }
+
+    pub fn from_torch_name(s: &str) -> Option<Dtype> {
+        match s {
+            "float32" | "f32" => Some(Dtype::F32),
+            "float16" | "f16" => Some(Dtype::F16),
+            "bfloat16" | "bf16" => Some(Dtype::BF16),
+            _ => None,
+        }
+    }
+}
+
+/// Byte size of every dtype the format defines, so offsets of tensors we will not use can still
+/// be checked.
+fn header_dtype_size(s: &str) -> Option<usize> {
+    Some(match s {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+        _ => return None,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SafetensorsError {
+    #[error("cannot open {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {problem}")]
+    Corrupt { path: PathBuf, problem: String },
+}
+
+/// One tensor's entry in a header, already checked against the file's size.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// The dtype as the header spells it (`"BF16"`, `"I64"`, …).
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    /// Byte range within the data section.
+    pub begin: usize,
+    pub end: usize,
+}
+
+impl TensorInfo {
+    /// The dtype if it is one we compute from.
+    pub fn float_dtype(&self) -> Option<Dtype> {
+        match self.dtype.as_str() {
+            "F32" => Some(Dtype::F32),
+            "F16" => Some(Dtype::F16),
+            "BF16" => Some(Dtype::BF16),
+            _ => None,
+        }
+    }
+}
+
+/// A memory-mapped safetensors file whose header has been validated. Tensor bytes are only
+/// touched (paged in) when a tensor is read.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    tensors: BTreeMap<String, TensorInfo>,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self, SafetensorsError> {
+        let io = |source| SafetensorsError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io)?;
+        // SAFETY: the map is read-only; checkpoints are not modified while being served.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let corrupt = |problem: String| SafetensorsError::Corrupt {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let len = mmap.len();
+        if len < 8 {
+            return Err(corrupt(format!(
+                "file is {len} bytes; a safetensors file starts with an 8-byte header length"
+            )));
+        }
+        let header_len = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
+        if header_len > (len - 8) as u64 {
+            return Err(corrupt(format!(
+                "header length {header_len} runs past the end of the file ({len} bytes): truncated or not a safetensors file"
+            )));
+        }
+        let data_start = 8 + header_len as usize;
+        let header: Value = serde_json::from_slice(&mmap[8..data_start])
+            .map_err(|e| corrupt(format!("header is not valid JSON: {e}")))?;
+        let Value::Object(entries) = header else {
+            return Err(corrupt("header is not a JSON object".into()));
+        };
+        let data_len = len - data_start;
+        let mut tensors = BTreeMap::new();
+        for (name, entry) in entries {
+            if name == "__metadata__" {
+                continue;
+            }
+            let info = parse_entry(&entry).map_err(|p| corrupt(format!("tensor {name}: {p}")))?;
+            let elems: usize = info.shape.iter().product();
+            let size = header_dtype_size(&info.dtype)
+                .ok_or_else(|| corrupt(format!("tensor {name}: unknown dtype {:?}", info.dtype)))?;
+            if info.begin > info.end || info.end > data_len {
+                return Err(corrupt(format!(
+                    "tensor {name}: data_offsets [{}, {}] point past the end of the data ({data_len} bytes): truncated file?",
+                    info.begin, info.end
+                )));
+            }
+            if info.end - info.begin != elems * size {
+                return Err(corrupt(format!(
+                    "tensor {name}: holds {} bytes but shape {:?} of {} needs {}",
+                    info.end - info.begin,
+                    info.shape,
+                    info.dtype,
+                    elems * size
+                )));
+            }
+            tensors.insert(name, info);
+        }
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            mmap,
+            data_start,
+            tensors,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn tensors(&self) -> &BTreeMap<String, TensorInfo> {
+        &self.tensors
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+
+    /// The raw bytes of a tensor listed in this file's header.
+    pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.mmap[self.data_start + info.begin..self.data_start + info.end]
+    }
+}
+
+fn parse_entry(v: &Value) -> Result<TensorInfo, String> {
+    let dtype = v
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or("missing string field `dtype`")?
+        .to_string();
+    let shape = v
+        .get("shape")
+        .and_then(Value::as_array)
+        .ok_or("missing array field `shape`")?
+        .iter()
+        .map(|d| {
+            d.as_u64()
+                .map(|d| d as usize)
+                .ok_or("shape holds a non-integer")
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let offsets = v
+        .get("data_offsets")
+        .and_then(Value::as_array)
+        .filter(|a| a.len() == 2)
+        .ok_or("missing field `data_offsets` [begin, end]")?;
+    let off = |i: usize| {
+        offsets[i]
+            .as_u64()
+            .map(|o| o as usize)
+            .ok_or("data_offsets holds a non-integer")
+    };
+    Ok(TensorInfo {
+        dtype,
+        shape,
+        begin: off(0)?,
+        end: off(1)?,
+    })
+}
+
+/// Converts little-endian tensor bytes of a float dtype to f32.
+pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+    }
+}
+
+/// Encodes f32 values as little-endian bytes of `dtype` (round to nearest even).
+pub fn from_f32(dtype: Dtype, values: &[f32]) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+    }
+}
+
+/// A tensor to write: name, shape and its bytes already in `dtype`.
+pub struct OwnedTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// Writes tensors as one safetensors file (sorted by name, as the reference writer does).
+pub fn write(path: &Path, tensors: &[&OwnedTensor]) -> std::io::Result<()> {
+    let mut sorted: Vec<&&OwnedTensor> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for t in &sorted {
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + t.data.len()]}),
+        );
+        offset += t.data.len();
+    }
+    let mut header = serde_json::to_vec(&Value::Object(header))?;
+    // Pad so the data section is 8-byte aligned, as the reference writer does.
+    while (8 + header.len()) % 8 != 0 {
+        header.push(b' ');
+    }
+    let mut f = std::io::BufWriter::new(File::create(path)?);
+    f.write_all(&(header.len() as u64).to_le_bytes())?;
+    f.write_all(&header)?;
+    for t in sorted {
+        f.write_all(&t.data)?;
+    }
+    f.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(name: &str, shape: &[usize]) -> OwnedTensor {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 1.0).collect();
+        OwnedTensor {
+            name: name.into(),
+            dtype: Dtype::BF16,
+            shape: shape.to_vec(),
+            data: from_f32(Dtype::BF16, &values),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let (a, b) = (tensor("b.weight", &[3, 2]), tensor("a.weight", &[4]));
+        write(&path, &[&a, &b]).unwrap();
+        let f = SafetensorsFile::open(&path).unwrap();
+        let info = f.get("b.weight").unwrap();
+        assert_eq!(info.shape, vec![3, 2]);
+        assert_eq!(info.float_dtype(), Some(Dtype::BF16));
+        assert_eq!(
+            to_f32(Dtype::BF16, f.bytes(info)),
+            vec![-1.0, -0.5, 0.0, 0.5, 1.0, 1.5]
+        );
+        assert_eq!(f.tensors().len(), 2);
+    }
+
+    fn corrupt_err(bytes: &[u8]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.safetensors");
+        std::fs::write(&path, bytes).unwrap();
+        match SafetensorsFile::open(&path) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("corrupt file accepted"),
+        }
+    }
+
+    fn file_with_header(header: &str, data_len: usize) -> Vec<u8> {
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(header.as_bytes());
+        v.extend(std::iter::repeat_n(0u8, data_len));
+        v
+    }
+
+    #[test]
+    fn corrupt_files_are_named_errors() {
+        let e = corrupt_err(&[1, 2, 3]);
+        assert!(e.contains("bad.safetensors") && e.contains("8-byte"), "{e}");
+        let e = corrupt_err(&file_with_header("{}", 0)[..6]);
+        assert!(e.contains("8-byte"), "{e}");
+        let mut huge = 1_000_000u64.to_le_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        let e = corrupt_err(&huge);
+        assert!(e.contains("runs past the end"), "{e}");
+        let e = corrupt_err(&file_with_header("{not json", 0));
+        assert!(e.contains("not valid JSON"), "{e}");
+        let e = corrupt_err(&file_with_header(
+            r#"{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}"#,
+            8,
+        ));
+        assert!(e.contains("tensor w") && e.contains("past the end"), "{e}");
+        let e = corrupt_err(&file_with_header(
+            r#"{"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}"#,
+            16,
+        ));
+        assert!(e.contains("needs 12"), "{e}");
+        let e = corrupt_err(&file_with_header(
+            r#"{"w": {"dtype": "Q4", "shape": [3], "data_offsets": [0, 3]}}"#,
+            3,
+        ));
+        assert!(e.contains("unknown dtype \"Q4\""), "{e}");
+        let e = corrupt_err(&file_with_header(r#"{"w": {"shape": [3]}}"#, 3));
+        assert!(e.contains("dtype"), "{e}");
+    }
+
+    #[test]
+    fn truncated_data_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        write(&path, &[&tensor("w", &[64])]).unwrap();
+        let full = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &full[..full.len() - 10]).unwrap();
+        let e = SafetensorsFile::open(&path).err().unwrap().to_string();
+        assert!(e.contains("tensor w") && e.contains("truncated"), "{e}");
+    }
+}

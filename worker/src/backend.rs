@@ -1,0 +1,143 @@
+//! The `Backend` trait: the fused operations one transformer layer is made of. The model is
+//! written once over it ([`crate::model`]); the CPU backend is the reference, the CUDA backend
+//! must match it op by op.
+
+use crate::batch::AttentionBatch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{0}")]
+    Shape(String),
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+/// Token routes of one MoE layer: for token `t`, slot `j < top_k`, expert `experts[t*top_k+j]`
+/// with weight `weights[t*top_k+j]` (softmax over all experts in f32, top-k, renormalised).
+/// Kept on the host: the exchange between expert shards is planned from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routes {
+    pub top_k: usize,
+    pub experts: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+/// One expert's SwiGLU weights: `down(silu(gate(x)) * up(x))`, Mixtral's `w1`, `w3`, `w2`.
+pub struct FfnWeights<W> {
+    pub gate: W,
+    pub up: W,
+    pub down: W,
+}
+
+pub trait Backend: Send + Sync {
+    /// Activations: a row-major `[rows, cols]` matrix on the device.
+    type Tensor: Send + Sync;
+    /// A weight matrix `[out, in]` resident on the device.
+    type Weight: Send + Sync;
+    /// The paged K/V memory of the layers one worker holds.
+    type KvCache: Send;
+
+    fn name(&self) -> String;
+
+    /// Moves a host matrix `[rows, cols]` of f32 onto the device (converting to its storage type).
+    fn weight(
+        &self,
+        data: Vec<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self::Weight, BackendError>;
+    fn tensor(
+        &self,
+        data: Vec<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self::Tensor, BackendError>;
+    fn to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
+    fn rows(&self, t: &Self::Tensor) -> usize;
+
+    /// `layers` layers of `num_blocks` blocks, each holding `block_size` tokens of K and V.
+    fn kv_cache(
+        &self,
+        layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self::KvCache, BackendError>;
+
+    /// Rows of the embedding table for `ids`.
+    fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Tensor, BackendError>;
+
+    /// RMSNorm of each row, scaled by `weight`.
+    fn rms_norm(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Tensor, BackendError>;
+
+    /// `x · wᵀ`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight) -> Result<Self::Tensor, BackendError>;
+
+    /// `residual += x · wᵀ` (the attention output projection).
+    fn linear_add(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        residual: &mut Self::Tensor,
+    ) -> Result<(), BackendError>;
+
+    /// Projects `x` to Q, K and V and applies RoPE at `positions` to Q and K.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_rope(
+        &self,
+        x: &Self::Tensor,
+        wq: &Self::Weight,
+        wk: &Self::Weight,
+        wv: &Self::Weight,
+        positions: &[u32],
+        head_dim: usize,
+        rope_theta: f64,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor), BackendError>;
+
+    /// Appends K and V of this step to `layer`'s paged cache, then attends: each query sees the
+    /// keys of its own sequence at positions `max(0, p - window + 1) ..= p`.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        batch: &AttentionBatch,
+    ) -> Result<Self::Tensor, BackendError>;
+
+    /// Router logits, softmax in f32, top-k, renormalised.
+    fn router_topk(
+        &self,
+        x: &Self::Tensor,
+        gate: &Self::Weight,
+        top_k: usize,
+    ) -> Result<Routes, BackendError>;
+
+    /// `residual += Σ_j weight_j · expert_j(x)` over each token's routed experts that are in
+    /// `experts` (expert id, weights); tokens are grouped by expert so each expert runs once.
+    fn experts_ffn_add(
+        &self,
+        x: &Self::Tensor,
+        routes: &Routes,
+        experts: &[(u32, &FfnWeights<Self::Weight>)],
+        residual: &mut Self::Tensor,
+    ) -> Result<(), BackendError>;
+
+    /// `residual += down(silu(gate(x)) * up(x))`: the dense MLP.
+    fn mlp_add(
+        &self,
+        x: &Self::Tensor,
+        w: &FfnWeights<Self::Weight>,
+        residual: &mut Self::Tensor,
+    ) -> Result<(), BackendError>;
+
+    /// The rows `rows` of `x` (e.g. the last token of each sequence before `lm_head`).
+    fn select_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor, BackendError>;
+}

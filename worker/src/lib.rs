@@ -1,0 +1,19 @@
+//! The worker: backends, model execution, the paged KV cache and sampling.
+//!
+//! It owns KV memory and runs steps it is handed; it does not decide what runs when (that is
+//! the coordinator's scheduler, or [`engine::Engine`] for one-process generation) and it never
+//! talks to clients.
+
+pub mod backend;
+pub mod batch;
+pub mod cpu;
+pub mod engine;
+pub mod kv_cache;
+pub mod model;
+pub mod sampling;
+
+pub use backend::{Backend, BackendError};
+pub use cpu::CpuBackend;
+pub use engine::{Completion, Engine, EngineConfig, EngineError, FinishReason, Request};
+pub use model::{Model, ModelError};
+pub use sampling::SamplingParams;

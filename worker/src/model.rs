@@ -1,0 +1,259 @@
+//! Mixtral, Mistral and Llama, written once over [`Backend`]: embedding → layers of
+//! (RMSNorm → QKV + RoPE → paged attention → output projection, RMSNorm → MoE or dense MLP) →
+//! final norm → `lm_head`. A [`Model`] may hold only a part of a checkpoint (a range of layers,
+//! some experts, with or without the embedding and the head), which is what a worker of the grid
+//! loads.
+
+use switchyard_model::weights::{LayerNames, EMBEDDING, FINAL_NORM};
+use switchyard_model::{Checkpoint, CheckpointError, ModelConfig, Subset};
+
+use crate::backend::{Backend, BackendError, FfnWeights};
+use crate::batch::{AttentionBatch, LogitsWanted, SeqInput};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("this model part {0}")]
+    MissingPart(&'static str),
+}
+
+enum Ffn<W> {
+    Dense(FfnWeights<W>),
+    Moe {
+        router: W,
+        /// The experts this part holds, by expert id.
+        experts: Vec<(u32, FfnWeights<W>)>,
+    },
+}
+
+struct Layer<W> {
+    input_norm: W,
+    q: W,
+    k: W,
+    v: W,
+    o: W,
+    post_norm: W,
+    ffn: Ffn<W>,
+}
+
+enum LmHead<W> {
+    Own(W),
+    /// `tie_word_embeddings`: the embedding matrix doubles as `lm_head`.
+    Tied,
+}
+
+/// A loaded model part on one backend.
+pub struct Model<B: Backend> {
+    config: ModelConfig,
+    subset: Subset,
+    embedding: Option<B::Weight>,
+    layers: Vec<Layer<B::Weight>>,
+    head: Option<(B::Weight, LmHead<B::Weight>)>,
+}
+
+impl<B: Backend> Model<B> {
+    /// Validates every tensor `subset` needs, then loads them (only their bytes are read).
+    pub fn load(backend: &B, checkpoint: &Checkpoint, subset: &Subset) -> Result<Self, ModelError> {
+        checkpoint.validate(subset)?;
+        let c = checkpoint.config().clone();
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let load = |name: &str, rows: usize, cols: usize| -> Result<B::Weight, ModelError> {
+            let shape: &[usize] = if rows == 1 { &[cols] } else { &[rows, cols] };
+            let data = checkpoint.read_f32(name, shape)?;
+            Ok(backend.weight(data, rows, cols)?)
+        };
+        let ffn =
+            |gate: String, up: String, down: String| -> Result<FfnWeights<B::Weight>, ModelError> {
+                Ok(FfnWeights {
+                    gate: load(&gate, i, h)?,
+                    up: load(&up, i, h)?,
+                    down: load(&down, h, i)?,
+                })
+            };
+
+        let embedding = match subset.embedding {
+            true => Some(load(EMBEDDING, c.vocab_size, h)?),
+            false => None,
+        };
+        let mut layers = Vec::with_capacity(subset.layers.len());
+        for l in subset.layers.clone() {
+            let n = LayerNames::new(l);
+            let ffn = match c.moe {
+                Some(moe) => Ffn::Moe {
+                    router: load(&n.router(), moe.num_experts, h)?,
+                    experts: (0..moe.num_experts)
+                        .filter(|e| subset.has_expert(*e))
+                        .map(|e| {
+                            Ok((
+                                e as u32,
+                                ffn(n.expert(e, "w1"), n.expert(e, "w3"), n.expert(e, "w2"))?,
+                            ))
+                        })
+                        .collect::<Result<_, ModelError>>()?,
+                },
+                None => Ffn::Dense(ffn(
+                    n.mlp("gate_proj"),
+                    n.mlp("up_proj"),
+                    n.mlp("down_proj"),
+                )?),
+            };
+            layers.push(Layer {
+                input_norm: load(&n.input_norm(), 1, h)?,
+                q: load(&n.attn("q_proj"), c.q_dim(), h)?,
+                k: load(&n.attn("k_proj"), c.kv_dim(), h)?,
+                v: load(&n.attn("v_proj"), c.kv_dim(), h)?,
+                o: load(&n.attn("o_proj"), h, c.q_dim())?,
+                post_norm: load(&n.post_attention_norm(), 1, h)?,
+                ffn,
+            });
+        }
+        let head = match subset.head {
+            false => None,
+            true => {
+                let lm_head = if c.tie_word_embeddings && embedding.is_some() {
+                    LmHead::Tied
+                } else {
+                    LmHead::Own(load(c.lm_head_name(), c.vocab_size, h)?)
+                };
+                Some((load(FINAL_NORM, 1, h)?, lm_head))
+            }
+        };
+        Ok(Model {
+            config: c,
+            subset: subset.clone(),
+            embedding,
+            layers,
+            head,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn subset(&self) -> &Subset {
+        &self.subset
+    }
+
+    /// Layers held (the KV cache of this part has this many layers).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Runs one step of a whole model: token ids in, the logits each sequence asked for out
+    /// (`[rows, vocab]` flattened; empty for [`LogitsWanted::None`]).
+    pub fn forward(
+        &self,
+        backend: &B,
+        cache: &mut B::KvCache,
+        inputs: &[SeqInput],
+        block_size: usize,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let ids: Vec<u32> = inputs
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
+        let batch = AttentionBatch::new(inputs, block_size, self.config.sliding_window);
+        let mut hidden = self.embed(backend, &ids)?;
+        self.forward_layers(backend, cache, &mut hidden, &batch)?;
+        self.logits(backend, &hidden, inputs)
+    }
+
+    pub fn embed(&self, backend: &B, ids: &[u32]) -> Result<B::Tensor, ModelError> {
+        let table = self
+            .embedding
+            .as_ref()
+            .ok_or(ModelError::MissingPart("holds no embedding"))?;
+        Ok(backend.embed(table, ids)?)
+    }
+
+    /// Runs this part's layers over the residual stream `hidden` in place.
+    pub fn forward_layers(
+        &self,
+        backend: &B,
+        cache: &mut B::KvCache,
+        hidden: &mut B::Tensor,
+        batch: &AttentionBatch,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        let eps = c.rms_norm_eps as f32;
+        let positions = batch.positions();
+        for (local, layer) in self.layers.iter().enumerate() {
+            let x = backend.rms_norm(hidden, &layer.input_norm, eps)?;
+            let (q, k, v) = backend.qkv_rope(
+                &x,
+                &layer.q,
+                &layer.k,
+                &layer.v,
+                &positions,
+                c.head_dim,
+                c.rope_theta,
+            )?;
+            let attn = backend.attention(&q, &k, &v, cache, local, batch)?;
+            backend.linear_add(&attn, &layer.o, hidden)?;
+            let x = backend.rms_norm(hidden, &layer.post_norm, eps)?;
+            match &layer.ffn {
+                Ffn::Dense(w) => backend.mlp_add(&x, w, hidden)?,
+                Ffn::Moe { router, experts } => {
+                    let top_k = c.moe.expect("MoE layer of a MoE config").top_k;
+                    let routes = backend.router_topk(&x, router, top_k)?;
+                    let local: Vec<(u32, &FfnWeights<B::Weight>)> =
+                        experts.iter().map(|(e, w)| (*e, w)).collect();
+                    backend.experts_ffn_add(&x, &routes, &local, hidden)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Final norm and `lm_head` over the rows each sequence asked for.
+    pub fn logits(
+        &self,
+        backend: &B,
+        hidden: &B::Tensor,
+        inputs: &[SeqInput],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let (norm, lm_head) = self
+            .head
+            .as_ref()
+            .ok_or(ModelError::MissingPart("holds no lm_head"))?;
+        let lm_head = match lm_head {
+            LmHead::Own(w) => w,
+            LmHead::Tied => self
+                .embedding
+                .as_ref()
+                .expect("tied head implies the embedding"),
+        };
+        let mut rows = Vec::new();
+        let mut counts = Vec::with_capacity(inputs.len());
+        let mut start = 0;
+        for s in inputs {
+            let end = start + s.tokens.len();
+            let wanted = match s.logits {
+                LogitsWanted::None => start..start,
+                LogitsWanted::Last => end - 1..end,
+                LogitsWanted::All => start..end,
+            };
+            counts.push(wanted.len());
+            rows.extend(wanted);
+            start = end;
+        }
+        if rows.is_empty() {
+            return Ok(vec![Vec::new(); inputs.len()]);
+        }
+        let selected = backend.select_rows(hidden, &rows)?;
+        let normed = backend.rms_norm(&selected, norm, self.config.rms_norm_eps as f32)?;
+        let logits = backend.to_host(&backend.linear(&normed, lm_head)?)?;
+        let vocab = self.config.vocab_size;
+        let mut out = Vec::with_capacity(inputs.len());
+        let mut at = 0;
+        for n in counts {
+            out.push(logits[at * vocab..(at + n) * vocab].to_vec());
+            at += n;
+        }
+        Ok(out)
+    }
+}

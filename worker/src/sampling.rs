@@ -1,0 +1,273 @@
+//! Choosing the next token from logits: greedy, or temperature with top-k and top-p under a
+//! seeded generator; and the log-probabilities reported with it. Logprobs are always those of
+//! the model's own distribution (log-softmax of the raw logits, before temperature), as vLLM
+//! reports them by default.
+
+use serde::Serialize;
+use switchyard_model::rng::Rng;
+
+/// The most alternatives a request may ask for per token (OpenAI's and vLLM's limit).
+pub const MAX_LOGPROBS: usize = 20;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 1 = off.
+    pub top_p: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    pub seed: Option<u64>,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    /// Alternatives to report with each generated token; `None` = no logprobs.
+    pub logprobs: Option<usize>,
+    /// Alternatives to report with each prompt token; `None` = no prompt logprobs.
+    pub prompt_logprobs: Option<usize>,
+    /// Keep generating past the end-of-sequence token (fixed output lengths for benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            max_tokens: 16,
+            stop: Vec::new(),
+            logprobs: None,
+            prompt_logprobs: None,
+            ignore_eos: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("invalid sampling parameter: {0}")]
+pub struct InvalidParams(pub String);
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<(), InvalidParams> {
+        let bad = |s: String| Err(InvalidParams(s));
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad(format!(
+                "temperature is {}; expected a number >= 0",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p is {}; expected 0 < top_p <= 1", self.top_p));
+        }
+        for (name, n) in [
+            ("logprobs", self.logprobs),
+            ("prompt_logprobs", self.prompt_logprobs),
+        ] {
+            if let Some(n) = n.filter(|n| *n > MAX_LOGPROBS) {
+                return bad(format!("{name} is {n}; expected at most {MAX_LOGPROBS}"));
+            }
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return bad("stop holds an empty string".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopLogprob {
+    pub token_id: u32,
+    pub logprob: f32,
+}
+
+/// A token with its logprob and the most likely alternatives at its position.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenLogprob {
+    pub token_id: u32,
+    pub logprob: f32,
+    pub top: Vec<TopLogprob>,
+}
+
+/// Log-softmax in f64 accumulation, so logprobs do not depend on summation order.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|l| ((l - max) as f64).exp()).sum();
+    let log_sum = sum.ln() as f32 + max;
+    logits.iter().map(|l| l - log_sum).collect()
+}
+
+/// The logprob of `token` at this position with the `n` most likely alternatives.
+pub fn token_logprob(logprobs: &[f32], token: u32, n: usize) -> TokenLogprob {
+    TokenLogprob {
+        token_id: token,
+        logprob: logprobs[token as usize],
+        top: top_n(logprobs, n)
+            .into_iter()
+            .map(|(token_id, logprob)| TopLogprob { token_id, logprob })
+            .collect(),
+    }
+}
+
+/// The `n` largest entries, highest first (ties to the lower id).
+fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    if n == 0 {
+        return best;
+    }
+    for (i, &v) in values.iter().enumerate() {
+        if best.len() == n && v <= best[n - 1].1 {
+            continue;
+        }
+        let at = best.partition_point(|&(_, b)| b >= v);
+        best.insert(at, (i as u32, v));
+        best.truncate(n);
+    }
+    best
+}
+
+/// Index of the largest logit (the lowest id among ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    top_n(logits, 1).first().map_or(0, |t| t.0)
+}
+
+/// Draws tokens for one request.
+pub struct Sampler {
+    rng: Rng,
+    temperature: f32,
+    top_p: f32,
+    top_k: usize,
+}
+
+impl Sampler {
+    pub fn new(params: &SamplingParams) -> Self {
+        let seed = params.seed.unwrap_or_else(|| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            nanos ^ (std::process::id() as u64).rotate_left(32)
+        });
+        Sampler {
+            rng: Rng::new(seed),
+            temperature: params.temperature,
+            top_p: params.top_p,
+            top_k: params.top_k,
+        }
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.temperature == 0.0 {
+            return argmax(logits);
+        }
+        // Candidates: the top-k (or all), highest first.
+        let k = if self.top_k == 0 {
+            logits.len()
+        } else {
+            self.top_k.min(logits.len())
+        };
+        let mut cand: Vec<(u32, f32)> = if k < logits.len() {
+            top_n(logits, k)
+        } else {
+            let mut all: Vec<(u32, f32)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i as u32, *l))
+                .collect();
+            all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            all
+        };
+        let max = cand[0].1;
+        let mut probs: Vec<f64> = cand
+            .iter()
+            .map(|(_, l)| (((l - max) / self.temperature) as f64).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        // Top-p: the smallest prefix whose probability reaches p (at least one token).
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            cum += p / total;
+            if cum >= self.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        cand.truncate(keep);
+        probs.truncate(keep);
+        let kept: f64 = probs.iter().sum();
+        let mut u = self.rng.uniform() * kept;
+        for ((id, _), p) in cand.iter().zip(&probs) {
+            if u < *p {
+                return *id;
+            }
+            u -= p;
+        }
+        cand[keep - 1].0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: Some(seed),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn greedy_and_logprobs() {
+        let logits = [1.0, 3.0, 3.0, -2.0];
+        assert_eq!(argmax(&logits), 1);
+        let lp = log_softmax(&logits);
+        let total: f64 = lp.iter().map(|l| (*l as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        let t = token_logprob(&lp, 0, 2);
+        assert_eq!(
+            t.top.iter().map(|t| t.token_id).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(t.logprob, lp[0]);
+    }
+
+    #[test]
+    fn seeded_sampling_repeats_and_respects_filters() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.7).sin() * 3.0).collect();
+        let draw = |p: &SamplingParams| {
+            let mut s = Sampler::new(p);
+            (0..200).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        let p = params(1.0, 0, 1.0, 42);
+        assert_eq!(draw(&p), draw(&p));
+        assert_ne!(draw(&p), draw(&params(1.0, 0, 1.0, 43)));
+        // top-k = 3: only the three largest logits ever come out.
+        let top3: Vec<u32> = top_n(&logits, 3).into_iter().map(|t| t.0).collect();
+        assert!(draw(&params(1.0, 3, 1.0, 1))
+            .iter()
+            .all(|t| top3.contains(t)));
+        // A tiny top-p keeps only the most likely token.
+        assert!(draw(&params(1.0, 0, 1e-6, 1))
+            .iter()
+            .all(|t| *t == argmax(&logits)));
+        // Temperature 1 over several tokens does explore.
+        let distinct: std::collections::BTreeSet<u32> = draw(&p).into_iter().collect();
+        assert!(distinct.len() > 5);
+    }
+
+    #[test]
+    fn invalid_params_are_named() {
+        let e = |p: SamplingParams| p.validate().unwrap_err().to_string();
+        assert!(e(params(-1.0, 0, 1.0, 0)).contains("temperature is -1"));
+        assert!(e(params(1.0, 0, 0.0, 0)).contains("top_p is 0"));
+        let many = SamplingParams {
+            logprobs: Some(21),
+            ..Default::default()
+        };
+        assert!(e(many).contains("logprobs is 21; expected at most 20"));
+    }
+}
