@@ -29,6 +29,13 @@ pub struct FfnWeights<W> {
     pub down: W,
 }
 
+/// Queries, keys and values of one step's tokens, RoPE applied to `q` and `k`.
+pub struct Qkv<T> {
+    pub q: T,
+    pub k: T,
+    pub v: T,
+}
+
 pub trait Backend: Send + Sync {
     /// Activations: a row-major `[rows, cols]` matrix on the device.
     type Tensor: Send + Sync;
@@ -98,7 +105,7 @@ pub trait Backend: Send + Sync {
         positions: &[u32],
         head_dim: usize,
         rope_theta: f64,
-    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor), BackendError>;
+    ) -> Result<Qkv<Self::Tensor>, BackendError>;
 
     /// Appends K and V of this step to `layer`'s paged cache, then attends: each query sees the
     /// keys of its own sequence at positions `max(0, p - window + 1) ..= p`.

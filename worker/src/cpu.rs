@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use crate::backend::{Backend, BackendError, FfnWeights, Routes};
+use crate::backend::{Backend, BackendError, FfnWeights, Qkv, Routes};
 use crate::batch::AttentionBatch;
 use crate::kv_cache::FREED;
 
@@ -354,7 +354,7 @@ impl Backend for CpuBackend {
         positions: &[u32],
         head_dim: usize,
         rope_theta: f64,
-    ) -> Result<(Mat, Mat, Mat), BackendError> {
+    ) -> Result<Qkv<Mat>, BackendError> {
         if positions.len() != x.rows {
             return Err(shape_err(format!(
                 "qkv_rope: {} positions for {} rows",
@@ -367,7 +367,7 @@ impl Backend for CpuBackend {
         let v = self.linear(x, wv)?;
         apply_rope(&mut q, positions, head_dim, rope_theta);
         apply_rope(&mut k, positions, head_dim, rope_theta);
-        Ok((q, k, v))
+        Ok(Qkv { q, k, v })
     }
 
     fn attention(
@@ -380,7 +380,7 @@ impl Backend for CpuBackend {
         batch: &AttentionBatch,
     ) -> Result<Mat, BackendError> {
         let (hd, kvh, bs) = (cache.head_dim, cache.kv_heads, cache.block_size);
-        if bs != batch.block_size || k.cols != kvh * hd || q.cols % hd != 0 {
+        if bs != batch.block_size || k.cols != kvh * hd || !q.cols.is_multiple_of(hd) {
             return Err(shape_err(
                 "attention: cache and batch shapes disagree".into(),
             ));

@@ -119,6 +119,7 @@ pub struct Engine<B: Backend> {
     blocks: BlockAllocator,
     tokenizer: Option<Tokenizer>,
     config: EngineConfig,
+    preemptions: u64,
 }
 
 impl<B: Backend> Engine<B> {
@@ -160,6 +161,7 @@ impl<B: Backend> Engine<B> {
             blocks,
             tokenizer,
             config,
+            preemptions: 0,
         })
     }
 
@@ -169,6 +171,11 @@ impl<B: Backend> Engine<B> {
 
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
         self.tokenizer.as_ref()
+    }
+
+    /// How many times a running sequence was preempted (its KV dropped, to be recomputed).
+    pub fn num_preemptions(&self) -> u64 {
+        self.preemptions
     }
 
     pub fn blocks(&self) -> &BlockAllocator {
@@ -321,6 +328,7 @@ impl<B: Backend> Engine<B> {
             let mut victim = running.pop().expect("non-empty");
             self.blocks.free(victim.req.id);
             victim.computed = 0;
+            self.preemptions += 1;
             debug!(seq = victim.req.id, "preempted: KV cache full");
             waiting.push_front(victim);
         }
@@ -432,7 +440,14 @@ impl<B: Backend> Engine<B> {
         if let Some(tok) = &self.tokenizer {
             // Decoding the generated tokens whole keeps the text exact; a stop string is looked
             // for only where it could newly end.
-            s.text = tok.decode(s.generated())?;
+            // Ids past the tokenizer's vocabulary (padded embedding rows) carry no text.
+            let known: Vec<u32> = s
+                .generated()
+                .iter()
+                .copied()
+                .filter(|t| (*t as usize) < tok.vocab_size())
+                .collect();
+            s.text = tok.decode(&known)?;
             let from = s
                 .stop_checked
                 .saturating_sub(s.req.params.stop.iter().map(String::len).max().unwrap_or(0));

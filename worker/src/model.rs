@@ -7,7 +7,7 @@
 use switchyard_model::weights::{LayerNames, EMBEDDING, FINAL_NORM};
 use switchyard_model::{Checkpoint, CheckpointError, ModelConfig, Subset};
 
-use crate::backend::{Backend, BackendError, FfnWeights};
+use crate::backend::{Backend, BackendError, FfnWeights, Qkv};
 use crate::batch::{AttentionBatch, LogitsWanted, SeqInput};
 
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +183,7 @@ impl<B: Backend> Model<B> {
         let positions = batch.positions();
         for (local, layer) in self.layers.iter().enumerate() {
             let x = backend.rms_norm(hidden, &layer.input_norm, eps)?;
-            let (q, k, v) = backend.qkv_rope(
+            let Qkv { q, k, v } = backend.qkv_rope(
                 &x,
                 &layer.q,
                 &layer.k,

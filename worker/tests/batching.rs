@@ -121,9 +121,11 @@ fn continuous_batching_and_preemption_keep_outputs() {
         .run(requests.clone())
         .unwrap();
     // A cache too small for all six at once: sequences are preempted and recomputed.
-    // (2 layers × 2 KV heads × 16 dims × 2 (K, V) × 4 bytes × 4 tokens = 1 KiB per block.)
-    let mut tight = engine(dir.path(), 24 << 10, 16);
+    // (2 layers × 2 KV heads × 16 dims × 2 (K, V) × 4 bytes × 4 tokens = 2 KiB per block, so
+    // 24 blocks: the largest request needs 17, all six together 63.)
+    let mut tight = engine(dir.path(), 48 << 10, 16);
     let squeezed = tight.run(requests).unwrap();
+    assert!(tight.num_preemptions() > 0, "the tight cache must preempt");
     assert_eq!(
         tight.blocks().num_free(),
         tight.blocks().num_blocks(),

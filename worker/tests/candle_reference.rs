@@ -110,9 +110,8 @@ fn compare(config: ModelConfig) {
         .unwrap()
         .remove(0);
     worst = worst.max(max_abs_diff(&ours_prefill, &theirs_prefill));
-    let mut pos = PROMPT.len();
     let mut next = switchyard_worker::sampling::argmax(&theirs_prefill);
-    for _ in 0..DECODE_STEPS {
+    for pos in PROMPT.len()..PROMPT.len() + DECODE_STEPS {
         let theirs_step = theirs.last_logits(&[next], pos);
         let ours_step = ours
             .step_chunks(&[(1, &[next], pos, LogitsWanted::Last)])
@@ -120,7 +119,6 @@ fn compare(config: ModelConfig) {
             .remove(0);
         worst = worst.max(max_abs_diff(&ours_step, &theirs_step));
         next = switchyard_worker::sampling::argmax(&theirs_step);
-        pos += 1;
     }
     println!(
         "{:?}: max |Δlogit| vs candle-transformers = {worst:e}",

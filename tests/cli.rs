@@ -1,0 +1,213 @@
+//! The `switchyard` command line as other tools call it: `model init`, `model inspect`,
+//! `generate --json`, and clear errors for bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn switchyard(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = switchyard(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = switchyard(args);
+    assert!(!out.status.success(), "{args:?} should fail");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    stderr
+}
+
+fn init(dir: &Path, preset: &str) {
+    ok(&[
+        "model",
+        "init",
+        "--preset",
+        preset,
+        "--out",
+        dir.to_str().unwrap(),
+        "--seed",
+        "7",
+    ]);
+}
+
+#[test]
+fn init_inspect_generate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    init(&dir, "tiny-mixtral");
+    let d = dir.to_str().unwrap();
+
+    let info: Value = serde_json::from_str(&ok(&["model", "inspect", d, "--json"])).unwrap();
+    assert_eq!(info["architecture"], "MixtralForCausalLM");
+    let (total, active) = (
+        info["parameters"]["total"].as_u64().unwrap(),
+        info["parameters"]["active_per_token"].as_u64().unwrap(),
+    );
+    assert!(active < total, "{active} {total}");
+    // 2 layers × 2 KV heads × 16 × (K+V) × 2 bytes.
+    assert_eq!(info["kv_bytes_per_token"]["bf16"], 256);
+    assert!(ok(&["model", "inspect", d]).contains("4 per layer, top-2"));
+
+    let run = |extra: &[&str]| -> Value {
+        let mut args = vec!["generate", "--model", d, "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ok(&args)).unwrap()
+    };
+    let g = run(&[
+        "--prompt",
+        "Hello world",
+        "--max-tokens",
+        "6",
+        "--ignore-eos",
+        "--logprobs",
+        "3",
+        "--prompt-logprobs",
+        "2",
+    ]);
+    assert_eq!(g["token_ids"].as_array().unwrap().len(), 6);
+    assert_eq!(g["finish_reason"], "length");
+    assert_eq!(g["usage"]["completion_tokens"], 6);
+    let lp = &g["logprobs"][0];
+    assert_eq!(lp["top"].as_array().unwrap().len(), 3);
+    assert_eq!(lp["token_id"], g["token_ids"][0]);
+    let prompt_lps = g["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(
+        prompt_lps.len() as u64,
+        g["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert!(prompt_lps[0].is_null() && prompt_lps[1]["logprob"].as_f64().unwrap() <= 0.0);
+
+    // Greedy is deterministic.
+    let again = run(&[
+        "--prompt",
+        "Hello world",
+        "--max-tokens",
+        "6",
+        "--ignore-eos",
+    ]);
+    assert_eq!(again["token_ids"], g["token_ids"]);
+
+    // Seeded sampling repeats; another seed (almost surely) differs somewhere in 24 tokens.
+    let sample = |seed: &str| {
+        run(&[
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "24",
+            "--ignore-eos",
+            "--temperature",
+            "1.5",
+            "--seed",
+            seed,
+        ])["token_ids"]
+            .clone()
+    };
+    assert_eq!(sample("1"), sample("1"));
+    assert_ne!(sample("1"), sample("2"));
+
+    // A stop string taken from the greedy text ends generation there, without the string.
+    let long = run(&[
+        "--prompt-ids",
+        "1,5,9,13",
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+    ]);
+    let text = long["text"].as_str().unwrap().to_string();
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() > 4 {
+        let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+        let s = run(&[
+            "--prompt-ids",
+            "1,5,9,13",
+            "--max-tokens",
+            "12",
+            "--ignore-eos",
+            "--stop",
+            &stop,
+        ]);
+        assert_eq!(s["finish_reason"], "stop");
+        let cut = s["text"].as_str().unwrap();
+        assert!(
+            text.starts_with(cut) && !cut.contains(&stop),
+            "{cut:?} / {text:?} / {stop:?}"
+        );
+    }
+    // Chat input goes through the template (BOS + "[INST]").
+    let chat = run(&["--chat", "Hi", "--max-tokens", "1"]);
+    assert!(chat["usage"]["prompt_tokens"].as_u64().unwrap() > 3);
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    init(&dir, "tiny-mistral");
+    let d = dir.to_str().unwrap();
+
+    let e = fails(&["model", "init", "--preset", "giant", "--out", d]);
+    assert!(
+        e.contains("unknown preset \"giant\"") && e.contains("tiny-mixtral"),
+        "{e}"
+    );
+    let e = fails(&[
+        "model",
+        "init",
+        "--preset",
+        "tiny-llama",
+        "--out",
+        d,
+        "--dtype",
+        "int4",
+    ]);
+    assert!(e.contains("int4") && e.contains("bf16"), "{e}");
+    let e = fails(&["generate", "--model", "/nonexistent/model", "--prompt", "x"]);
+    assert!(
+        e.contains("/nonexistent/model") && e.contains("config.json"),
+        "{e}"
+    );
+    let e = fails(&["generate", "--model", d, "--prompt-ids", "1,99999"]);
+    assert!(
+        e.contains("99999") && e.contains("vocabulary has 512"),
+        "{e}"
+    );
+    let e = fails(&[
+        "generate",
+        "--model",
+        d,
+        "--prompt",
+        "x",
+        "--temperature=-1",
+    ]);
+    assert!(e.contains("temperature"), "{e}");
+    let e = fails(&[
+        "generate",
+        "--model",
+        d,
+        "--prompt",
+        "x",
+        "--logprobs",
+        "50",
+    ]);
+    assert!(e.contains("at most 20"), "{e}");
+    let e = fails(&["generate", "--model", d]);
+    assert!(e.contains("--prompt"), "{e}");
+    let e = fails(&["generate", "--model", d, "--prompt", "x", "--chat", "y"]);
+    assert!(e.contains("cannot be used with"), "{e}");
+    let e = fails(&["generate", "--model", d, "--prompt-ids", "1,x"]);
+    assert!(e.contains("invalid"), "{e}");
+}
