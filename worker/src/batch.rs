@@ -4,6 +4,9 @@
 
 use std::ops::Range;
 
+use crate::kv_cache::SeqId;
+use crate::sampling::{log_softmax, token_logprob, Draw, TokenLogprob};
+
 /// Which logits a sequence wants back from a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsWanted {
@@ -80,4 +83,55 @@ impl AttentionBatch {
             .flat_map(|s| (s.start_pos..s.start_pos + s.rows.len()).map(|p| p as u32))
             .collect()
     }
+}
+
+/// One sequence's part of a step as a scheduler plans it: the model input, plus what to do with
+/// its logits where they are computed (the engine, or a lane's last stage).
+#[derive(Debug, Clone)]
+pub struct SeqWork {
+    pub id: SeqId,
+    pub input: SeqInput,
+    /// The prompt tokens that rows `0..n` of this chunk predict, for prompt logprobs with `n`
+    /// alternatives (needs [`LogitsWanted::All`]).
+    pub prompt_targets: Option<(Vec<u32>, usize)>,
+    /// Draw the next token from the last row.
+    pub draw: Option<Draw>,
+    /// Alternatives to report with the drawn token.
+    pub logprobs: Option<usize>,
+}
+
+/// What a step returns for one [`SeqWork`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeqResult {
+    pub prompt_logprobs: Vec<TokenLogprob>,
+    pub token: Option<u32>,
+    pub logprob: Option<TokenLogprob>,
+}
+
+/// Turns each sequence's logits rows (as [`crate::Model::logits`] returns them) into prompt
+/// logprobs and drawn tokens.
+pub fn sample_step(work: &[SeqWork], logits: &[Vec<f32>], vocab: usize) -> Vec<SeqResult> {
+    work.iter()
+        .zip(logits)
+        .map(|(w, rows)| {
+            let mut out = SeqResult::default();
+            let n_rows = rows.len() / vocab;
+            let row = |j: usize| &rows[j * vocab..(j + 1) * vocab];
+            if let Some((targets, n)) = &w.prompt_targets {
+                for (j, &t) in targets.iter().enumerate().take(n_rows) {
+                    out.prompt_logprobs
+                        .push(token_logprob(&log_softmax(row(j)), t, *n));
+                }
+            }
+            if let (Some(draw), true) = (&w.draw, n_rows > 0) {
+                let last = row(n_rows - 1);
+                let token = draw.sample(last);
+                out.token = Some(token);
+                out.logprob = w
+                    .logprobs
+                    .map(|n| token_logprob(&log_softmax(last), token, n));
+            }
+            out
+        })
+        .collect()
 }

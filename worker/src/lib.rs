@@ -11,9 +11,11 @@ pub mod engine;
 pub mod kv_cache;
 pub mod model;
 pub mod sampling;
+pub mod scheduler;
 
 pub use backend::{Backend, BackendError};
 pub use cpu::CpuBackend;
-pub use engine::{Completion, Engine, EngineConfig, EngineError, FinishReason, Request};
+pub use engine::{Completion, Engine, EngineConfig, EngineError};
 pub use model::{Model, ModelError};
 pub use sampling::SamplingParams;
+pub use scheduler::{FinishReason, Request, Scheduler, SchedulerConfig, Update, Usage};

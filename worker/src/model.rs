@@ -139,6 +139,11 @@ impl<B: Backend> Model<B> {
     }
 
     /// Layers held (the KV cache of this part has this many layers).
+    /// Bytes of one KV block of `block_size` tokens over the layers this part holds (f32).
+    pub fn kv_block_bytes(&self, block_size: usize) -> usize {
+        2 * self.num_layers() * self.config.kv_dim() * block_size * std::mem::size_of::<f32>()
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }

@@ -131,31 +131,41 @@ pub fn argmax(logits: &[f32]) -> u32 {
     top_n(logits, 1).first().map_or(0, |t| t.0)
 }
 
-/// Draws tokens for one request.
-pub struct Sampler {
-    rng: Rng,
-    temperature: f32,
-    top_p: f32,
-    top_k: usize,
+/// Everything needed to draw one token. It carries the draw's own index, so a token comes out
+/// the same wherever it is drawn: in the one-process engine, on whichever worker is a lane's
+/// last stage, or again after the sequence was preempted and recomputed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Draw {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub seed: u64,
+    /// How many tokens the sequence generated before this one.
+    pub index: u64,
 }
 
-impl Sampler {
-    pub fn new(params: &SamplingParams) -> Self {
-        let seed = params.seed.unwrap_or_else(|| {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64);
-            nanos ^ (std::process::id() as u64).rotate_left(32)
-        });
-        Sampler {
-            rng: Rng::new(seed),
+/// The request's seed, or a fresh one when it gave none.
+pub fn seed_of(params: &SamplingParams) -> u64 {
+    params.seed.unwrap_or_else(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        nanos ^ (std::process::id() as u64).rotate_left(32)
+    })
+}
+
+impl Draw {
+    pub fn new(params: &SamplingParams, seed: u64, index: u64) -> Self {
+        Draw {
             temperature: params.temperature,
             top_p: params.top_p,
             top_k: params.top_k,
+            seed,
+            index,
         }
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    pub fn sample(&self, logits: &[f32]) -> u32 {
         if self.temperature == 0.0 {
             return argmax(logits);
         }
@@ -195,7 +205,8 @@ impl Sampler {
         cand.truncate(keep);
         probs.truncate(keep);
         let kept: f64 = probs.iter().sum();
-        let mut u = self.rng.uniform() * kept;
+        let mut rng = Rng::for_stream(self.seed, &format!("token {}", self.index));
+        let mut u = rng.uniform() * kept;
         for ((id, _), p) in cand.iter().zip(&probs) {
             if u < *p {
                 return *id;
@@ -239,8 +250,9 @@ mod tests {
     fn seeded_sampling_repeats_and_respects_filters() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.7).sin() * 3.0).collect();
         let draw = |p: &SamplingParams| {
-            let mut s = Sampler::new(p);
-            (0..200).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+            (0..200)
+                .map(|i| Draw::new(p, p.seed.unwrap(), i).sample(&logits))
+                .collect::<Vec<_>>()
         };
         let p = params(1.0, 0, 1.0, 42);
         assert_eq!(draw(&p), draw(&p));

@@ -1,0 +1,507 @@
+//! Continuous batching over one pool of KV blocks: the queue of waiting requests, the running
+//! sequences, and for every step which chunk of which sequence runs. Every step packs decode
+//! tokens of running sequences and prefill chunks of new ones under a token budget; when the
+//! pool runs dry the newest sequence is preempted and later recomputed from its prompt and the
+//! tokens it already generated (never dropped).
+//!
+//! The scheduler never touches a model. A step is planned ([`Scheduler::plan`]), run wherever
+//! the model is (the one-process [`crate::Engine`], or a lane of workers for the coordinator,
+//! which keeps one scheduler per lane), and its results applied ([`Scheduler::apply`]), which
+//! yields what each request's client should see next. Several planned steps may be in flight
+//! at once (pipeline stages): a sequence is in at most one of them.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use serde::Serialize;
+use switchyard_model::{ModelConfig, Tokenizer, TokenizerError};
+use tracing::debug;
+
+use crate::batch::{LogitsWanted, SeqInput, SeqResult, SeqWork};
+use crate::kv_cache::{BlockAllocator, SeqId};
+use crate::sampling::{seed_of, Draw, SamplingParams, TokenLogprob};
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Blocks in the pool.
+    pub num_blocks: usize,
+    /// Most tokens one step processes (prefill is chunked to fit).
+    pub max_step_tokens: usize,
+    /// Most sequences running at once.
+    pub max_running: usize,
+}
+
+/// A request the scheduler cannot take, and why.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[error("{0}")]
+pub struct InvalidRequest(pub String);
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub id: SeqId,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// What a request's client sees after a step: only what is final. Text that could still turn
+/// out to be the start of a stop string, or an incomplete UTF-8 character, is held back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    pub id: SeqId,
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<TokenLogprob>,
+    pub text: String,
+    /// Once, when the whole prompt has been through the model (first entry `None`).
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+    pub finish: Option<(FinishReason, Usage)>,
+}
+
+/// A request in flight.
+struct Sequence {
+    req: Request,
+    seed: u64,
+    /// Prompt followed by generated tokens.
+    tokens: Vec<u32>,
+    /// Tokens whose K/V are in the cache.
+    computed: usize,
+    /// Part of a planned step whose results are not applied yet.
+    in_flight: bool,
+    cancelled: bool,
+    prompt_logprobs: Vec<Option<TokenLogprob>>,
+    prompt_logprobs_sent: bool,
+    /// Generated text so far, decoded incrementally: it only ever grows (or is cut at a stop
+    /// string), so what was sent stays true.
+    text: String,
+    /// Incremental detokenization window over the generated tokens (vLLM's scheme): tokens
+    /// `prefix_offset..read_offset` give the context, tokens after `read_offset` are not in
+    /// `text` yet.
+    prefix_offset: usize,
+    read_offset: usize,
+    /// Bytes of `text` already sent.
+    text_sent: usize,
+    /// Bytes of `text` already checked for stop strings (a new match ends at or after this).
+    stop_checked: usize,
+    finish: Option<FinishReason>,
+}
+
+impl Sequence {
+    fn generated(&self) -> &[u32] {
+        &self.tokens[self.req.prompt.len()..]
+    }
+
+    /// Done with the model: finished, and the prompt ran through (for its prompt logprobs).
+    fn retired(&self) -> bool {
+        self.cancelled || (self.finish.is_some() && self.computed >= self.req.prompt.len())
+    }
+}
+
+pub struct Scheduler {
+    config: SchedulerConfig,
+    model: ModelConfig,
+    tokenizer: Option<Arc<Tokenizer>>,
+    blocks: BlockAllocator,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(
+        config: SchedulerConfig,
+        model: ModelConfig,
+        tokenizer: Option<Arc<Tokenizer>>,
+    ) -> Self {
+        let blocks =
+            BlockAllocator::new(config.num_blocks, config.block_size, model.sliding_window);
+        Scheduler {
+            config,
+            model,
+            tokenizer,
+            blocks,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            preemptions: 0,
+        }
+    }
+
+    pub fn blocks(&self) -> &BlockAllocator {
+        &self.blocks
+    }
+
+    /// The pool itself, for callers that place chunks by hand (tests, benchmarks).
+    pub fn blocks_mut(&mut self) -> &mut BlockAllocator {
+        &mut self.blocks
+    }
+
+    /// How many times a running sequence was preempted (its KV dropped, to be recomputed).
+    pub fn num_preemptions(&self) -> u64 {
+        self.preemptions
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Checks a request before it is admitted: what is wrong and what was expected.
+    pub fn check(&self, req: &Request) -> Result<(), InvalidRequest> {
+        let bad = |problem: String| Err(InvalidRequest(problem));
+        req.params
+            .validate()
+            .map_err(|e| InvalidRequest(e.to_string()))?;
+        let c = &self.model;
+        if req.prompt.is_empty() {
+            return bad("the prompt is empty; expected at least one token".into());
+        }
+        if let Some(&t) = req.prompt.iter().find(|t| **t as usize >= c.vocab_size) {
+            return bad(format!(
+                "prompt token id {t} is out of range; the vocabulary has {} tokens",
+                c.vocab_size
+            ));
+        }
+        if req.prompt.len() > c.max_position_embeddings {
+            return bad(format!(
+                "the prompt has {} tokens; the model accepts at most {}",
+                req.prompt.len(),
+                c.max_position_embeddings
+            ));
+        }
+        if !req.params.stop.is_empty() && self.tokenizer.is_none() {
+            return bad("stop strings need a tokenizer.json in the model directory".into());
+        }
+        // The most blocks this sequence can ever hold at once must fit in the whole pool.
+        let longest = (req.prompt.len() + req.params.max_tokens).min(c.max_position_embeddings);
+        let live = match c.sliding_window {
+            Some(w) => longest.min(w + self.config.max_step_tokens + self.config.block_size),
+            None => longest,
+        };
+        let worst = live.div_ceil(self.config.block_size) + 1;
+        if worst > self.blocks.num_blocks() {
+            return bad(format!(
+                "needs up to {worst} KV blocks of {} tokens but the cache has {}; raise the KV cache size",
+                self.config.block_size,
+                self.blocks.num_blocks()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Queues a request (after [`Scheduler::check`]).
+    pub fn add(&mut self, req: Request) {
+        self.waiting.push_back(Sequence {
+            seed: seed_of(&req.params),
+            tokens: req.prompt.clone(),
+            computed: 0,
+            in_flight: false,
+            cancelled: false,
+            prompt_logprobs: Vec::new(),
+            prompt_logprobs_sent: false,
+            text: String::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+            text_sent: 0,
+            stop_checked: 0,
+            finish: (req.params.max_tokens == 0).then_some(FinishReason::Length),
+            req,
+        });
+    }
+
+    /// Drops a request (its client went away): at once when it is not in a step in flight,
+    /// otherwise when that step's results come back. Its blocks go back to the pool.
+    pub fn cancel(&mut self, id: SeqId) {
+        if let Some(i) = self.waiting.iter().position(|s| s.req.id == id) {
+            self.waiting.remove(i);
+            self.blocks.free(id);
+        } else if let Some(i) = self.running.iter().position(|s| s.req.id == id) {
+            self.running[i].cancelled = true;
+            if !self.running[i].in_flight {
+                self.running.remove(i);
+                self.blocks.free(id);
+            }
+        }
+    }
+
+    /// The next step: chunks of sequences not already in flight, within the token budget.
+    /// Empty when there is nothing to run now.
+    pub fn plan(&mut self) -> Vec<SeqWork> {
+        self.admit();
+        let mut budget = self.config.max_step_tokens;
+        let mut work = Vec::new();
+        for s in self.running.iter_mut().filter(|s| !s.in_flight) {
+            if budget == 0 {
+                break;
+            }
+            let start = s.computed;
+            let end = (start + budget).min(s.tokens.len());
+            // Allocation is all-or-nothing per chunk; a shorter chunk fits in what was reserved.
+            if self.blocks.allocate(s.req.id, start, end).is_err() {
+                continue;
+            }
+            let prompt_len = s.req.prompt.len();
+            // Prompt tokens predicted by this chunk's rows that have no logprob yet.
+            let prompt_targets = s.req.params.prompt_logprobs.and_then(|n| {
+                let collected = s.prompt_logprobs.len().max(1);
+                let hi = (end + 1).min(prompt_len);
+                let targets = &s.tokens[(start + 1).min(hi)..hi];
+                (start + 1 + targets.len() > collected).then(|| (targets.to_vec(), n))
+            });
+            let completes = end == s.tokens.len();
+            let draw = (completes && s.finish.is_none())
+                .then(|| Draw::new(&s.req.params, s.seed, s.generated().len() as u64));
+            let logits = match (&prompt_targets, completes) {
+                (Some(_), _) => LogitsWanted::All,
+                (None, true) => LogitsWanted::Last,
+                (None, false) => LogitsWanted::None,
+            };
+            work.push(SeqWork {
+                id: s.req.id,
+                input: SeqInput {
+                    tokens: s.tokens[start..end].to_vec(),
+                    start_pos: start,
+                    block_table: self.blocks.table(s.req.id).to_vec(),
+                    logits,
+                },
+                prompt_targets,
+                draw,
+                logprobs: s.req.params.logprobs,
+            });
+            s.in_flight = true;
+            budget -= end - start;
+        }
+        work
+    }
+
+    /// Applies a step's results (the same order as its plan) and says what each client sees.
+    pub fn apply(
+        &mut self,
+        work: &[SeqWork],
+        results: Vec<SeqResult>,
+    ) -> Result<Vec<Update>, TokenizerError> {
+        let mut updates = Vec::new();
+        for (w, r) in work.iter().zip(results) {
+            let Some(s) = self.running.iter_mut().find(|s| s.req.id == w.id) else {
+                continue;
+            };
+            s.in_flight = false;
+            if s.cancelled {
+                continue;
+            }
+            let start = w.input.start_pos;
+            s.computed = start + w.input.tokens.len();
+            let prompt_len = s.req.prompt.len();
+            if s.prompt_logprobs.is_empty() && s.req.params.prompt_logprobs.is_some() {
+                s.prompt_logprobs.push(None);
+            }
+            for (j, lp) in r.prompt_logprobs.into_iter().enumerate() {
+                if s.prompt_logprobs.len() == start + j + 1 {
+                    s.prompt_logprobs.push(Some(lp));
+                }
+            }
+            let mut update = Update {
+                id: w.id,
+                token_ids: Vec::new(),
+                logprobs: Vec::new(),
+                text: String::new(),
+                prompt_logprobs: None,
+                finish: None,
+            };
+            if s.computed >= prompt_len && !s.prompt_logprobs_sent {
+                s.prompt_logprobs_sent = true;
+                if s.req.params.prompt_logprobs.is_some() {
+                    update.prompt_logprobs = Some(s.prompt_logprobs.clone());
+                }
+            }
+            if let (Some(token), true) = (r.token, s.computed == s.tokens.len()) {
+                s.tokens.push(token);
+                update.token_ids.push(token);
+                update.logprobs.extend(r.logprob);
+                after_token(&self.model, self.tokenizer.as_deref(), s, token)?;
+            }
+            let retired = s.retired();
+            update.text = take_stable_text(s, retired);
+            if retired {
+                let finish = s.finish.unwrap_or(FinishReason::Length);
+                let usage = Usage {
+                    prompt_tokens: prompt_len,
+                    completion_tokens: s.generated().len(),
+                };
+                update.finish = Some((finish, usage));
+            }
+            if !update.token_ids.is_empty()
+                || !update.text.is_empty()
+                || update.prompt_logprobs.is_some()
+                || update.finish.is_some()
+            {
+                updates.push(update);
+            }
+        }
+        let blocks = &mut self.blocks;
+        self.running.retain(|s| {
+            let keep = s.in_flight || !s.retired();
+            if !keep {
+                blocks.free(s.req.id);
+            }
+            keep
+        });
+        Ok(updates)
+    }
+
+    /// Admits waiting sequences while there is room, preempting the newest running sequences
+    /// (never one in flight) when a running one cannot get the block it needs.
+    fn admit(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            let end = (s.computed + self.config.max_step_tokens).min(s.tokens.len());
+            if s.in_flight || self.blocks.allocate(s.req.id, s.computed, end).is_ok() {
+                i += 1;
+                continue;
+            }
+            // Preempt the newest sequence not in flight (possibly this one); recompute it later.
+            let Some(v) = self.running.iter().rposition(|s| !s.in_flight) else {
+                break;
+            };
+            let mut victim = self.running.remove(v);
+            self.blocks.free(victim.req.id);
+            victim.computed = 0;
+            self.preemptions += 1;
+            debug!(seq = victim.req.id, "preempted: KV cache full");
+            self.waiting.push_front(victim);
+            if v < i {
+                i -= 1;
+            }
+        }
+        while self.running.len() < self.config.max_running {
+            let Some(s) = self.waiting.front() else { break };
+            let end = (s.computed + self.config.max_step_tokens).min(s.tokens.len());
+            if self.blocks.allocate(s.req.id, s.computed, end).is_err() {
+                break;
+            }
+            self.running
+                .push(self.waiting.pop_front().expect("front exists"));
+        }
+    }
+}
+
+/// Stop checks after a new token: EOS, stop strings, max tokens, context length.
+fn after_token(
+    c: &ModelConfig,
+    tokenizer: Option<&Tokenizer>,
+    s: &mut Sequence,
+    token: u32,
+) -> Result<(), TokenizerError> {
+    if !s.req.params.ignore_eos && c.eos_token_ids.contains(&token) {
+        s.finish = Some(FinishReason::Stop);
+        if let Some(tok) = tokenizer {
+            detokenize(tok, s, true)?;
+        }
+        return Ok(());
+    }
+    if let Some(tok) = tokenizer {
+        detokenize(tok, s, false)?;
+        // A stop string is looked for only where it could newly end.
+        let longest_stop = s.req.params.stop.iter().map(String::len).max().unwrap_or(0);
+        let from = floor_char_boundary(&s.text, s.stop_checked.saturating_sub(longest_stop));
+        if let Some(at) = s
+            .req
+            .params
+            .stop
+            .iter()
+            .filter_map(|p| s.text[from..].find(p.as_str()))
+            .min()
+        {
+            s.text.truncate(from + at);
+            s.finish = Some(FinishReason::Stop);
+            return Ok(());
+        }
+        s.stop_checked = s.text.len();
+    }
+    if s.generated().len() >= s.req.params.max_tokens || s.tokens.len() >= c.max_position_embeddings
+    {
+        s.finish = Some(FinishReason::Length);
+        if let Some(tok) = tokenizer {
+            detokenize(tok, s, true)?;
+        }
+    }
+    Ok(())
+}
+
+/// Appends the text of newly generated tokens. A token that ends in the middle of a UTF-8
+/// character (byte-fallback tokens) waits for the rest unless `flush`. Ids past the
+/// tokenizer's vocabulary (padded embedding rows) carry no text.
+fn detokenize(tok: &Tokenizer, s: &mut Sequence, flush: bool) -> Result<(), TokenizerError> {
+    let known = |ids: &[u32]| -> Vec<u32> {
+        ids.iter()
+            .copied()
+            .filter(|t| (*t as usize) < tok.vocab_size())
+            .collect()
+    };
+    let generated = s.generated();
+    let len = generated.len();
+    let prefix = tok.decode(&known(&generated[s.prefix_offset..s.read_offset]))?;
+    let full = tok.decode(&known(&generated[s.prefix_offset..]))?;
+    if full.len() > prefix.len() && (flush || !full.ends_with('\u{FFFD}')) {
+        let new = match full.strip_prefix(prefix.as_str()) {
+            Some(rest) => rest,
+            None => &full[floor_char_boundary(&full, prefix.len())..],
+        };
+        s.text.push_str(new);
+        s.prefix_offset = s.read_offset;
+        s.read_offset = len;
+    }
+    Ok(())
+}
+
+/// The text that became final since the last call. Until the sequence is done, the last
+/// `longest stop − 1` bytes are held back: they may be the start of a stop string.
+fn take_stable_text(s: &mut Sequence, done: bool) -> String {
+    let mut end = s.text.len();
+    if !done {
+        let longest_stop = s.req.params.stop.iter().map(String::len).max().unwrap_or(0);
+        end = floor_char_boundary(&s.text, end.saturating_sub(longest_stop.saturating_sub(1)));
+    }
+    if end <= s.text_sent {
+        return String::new();
+    }
+    let delta = s.text[s.text_sent..end].to_string();
+    s.text_sent = end;
+    delta
+}
+
+fn floor_char_boundary(text: &str, at: usize) -> usize {
+    (0..=at.min(text.len()))
+        .rev()
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0)
+}
