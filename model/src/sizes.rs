@@ -51,6 +51,34 @@ impl ModelConfig {
         }
     }
 
+    /// Parameters a worker holding `subset` loads (the placement planner's unit).
+    pub fn subset_params(&self, subset: &crate::Subset) -> u64 {
+        let p = self.param_counts();
+        let h = self.hidden_size as u64;
+        let layers = subset.layers.len() as u64;
+        let ffn = match self.moe {
+            Some(m) => {
+                let held = (0..m.num_experts)
+                    .filter(|e| subset.has_expert(*e))
+                    .count() as u64;
+                m.num_experts as u64 * h + held * p.one_expert
+            }
+            None => p.one_expert,
+        };
+        let mut total = layers * (p.attention_per_layer + ffn);
+        if subset.embedding {
+            total += p.embedding;
+        }
+        if subset.head {
+            // The final norm, and the head unless it is the (tied) embedding.
+            total += h + p.lm_head;
+            if p.lm_head == 0 && !subset.embedding {
+                total += p.embedding;
+            }
+        }
+        total
+    }
+
     /// Bytes of K and V one token occupies across all layers with the cache in `dtype`.
     pub fn kv_bytes_per_token(&self, dtype: Dtype) -> u64 {
         2 * self.num_layers as u64 * self.kv_dim() as u64 * dtype.size() as u64
@@ -75,5 +103,21 @@ mod tests {
         assert_eq!((p.active_per_token as f64 / 1e8).round(), 129.0);
         // 32 layers × 8 KV heads × 128 × (K+V) × 2 bytes = 128 KiB per token in bf16.
         assert_eq!(c.kv_bytes_per_token(Dtype::BF16), 131072);
+        // The parts of a 2×2 grid add up to the whole, the shared router and attention counted
+        // once per shard.
+        let part = |layers: std::ops::Range<usize>, experts: [usize; 4], ends: (bool, bool)| {
+            c.subset_params(&crate::Subset {
+                layers,
+                experts: Some(experts.into_iter().collect()),
+                embedding: ends.0,
+                head: ends.1,
+            })
+        };
+        let grid = part(0..16, [0, 1, 2, 3], (true, false))
+            + part(0..16, [4, 5, 6, 7], (true, false))
+            + part(16..32, [0, 1, 2, 3], (false, true))
+            + part(16..32, [4, 5, 6, 7], (false, true));
+        let duplicated = 32 * (p.attention_per_layer + 8 * 4096) + p.embedding + p.lm_head + 4096;
+        assert_eq!(grid, p.total + duplicated);
     }
 }

@@ -8,10 +8,13 @@ pub mod backend;
 pub mod batch;
 pub mod cpu;
 pub mod engine;
+pub mod exchange;
 pub mod kv_cache;
 pub mod model;
 pub mod sampling;
 pub mod scheduler;
+pub mod service;
+pub mod wire;
 
 pub use backend::{Backend, BackendError};
 pub use cpu::CpuBackend;

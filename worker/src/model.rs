@@ -7,7 +7,7 @@
 use switchyard_model::weights::{LayerNames, EMBEDDING, FINAL_NORM};
 use switchyard_model::{Checkpoint, CheckpointError, ModelConfig, Subset};
 
-use crate::backend::{Backend, BackendError, FfnWeights, Qkv};
+use crate::backend::{Backend, BackendError, FfnWeights, Qkv, Routes};
 use crate::batch::{AttentionBatch, LogitsWanted, SeqInput};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +18,38 @@ pub enum ModelError {
     Backend(#[from] BackendError),
     #[error("this model part {0}")]
     MissingPart(&'static str),
+    #[error("layer {layer}: tokens are routed to expert {expert}, which this worker does not hold and no exchange reaches")]
+    ExpertNotHere { layer: usize, expert: u32 },
+    #[error("expert exchange: {0}")]
+    Exchange(String),
+}
+
+/// The tokens of a MoE layer routed to experts held by other workers of the stage: sent to
+/// them, run there, and their weighted outputs brought back (DESIGN.md's exchange). Over gRPC
+/// between processes; NCCL later.
+pub trait ExpertExchange: Send + Sync {
+    /// Starts the remote part of layer `layer` (a global layer index) for the `[rows, cols]`
+    /// host activations `x`; local experts run while it is under way.
+    fn dispatch(
+        &self,
+        layer: usize,
+        x: Vec<f32>,
+        cols: usize,
+        routes: &Routes,
+    ) -> Result<PendingExperts, ModelError>;
+}
+
+/// Remote expert outputs on their way: `[rows, cols]`, summed over experts with router weights.
+pub struct PendingExperts(Box<dyn FnOnce() -> Result<Vec<f32>, ModelError> + Send>);
+
+impl PendingExperts {
+    pub fn new(wait: impl FnOnce() -> Result<Vec<f32>, ModelError> + Send + 'static) -> Self {
+        PendingExperts(Box::new(wait))
+    }
+
+    pub fn wait(self) -> Result<Vec<f32>, ModelError> {
+        (self.0)()
+    }
 }
 
 enum Ffn<W> {
@@ -138,14 +170,36 @@ impl<B: Backend> Model<B> {
         &self.subset
     }
 
-    /// Layers held (the KV cache of this part has this many layers).
     /// Bytes of one KV block of `block_size` tokens over the layers this part holds (f32).
     pub fn kv_block_bytes(&self, block_size: usize) -> usize {
         2 * self.num_layers() * self.config.kv_dim() * block_size * std::mem::size_of::<f32>()
     }
 
+    /// Layers held (the KV cache of this part has this many layers).
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// `residual += Σ weight · expert(x)` over the experts of global layer `layer` this part
+    /// holds: the work a worker does for a peer's tokens in an exchange.
+    pub fn run_experts(
+        &self,
+        backend: &B,
+        layer: usize,
+        x: &B::Tensor,
+        routes: &Routes,
+        residual: &mut B::Tensor,
+    ) -> Result<(), ModelError> {
+        let local = layer
+            .checked_sub(self.subset.layers.start)
+            .filter(|l| *l < self.layers.len())
+            .ok_or(ModelError::MissingPart("does not hold that layer"))?;
+        let Ffn::Moe { experts, .. } = &self.layers[local].ffn else {
+            return Err(ModelError::MissingPart("has no experts in that layer"));
+        };
+        let held: Vec<(u32, &FfnWeights<B::Weight>)> =
+            experts.iter().map(|(e, w)| (*e, w)).collect();
+        Ok(backend.experts_ffn_add(x, routes, &held, residual)?)
     }
 
     /// Runs one step of a whole model: token ids in, the logits each sequence asked for out
@@ -163,7 +217,7 @@ impl<B: Backend> Model<B> {
             .collect();
         let batch = AttentionBatch::new(inputs, block_size, self.config.sliding_window);
         let mut hidden = self.embed(backend, &ids)?;
-        self.forward_layers(backend, cache, &mut hidden, &batch)?;
+        self.forward_layers(backend, cache, &mut hidden, &batch, None)?;
         self.logits(backend, &hidden, inputs)
     }
 
@@ -175,13 +229,15 @@ impl<B: Backend> Model<B> {
         Ok(backend.embed(table, ids)?)
     }
 
-    /// Runs this part's layers over the residual stream `hidden` in place.
+    /// Runs this part's layers over the residual stream `hidden` in place. Tokens routed to
+    /// experts this part does not hold go through `exchange`.
     pub fn forward_layers(
         &self,
         backend: &B,
         cache: &mut B::KvCache,
         hidden: &mut B::Tensor,
         batch: &AttentionBatch,
+        exchange: Option<&dyn ExpertExchange>,
     ) -> Result<(), ModelError> {
         let c = &self.config;
         let eps = c.rms_norm_eps as f32;
@@ -205,9 +261,32 @@ impl<B: Backend> Model<B> {
                 Ffn::Moe { router, experts } => {
                     let top_k = c.moe.expect("MoE layer of a MoE config").top_k;
                     let routes = backend.router_topk(&x, router, top_k)?;
-                    let local: Vec<(u32, &FfnWeights<B::Weight>)> =
+                    let global = self.subset.layers.start + local;
+                    let remote = routes
+                        .experts
+                        .iter()
+                        .find(|e| !experts.iter().any(|(have, _)| have == *e));
+                    let pending = match (remote, exchange) {
+                        (None, _) => None,
+                        (Some(&expert), None) => {
+                            return Err(ModelError::ExpertNotHere {
+                                layer: global,
+                                expert,
+                            })
+                        }
+                        (Some(_), Some(ex)) => {
+                            let cols = c.hidden_size;
+                            Some(ex.dispatch(global, backend.to_host(&x)?, cols, &routes)?)
+                        }
+                    };
+                    let held: Vec<(u32, &FfnWeights<B::Weight>)> =
                         experts.iter().map(|(e, w)| (*e, w)).collect();
-                    backend.experts_ffn_add(&x, &routes, &local, hidden)?;
+                    backend.experts_ffn_add(&x, &routes, &held, hidden)?;
+                    if let Some(p) = pending {
+                        let mut sum = backend.to_host(hidden)?;
+                        sum.iter_mut().zip(p.wait()?).for_each(|(h, r)| *h += r);
+                        *hidden = backend.tensor(sum, backend.rows(hidden), c.hidden_size)?;
+                    }
                 }
             }
         }

@@ -1,0 +1,126 @@
+//! The expert exchange over gRPC: at a MoE layer, the tokens routed to experts held by other
+//! workers of the same stage are sent to them (`Worker.RunExperts`, one call per peer, all in
+//! parallel), and their weighted outputs come back while the local experts run.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::worker_client::WorkerClient;
+use tonic::transport::Channel;
+
+use crate::backend::Routes;
+use crate::model::{ExpertExchange, ModelError, PendingExperts};
+use crate::wire;
+
+/// Counters of one worker's exchange traffic (bytes of activations, both directions).
+#[derive(Debug, Default)]
+pub struct ExchangeStats {
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub calls: AtomicU64,
+    pub nanos: AtomicU64,
+}
+
+pub struct GrpcExchange {
+    pub handle: tokio::runtime::Handle,
+    pub epoch: u64,
+    pub shard: usize,
+    /// The workers of this stage, by shard.
+    pub peers: Vec<WorkerClient<Channel>>,
+    /// The shard holding each expert.
+    pub expert_shard: Vec<u32>,
+    pub stats: Arc<ExchangeStats>,
+}
+
+impl ExpertExchange for GrpcExchange {
+    fn dispatch(
+        &self,
+        layer: usize,
+        x: Vec<f32>,
+        cols: usize,
+        routes: &Routes,
+    ) -> Result<PendingExperts, ModelError> {
+        let k = routes.top_k;
+        let rows = x.len() / cols;
+        // For every other shard, the tokens with at least one of their experts there.
+        let mut wanted: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for t in 0..rows {
+            for &e in &routes.experts[t * k..(t + 1) * k] {
+                let shard = *self.expert_shard.get(e as usize).ok_or_else(|| {
+                    ModelError::Exchange(format!("expert {e} has no shard in the placement"))
+                })? as usize;
+                let tokens = wanted.entry(shard).or_default();
+                if shard != self.shard && tokens.last() != Some(&t) {
+                    tokens.push(t);
+                }
+            }
+        }
+        wanted.remove(&self.shard);
+        let started = Instant::now();
+        let mut calls = Vec::new();
+        for (shard, tokens) in wanted {
+            let mut xs = Vec::with_capacity(tokens.len() * cols);
+            let mut experts = Vec::with_capacity(tokens.len() * k);
+            let mut weights = Vec::with_capacity(tokens.len() * k);
+            for &t in &tokens {
+                xs.extend_from_slice(&x[t * cols..(t + 1) * cols]);
+                experts.extend_from_slice(&routes.experts[t * k..(t + 1) * k]);
+                weights.extend_from_slice(&routes.weights[t * k..(t + 1) * k]);
+            }
+            let request = pb::ExpertBatch {
+                epoch: self.epoch,
+                layer: layer as u32,
+                x: Some(wire::tensor(&xs, tokens.len(), cols)),
+                top_k: k as u32,
+                experts,
+                weights,
+            };
+            self.stats
+                .bytes_sent
+                .fetch_add((xs.len() * 4) as u64, Ordering::Relaxed);
+            let mut client = self.peers[shard].clone();
+            let call = self
+                .handle
+                .spawn(async move { client.run_experts(request).await });
+            calls.push((shard, tokens, call));
+        }
+        let handle = self.handle.clone();
+        let stats = self.stats.clone();
+        Ok(PendingExperts::new(move || {
+            let mut out = vec![0.0f32; rows * cols];
+            for (shard, tokens, call) in calls {
+                let fail = |e: String| ModelError::Exchange(format!("shard {shard}: {e}"));
+                let reply = handle
+                    .block_on(call)
+                    .map_err(|e| fail(e.to_string()))?
+                    .map_err(|s| fail(s.message().to_string()))?
+                    .into_inner();
+                let y = reply.y.ok_or_else(|| fail("reply without outputs".into()))?;
+                let (y, r, c) = wire::from_tensor(&y).map_err(|e| fail(e.to_string()))?;
+                if r != tokens.len() || c != cols {
+                    return Err(fail(format!(
+                        "{r}×{c} outputs for {}×{cols} inputs",
+                        tokens.len()
+                    )));
+                }
+                stats
+                    .bytes_received
+                    .fetch_add((y.len() * 4) as u64, Ordering::Relaxed);
+                stats.calls.fetch_add(1, Ordering::Relaxed);
+                for (i, &t) in tokens.iter().enumerate() {
+                    let row = &mut out[t * cols..(t + 1) * cols];
+                    row.iter_mut()
+                        .zip(&y[i * cols..(i + 1) * cols])
+                        .for_each(|(o, v)| *o += v);
+                }
+            }
+            stats
+                .nanos
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            Ok(out)
+        }))
+    }
+}

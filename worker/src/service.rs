@@ -1,0 +1,438 @@
+//! The `switchyard.v1.Worker` gRPC service: a worker process holds one part of the model (its
+//! grid cell's layers and experts), the KV memory of its lane for those layers, and runs the
+//! steps the coordinator sends. Stage `p` forwards its hidden states to stage `p + 1` of the
+//! same lane inside the same call, so the coordinator's one `Step` call to stage 0 returns
+//! what the last stage drew. Workers keep no per-sequence state: block tables, positions and
+//! sampling draws all come with each step.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use switchyard_model::{Checkpoint, Subset};
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::worker_client::WorkerClient;
+use switchyard_proto::v1::worker_server::{Worker, WorkerServer};
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic::{Request, Response, Status};
+use tracing::{info, info_span, Instrument};
+
+use crate::backend::{Backend, Routes};
+use crate::batch::{sample_step, AttentionBatch, SeqInput};
+use crate::exchange::{ExchangeStats, GrpcExchange};
+use crate::model::{ExpertExchange, Model, ModelError};
+use crate::wire;
+
+/// Messages between workers carry activations of whole prefill chunks: far above tonic's
+/// 4 MiB default.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
+
+/// A channel to a worker or coordinator at `addr` (`host:port` or a URL), connected on first
+/// use, with the message limits the data plane needs.
+pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(url)?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+pub fn worker_client(channel: Channel) -> WorkerClient<Channel> {
+    WorkerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// The part of the model this worker was assigned, loaded, with its KV memory.
+struct Part<B: Backend> {
+    assignment: pb::Assignment,
+    model: Model<B>,
+    cache: Mutex<B::KvCache>,
+    next: Option<WorkerClient<Channel>>,
+    exchange: Option<GrpcExchange>,
+    weight_bytes: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    steps: AtomicU64,
+    step_nanos: AtomicU64,
+    expert_tokens_served: AtomicU64,
+}
+
+/// The service; clones share one worker.
+pub struct WorkerService<B: Backend>(Arc<WorkerState<B>>);
+
+impl<B: Backend> Clone for WorkerService<B> {
+    fn clone(&self) -> Self {
+        WorkerService(self.0.clone())
+    }
+}
+
+struct WorkerState<B: Backend> {
+    backend: B,
+    part: RwLock<Option<Arc<Part<B>>>>,
+    exchange_stats: Arc<ExchangeStats>,
+    stats: Stats,
+}
+
+impl<B: Backend + 'static> WorkerService<B> {
+    pub fn new(backend: B) -> Self {
+        WorkerService(Arc::new(WorkerState {
+            backend,
+            part: RwLock::new(None),
+            exchange_stats: Arc::default(),
+            stats: Stats::default(),
+        }))
+    }
+}
+
+impl<B: Backend + 'static> WorkerState<B> {
+    fn part(&self, epoch: u64) -> Result<Arc<Part<B>>, Status> {
+        let part = self
+            .part
+            .read()
+            .expect("not poisoned")
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("this worker has no assignment yet"))?;
+        if part.assignment.epoch != epoch {
+            return Err(Status::failed_precondition(format!(
+                "placement epoch {epoch} asked, this worker holds epoch {}",
+                part.assignment.epoch
+            )));
+        }
+        Ok(part)
+    }
+
+    fn load(&self, a: pb::Assignment) -> Result<Part<B>, Status> {
+        let invalid = |m: String| Status::invalid_argument(m);
+        let dir = PathBuf::from(&a.model_dir);
+        let checkpoint = Checkpoint::open(&dir).map_err(|e| invalid(e.to_string()))?;
+        let c = checkpoint.config().clone();
+        let layers = a.layer_start as usize..a.layer_end as usize;
+        if layers.is_empty() || layers.end > c.num_layers {
+            return Err(invalid(format!(
+                "layers {layers:?}: expected a non-empty range within 0..{}",
+                c.num_layers
+            )));
+        }
+        let subset = Subset {
+            layers,
+            experts: c
+                .moe
+                .map(|_| a.experts.iter().map(|e| *e as usize).collect()),
+            embedding: a.embedding,
+            head: a.head,
+        };
+        let model = Model::load(&self.backend, &checkpoint, &subset)
+            .map_err(|e| invalid(e.to_string()))?;
+        let cache = self
+            .backend
+            .kv_cache(
+                model.num_layers(),
+                a.kv_blocks as usize,
+                a.block_size as usize,
+                c.num_kv_heads,
+                c.head_dim,
+            )
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        let client = |addr: &str| {
+            channel(addr)
+                .map(worker_client)
+                .map_err(|e| invalid(format!("worker address {addr:?}: {e}")))
+        };
+        let next = match a.next_stage.as_str() {
+            "" => None,
+            addr => Some(client(addr)?),
+        };
+        let exchange = match (c.moe, a.stage_peers.len()) {
+            (Some(_), n) if n > 1 => Some(GrpcExchange {
+                handle: tokio::runtime::Handle::current(),
+                epoch: a.epoch,
+                shard: a.shard as usize,
+                peers: a
+                    .stage_peers
+                    .iter()
+                    .map(|p| client(p))
+                    .collect::<Result<_, _>>()?,
+                expert_shard: a.expert_shard.clone(),
+                stats: self.exchange_stats.clone(),
+            }),
+            _ => None,
+        };
+        Ok(Part {
+            weight_bytes: c.subset_params(&subset) * 4,
+            assignment: a,
+            model,
+            cache: Mutex::new(cache),
+            next,
+            exchange,
+        })
+    }
+}
+
+/// What the worker runs a step's layers with: its model part, its KV memory, its exchange.
+fn run_step<B: Backend>(
+    backend: &B,
+    part: &Part<B>,
+    request: &pb::StepRequest,
+) -> Result<Result<pb::StepResponse, pb::Tensor>, Status> {
+    let work = request
+        .seqs
+        .iter()
+        .map(wire::from_seq_work)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let inputs: Vec<SeqInput> = work.iter().map(|w| w.input.clone()).collect();
+    let model = &part.model;
+    let c = model.config();
+    let failed = |e: ModelError| Status::internal(e.to_string());
+    let mut hidden = match &request.hidden {
+        None => {
+            let ids: Vec<u32> = inputs.iter().flat_map(|s| s.tokens.clone()).collect();
+            if let Some(&t) = ids.iter().find(|t| **t as usize >= c.vocab_size) {
+                return Err(Status::invalid_argument(format!(
+                    "token id {t} is out of range; the vocabulary has {} tokens",
+                    c.vocab_size
+                )));
+            }
+            model.embed(backend, &ids).map_err(failed)?
+        }
+        Some(t) => {
+            let (data, rows, cols) =
+                wire::from_tensor(t).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            backend.tensor(data, rows, cols).map_err(|e| failed(e.into()))?
+        }
+    };
+    let batch = AttentionBatch::new(
+        &inputs,
+        part.assignment.block_size as usize,
+        c.sliding_window,
+    );
+    {
+        let mut cache = part.cache.lock().expect("not poisoned");
+        let exchange = part.exchange.as_ref().map(|x| x as &dyn ExpertExchange);
+        model
+            .forward_layers(backend, &mut cache, &mut hidden, &batch, exchange)
+            .map_err(failed)?;
+    }
+    if !part.assignment.head {
+        let rows = backend.rows(&hidden);
+        let data = backend.to_host(&hidden).map_err(|e| failed(e.into()))?;
+        return Ok(Err(wire::tensor(&data, rows, c.hidden_size)));
+    }
+    let logits = model.logits(backend, &hidden, &inputs).map_err(failed)?;
+    let results = sample_step(&work, &logits, c.vocab_size);
+    Ok(Ok(pb::StepResponse {
+        results: results.iter().map(wire::seq_result).collect(),
+    }))
+}
+
+#[tonic::async_trait]
+impl<B: Backend + 'static> Worker for WorkerService<B>
+where
+    B::KvCache: Sync,
+{
+    async fn inventory(
+        &self,
+        _: Request<pb::InventoryRequest>,
+    ) -> Result<Response<pb::InventoryResponse>, Status> {
+        let (total, available) = memory_info();
+        Ok(Response::new(pb::InventoryResponse {
+            device: self.0.backend.name(),
+            memory_bytes: total,
+            available_bytes: available,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()) as u32,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    async fn assign(
+        &self,
+        request: Request<pb::Assignment>,
+    ) -> Result<Response<pb::AssignResponse>, Status> {
+        let a = request.into_inner();
+        let span = info_span!("assign", epoch = a.epoch, stage = a.stage, shard = a.shard);
+        let this = self.0.clone();
+        // Drop the old part first: its memory is needed for the new one.
+        *self.0.part.write().expect("not poisoned") = None;
+        let part = tokio::task::spawn_blocking(move || span.in_scope(|| this.load(a)))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        let response = pb::AssignResponse {
+            weight_bytes: part.weight_bytes,
+            kv_bytes: 0,
+            resident_bytes: resident_bytes(),
+        };
+        info!(
+            layers = ?(part.assignment.layer_start..part.assignment.layer_end),
+            experts = ?part.assignment.experts,
+            weight_bytes = part.weight_bytes,
+            resident_bytes = response.resident_bytes,
+            "loaded"
+        );
+        *self.0.part.write().expect("not poisoned") = Some(Arc::new(part));
+        Ok(Response::new(response))
+    }
+
+    async fn step(
+        &self,
+        request: Request<pb::StepRequest>,
+    ) -> Result<Response<pb::StepResponse>, Status> {
+        let request = request.into_inner();
+        let part = self.0.part(request.epoch)?;
+        let span = info_span!(
+            "step",
+            id = request.step_id,
+            stage = part.assignment.stage,
+            shard = part.assignment.shard,
+            requests = ?request.request_ids,
+        );
+        let (this, p) = (self.0.clone(), part.clone());
+        let started = Instant::now();
+        let (out, mut request) = tokio::task::spawn_blocking(move || {
+            let out = span.in_scope(|| run_step(&this.backend, &p, &request));
+            (out, request)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        self.0.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.0
+            .stats
+            .step_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match out? {
+            Ok(done) => Ok(Response::new(done)),
+            Err(hidden) => {
+                let mut next = part
+                    .next
+                    .clone()
+                    .ok_or_else(|| Status::internal("a middle stage without a next stage"))?;
+                request.hidden = Some(hidden);
+                next.step(request)
+                    .instrument(info_span!("forward", stage = part.assignment.stage + 1))
+                    .await
+            }
+        }
+    }
+
+    async fn run_experts(
+        &self,
+        request: Request<pb::ExpertBatch>,
+    ) -> Result<Response<pb::ExpertOutput>, Status> {
+        let b = request.into_inner();
+        let part = self.0.part(b.epoch)?;
+        let this = self.0.clone();
+        let y = tokio::task::spawn_blocking(move || -> Result<pb::Tensor, Status> {
+            let backend = &this.backend;
+            let invalid = |m: String| Status::invalid_argument(m);
+            let x = b.x.as_ref().ok_or_else(|| invalid("no activations".into()))?;
+            let (data, rows, cols) = wire::from_tensor(x).map_err(|e| invalid(e.to_string()))?;
+            let k = b.top_k as usize;
+            if b.experts.len() != rows * k || b.weights.len() != rows * k {
+                return Err(invalid(format!(
+                    "{} experts and {} weights for {rows} tokens × top-{k}",
+                    b.experts.len(),
+                    b.weights.len()
+                )));
+            }
+            let routes = Routes {
+                top_k: k,
+                experts: b.experts,
+                weights: b.weights,
+            };
+            let failed = |e: ModelError| Status::internal(e.to_string());
+            let x = backend
+                .tensor(data, rows, cols)
+                .map_err(|e| failed(e.into()))?;
+            let mut y = backend
+                .tensor(vec![0.0; rows * cols], rows, cols)
+                .map_err(|e| failed(e.into()))?;
+            part.model
+                .run_experts(backend, b.layer as usize, &x, &routes, &mut y)
+                .map_err(failed)?;
+            this.stats
+                .expert_tokens_served
+                .fetch_add(rows as u64, Ordering::Relaxed);
+            let y = backend.to_host(&y).map_err(|e| failed(e.into()))?;
+            Ok(wire::tensor(&y, rows, cols))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(pb::ExpertOutput { y: Some(y) }))
+    }
+
+    async fn stats(
+        &self,
+        _: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::WorkerStats>, Status> {
+        let x = &self.0.exchange_stats;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Ok(Response::new(pb::WorkerStats {
+            steps: get(&self.0.stats.steps),
+            step_seconds: get(&self.0.stats.step_nanos) as f64 / 1e9,
+            exchange_bytes_sent: get(&x.bytes_sent),
+            exchange_bytes_received: get(&x.bytes_received),
+            exchange_calls: get(&x.calls),
+            exchange_seconds: get(&x.nanos) as f64 / 1e9,
+            expert_tokens_served: get(&self.0.stats.expert_tokens_served),
+        }))
+    }
+}
+
+/// Binds `addr` and serves a worker there until `shutdown`; returns the bound address.
+pub async fn spawn_worker<B: Backend + 'static>(
+    backend: B,
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>)>
+where
+    B::KvCache: Sync,
+{
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let service = WorkerService::new(backend);
+    let server = WorkerServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let task = tokio::spawn(
+        Server::builder()
+            .tcp_nodelay(true)
+            .add_service(server)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            ),
+    );
+    Ok((bound, task))
+}
+
+/// Total and available memory of this machine, from `/proc/meminfo` (0 where unknown).
+fn memory_info() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+/// This process's resident memory, from `/proc/self/status` (0 where unknown).
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}

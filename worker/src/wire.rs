@@ -1,0 +1,142 @@
+//! Conversions between the worker's types and their `switchyard.v1` messages.
+
+use switchyard_proto::v1 as pb;
+
+use crate::batch::{LogitsWanted, SeqInput, SeqResult, SeqWork};
+use crate::sampling::{Draw, TokenLogprob, TopLogprob};
+
+/// A message that does not say what it must: which field, and what was wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed message: {0}")]
+pub struct Malformed(pub String);
+
+pub fn tensor(data: &[f32], rows: usize, cols: usize) -> pb::Tensor {
+    pb::Tensor {
+        rows: rows as u32,
+        cols: cols as u32,
+        data: data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+/// The data of `t` as f32, with its shape.
+pub fn from_tensor(t: &pb::Tensor) -> Result<(Vec<f32>, usize, usize), Malformed> {
+    let (rows, cols) = (t.rows as usize, t.cols as usize);
+    if t.data.len() != rows * cols * 4 {
+        return Err(Malformed(format!(
+            "tensor of [{rows}, {cols}] f32 carries {} bytes, expected {}",
+            t.data.len(),
+            rows * cols * 4
+        )));
+    }
+    let data = t
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok((data, rows, cols))
+}
+
+pub fn token_logprob(t: &TokenLogprob) -> pb::TokenLogprob {
+    pb::TokenLogprob {
+        token_id: t.token_id,
+        logprob: t.logprob,
+        top: t
+            .top
+            .iter()
+            .map(|a| pb::TopLogprob {
+                token_id: a.token_id,
+                logprob: a.logprob,
+            })
+            .collect(),
+    }
+}
+
+pub fn from_token_logprob(t: &pb::TokenLogprob) -> TokenLogprob {
+    TokenLogprob {
+        token_id: t.token_id,
+        logprob: t.logprob,
+        top: t
+            .top
+            .iter()
+            .map(|a| TopLogprob {
+                token_id: a.token_id,
+                logprob: a.logprob,
+            })
+            .collect(),
+    }
+}
+
+pub fn seq_work(w: &SeqWork) -> pb::SeqWork {
+    pb::SeqWork {
+        seq_id: w.id,
+        tokens: w.input.tokens.clone(),
+        start_pos: w.input.start_pos as u32,
+        block_table: w.input.block_table.clone(),
+        logits: match w.input.logits {
+            LogitsWanted::None => pb::LogitsWanted::LogitsNone,
+            LogitsWanted::Last => pb::LogitsWanted::LogitsLast,
+            LogitsWanted::All => pb::LogitsWanted::LogitsAll,
+        } as i32,
+        prompt_targets: w
+            .prompt_targets
+            .as_ref()
+            .map_or(Vec::new(), |(t, _)| t.clone()),
+        prompt_logprobs: w.prompt_targets.as_ref().map(|(_, n)| *n as u32),
+        draw: w.draw.map(|d| pb::Draw {
+            temperature: d.temperature,
+            top_p: d.top_p,
+            top_k: d.top_k as u32,
+            seed: d.seed,
+            index: d.index,
+        }),
+        logprobs: w.logprobs.map(|n| n as u32),
+    }
+}
+
+pub fn from_seq_work(w: &pb::SeqWork) -> Result<SeqWork, Malformed> {
+    if w.tokens.is_empty() {
+        return Err(Malformed(format!("sequence {} has no tokens", w.seq_id)));
+    }
+    let logits = match pb::LogitsWanted::try_from(w.logits) {
+        Ok(pb::LogitsWanted::LogitsNone) => LogitsWanted::None,
+        Ok(pb::LogitsWanted::LogitsLast) => LogitsWanted::Last,
+        Ok(pb::LogitsWanted::LogitsAll) => LogitsWanted::All,
+        Err(_) => return Err(Malformed(format!("logits = {}", w.logits))),
+    };
+    Ok(SeqWork {
+        id: w.seq_id,
+        input: SeqInput {
+            tokens: w.tokens.clone(),
+            start_pos: w.start_pos as usize,
+            block_table: w.block_table.clone(),
+            logits,
+        },
+        prompt_targets: w
+            .prompt_logprobs
+            .map(|n| (w.prompt_targets.clone(), n as usize)),
+        draw: w.draw.map(|d| Draw {
+            temperature: d.temperature,
+            top_p: d.top_p,
+            top_k: d.top_k as usize,
+            seed: d.seed,
+            index: d.index,
+        }),
+        logprobs: w.logprobs.map(|n| n as usize),
+    })
+}
+
+pub fn seq_result(r: &SeqResult) -> pb::SeqResult {
+    pb::SeqResult {
+        prompt_logprobs: r.prompt_logprobs.iter().map(token_logprob).collect(),
+        token: r.token,
+        logprob: r.logprob.as_ref().map(token_logprob),
+    }
+}
+
+pub fn from_seq_result(r: &pb::SeqResult) -> SeqResult {
+    SeqResult {
+        prompt_logprobs: r.prompt_logprobs.iter().map(from_token_logprob).collect(),
+        token: r.token,
+        logprob: r.logprob.as_ref().map(from_token_logprob),
+    }
+}
