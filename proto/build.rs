@@ -4,7 +4,10 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["switchyard/v1/inference.proto", "switchyard/v1/worker.proto"];
+    let files = [
+        "switchyard/v1/inference.proto",
+        "switchyard/v1/worker.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed=proto/{f}");
     }

@@ -1,12 +1,17 @@
 //! `switchyard`: the command line. It parses flags and calls the crates; nothing else lives here.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use switchyard_coordinator::{api, client, Cluster, ClusterConfig, Grid, PlanOptions};
 use switchyard_model::init;
 use switchyard_model::safetensors::Dtype;
 use switchyard_model::{ChatMessage, Checkpoint};
+use switchyard_proto::v1 as pb;
+use switchyard_worker::service::spawn_worker;
 use switchyard_worker::{CpuBackend, Engine, EngineConfig, Request, SamplingParams};
 
 #[derive(Parser)]
@@ -25,8 +30,72 @@ enum Command {
     /// Make or describe model directories.
     #[command(subcommand)]
     Model(ModelCommand),
-    /// Generate from a prompt in this process, on the CPU (the reference path).
+    /// Generate from a prompt: in this process on the CPU (the reference path), or from a
+    /// running cluster with --server.
     Generate(GenerateArgs),
+    /// A coordinator and P×E workers in this process (each worker a gRPC server on loopback).
+    Serve(ServeArgs),
+    /// One worker process: it waits for a coordinator to assign it a part of a model.
+    Worker(WorkerArgs),
+    /// A coordinator over separately started workers.
+    Coordinator(CoordinatorArgs),
+}
+
+#[derive(Args)]
+struct ClusterArgs {
+    /// P×E: pipeline stages × expert shards.
+    #[arg(long, default_value = "1x1")]
+    grid: Grid,
+    /// Address of the client gRPC API.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    grpc_addr: SocketAddr,
+    /// KV cache per worker, in MiB.
+    #[arg(long, default_value_t = 256)]
+    kv_cache_mb: u64,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Most tokens one step processes per lane (longer prompts are prefilled in chunks).
+    #[arg(long, default_value_t = 512)]
+    max_step_tokens: usize,
+    /// Most sequences running at once per lane.
+    #[arg(long, default_value_t = 64)]
+    max_running: usize,
+    /// Requests waiting beyond this are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024)]
+    max_queue: usize,
+    /// Deadline, in seconds, of requests that bring none (grpc-timeout).
+    #[arg(long)]
+    request_timeout_s: Option<f64>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Model directory; without it, a demo tiny-mixtral made once into ~/.cache/switchyard.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    #[arg(long, default_value = "127.0.0.1:50061")]
+    listen: SocketAddr,
+    /// Only `cpu` for now.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Worker addresses, stage by stage: cell (p, e) is the (p·E + e)-th.
+    #[arg(long, value_delimiter = ',', required = true)]
+    workers: Vec<String>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 #[derive(Subcommand)]
@@ -58,8 +127,11 @@ enum ModelCommand {
 #[derive(Args)]
 struct GenerateArgs {
     /// Model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+    model: Option<PathBuf>,
+    /// Generate from a running cluster at this address instead (streams the text).
     #[arg(long)]
-    model: PathBuf,
+    server: Option<String>,
     #[arg(long, group = "input", required = true)]
     prompt: Option<String>,
     /// Comma-separated token ids, fed as they are.
@@ -125,7 +197,141 @@ fn main() -> Result<()> {
             );
         }
         Command::Model(ModelCommand::Inspect { dir, json }) => inspect(&dir, json)?,
+        Command::Generate(args) if args.server.is_some() => runtime()?.block_on(remote(args))?,
         Command::Generate(args) => generate(args)?,
+        Command::Serve(args) => runtime()?.block_on(serve(args))?,
+        Command::Worker(args) => runtime()?.block_on(worker(args))?,
+        Command::Coordinator(args) => runtime()?.block_on(coordinator(args))?,
+    }
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+async fn shutdown_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn cluster_config(model: PathBuf, workers: Vec<String>, a: &ClusterArgs) -> ClusterConfig {
+    ClusterConfig {
+        plan: PlanOptions {
+            kv_bytes_per_worker: a.kv_cache_mb << 20,
+            block_size: a.block_size,
+            ..PlanOptions::default()
+        },
+        max_step_tokens: a.max_step_tokens,
+        max_running: a.max_running,
+        max_queue: a.max_queue,
+        request_timeout: a.request_timeout_s.map(Duration::from_secs_f64),
+        ..ClusterConfig::new(model, a.grid, workers)
+    }
+}
+
+/// Starts the cluster, then serves the client API until Ctrl-C.
+async fn run_coordinator(config: ClusterConfig, addr: SocketAddr) -> Result<()> {
+    let cluster = Cluster::start(config).await?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    eprint!("{}", cluster.placement);
+    eprintln!(
+        "switchyard: serving {} on {} (gRPC)",
+        cluster.model_name,
+        listener.local_addr()?
+    );
+    api::serve(cluster, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn serve(a: ServeArgs) -> Result<()> {
+    let model = match a.model {
+        Some(m) => m,
+        None => demo_model()?,
+    };
+    let mut workers = Vec::new();
+    for _ in 0..a.cluster.grid.cells() {
+        let (addr, _task) =
+            spawn_worker(CpuBackend, "127.0.0.1:0".parse()?, std::future::pending()).await?;
+        workers.push(addr.to_string());
+    }
+    let config = cluster_config(model, workers, &a.cluster);
+    run_coordinator(config, a.cluster.grpc_addr).await
+}
+
+async fn worker(a: WorkerArgs) -> Result<()> {
+    if a.device != "cpu" {
+        bail!("--device {:?}: expected cpu", a.device);
+    }
+    let (addr, task) = spawn_worker(CpuBackend, a.listen, shutdown_signal())
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    eprintln!("switchyard: worker listening on {addr}");
+    task.await??;
+    Ok(())
+}
+
+async fn coordinator(a: CoordinatorArgs) -> Result<()> {
+    let config = cluster_config(a.model, a.workers, &a.cluster);
+    run_coordinator(config, a.cluster.grpc_addr).await
+}
+
+/// The demo model of `serve` without `--model`: tiny-mixtral, made once.
+fn demo_model() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set; pass --model")?;
+    let dir = Path::new(&home).join(".cache/switchyard/models/tiny-mixtral");
+    if !dir.join("config.json").exists() {
+        let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+        init::write_model_dir(&tmp, &init::preset("tiny-mixtral")?, 0, Dtype::F32, None)?;
+        std::fs::rename(&tmp, &dir)
+            .with_context(|| format!("cannot move the demo model into {}", dir.display()))?;
+        eprintln!("switchyard: made the demo model in {}", dir.display());
+    }
+    Ok(dir)
+}
+
+/// `generate --server`: the same request over gRPC, streamed.
+async fn remote(a: GenerateArgs) -> Result<()> {
+    let server = a.server.clone().expect("checked by the caller");
+    let mut request = pb::GenerateRequest {
+        prompt: a.prompt.clone(),
+        prompt_token_ids: a.prompt_ids.clone().unwrap_or_default(),
+        messages: a
+            .chat
+            .iter()
+            .map(|c| pb::ChatMessage {
+                role: "user".into(),
+                content: c.clone(),
+            })
+            .collect(),
+        max_tokens: Some(a.max_tokens as u32),
+        temperature: a.temperature,
+        top_p: Some(a.top_p),
+        top_k: a.top_k as u32,
+        seed: a.seed,
+        stop: a.stop.clone(),
+        logprobs: a.logprobs.map(|n| n as u32),
+        prompt_logprobs: a.prompt_logprobs.map(|n| n as u32),
+        request_id: String::new(),
+        ignore_eos: a.ignore_eos,
+    };
+    request.request_id = format!("cli-{}", std::process::id());
+    let json = a.json;
+    let out = client::generate(&server, request, |m| {
+        if !json {
+            use std::io::Write;
+            print!("{}", m.text);
+            let _ = std::io::stdout().flush();
+        }
+    })
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!();
     }
     Ok(())
 }
@@ -183,13 +389,17 @@ fn generate(a: GenerateArgs) -> Result<()> {
         kv_cache_bytes: a.kv_cache_mb << 20,
         ..EngineConfig::default()
     };
-    let mut engine = Engine::load(CpuBackend, &a.model, config)
-        .with_context(|| format!("cannot load model directory {}", a.model.display()))?;
+    let model = a
+        .model
+        .clone()
+        .expect("clap requires --model without --server");
+    let mut engine = Engine::load(CpuBackend, &model, config)
+        .with_context(|| format!("cannot load model directory {}", model.display()))?;
     let tokenizer = || {
         engine.tokenizer().with_context(|| {
             format!(
                 "{} has no tokenizer.json; use --prompt-ids",
-                a.model.display()
+                model.display()
             )
         })
     };

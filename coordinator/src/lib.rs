@@ -1,1 +1,13 @@
-//! placeholder
+//! The coordinator: it plans where the model's layers and experts live ([`placement`]), brings
+//! the workers up ([`cluster`]), runs one scheduler and pipeline driver per lane ([`lane`]) and
+//! serves clients ([`api`]). It holds no weights and no KV memory: workers do; it owns the
+//! decisions (what runs when, which KV blocks a sequence holds) and the client streams.
+
+pub mod api;
+pub mod client;
+pub mod cluster;
+pub mod lane;
+pub mod placement;
+
+pub use cluster::{Cluster, ClusterConfig, StartError};
+pub use placement::{Grid, PlanOptions};

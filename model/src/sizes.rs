@@ -58,9 +58,7 @@ impl ModelConfig {
         let layers = subset.layers.len() as u64;
         let ffn = match self.moe {
             Some(m) => {
-                let held = (0..m.num_experts)
-                    .filter(|e| subset.has_expert(*e))
-                    .count() as u64;
+                let held = (0..m.num_experts).filter(|e| subset.has_expert(*e)).count() as u64;
                 m.num_experts as u64 * h + held * p.one_expert
             }
             None => p.one_expert,

@@ -251,13 +251,8 @@ impl Tokenizer {
     }
 
     /// A detokenizer for streaming this tokenizer's output.
-    pub fn incremental_decoder(&self) -> IncrementalDecoder<'_> {
-        IncrementalDecoder {
-            tokenizer: self,
-            window: Vec::new(),
-            read: 0,
-            text: String::new(),
-        }
+    pub fn incremental_decoder(&self) -> IncrementalDecoder {
+        IncrementalDecoder::default()
     }
 }
 
@@ -352,8 +347,10 @@ const MAX_HELD: usize = 4;
 /// handling right: like vLLM and TGI, it decodes a window of already-emitted tokens plus the
 /// new ones and emits the difference. For valid text the deltas add up to
 /// [`Tokenizer::decode`] of the whole sequence; invalid byte sequences come out as `�`.
-pub struct IncrementalDecoder<'a> {
-    tokenizer: &'a Tokenizer,
+/// It holds no reference to its tokenizer (each call takes it), so it can live in long-lived
+/// per-request state.
+#[derive(Debug, Clone, Default)]
+pub struct IncrementalDecoder {
     /// Non-special ids since the start of the last emitted batch.
     window: Vec<u32>,
     /// How many ids of `window` have been emitted.
@@ -361,22 +358,22 @@ pub struct IncrementalDecoder<'a> {
     text: String,
 }
 
-impl IncrementalDecoder<'_> {
+impl IncrementalDecoder {
     /// Takes the next token and returns the text it completes, maybe empty.
-    pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
-        self.tokenizer.check_id(id)?;
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String, TokenizerError> {
+        tokenizer.check_id(id)?;
         // Decoding skips special tokens anyway; keeping them out of the window keeps its first
         // token a real one, whose leading space the decoder strips consistently.
-        if self.tokenizer.special_ids.contains(&id) {
+        if tokenizer.special_ids.contains(&id) {
             return Ok(String::new());
         }
         self.window.push(id);
-        self.emit(false)
+        self.emit(tokenizer, false)
     }
 
     /// Flushes anything held back (an incomplete character comes out as `�`).
-    pub fn finish(&mut self) -> Result<String, TokenizerError> {
-        self.emit(true)
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<String, TokenizerError> {
+        self.emit(tokenizer, true)
     }
 
     /// All text emitted so far.
@@ -384,12 +381,12 @@ impl IncrementalDecoder<'_> {
         &self.text
     }
 
-    fn emit(&mut self, flush: bool) -> Result<String, TokenizerError> {
+    fn emit(&mut self, tokenizer: &Tokenizer, flush: bool) -> Result<String, TokenizerError> {
         if self.read == self.window.len() {
             return Ok(String::new());
         }
-        let prefix = self.tokenizer.decode_known(&self.window[..self.read])?;
-        let full = self.tokenizer.decode_known(&self.window)?;
+        let prefix = tokenizer.decode_known(&self.window[..self.read])?;
+        let full = tokenizer.decode_known(&self.window)?;
         let held = self.window.len() - self.read;
         let delta = text_after(&prefix, &full);
         let settled = !delta.is_empty() && !delta.ends_with('\u{FFFD}');

@@ -98,7 +98,9 @@ impl ExpertExchange for GrpcExchange {
                     .map_err(|e| fail(e.to_string()))?
                     .map_err(|s| fail(s.message().to_string()))?
                     .into_inner();
-                let y = reply.y.ok_or_else(|| fail("reply without outputs".into()))?;
+                let y = reply
+                    .y
+                    .ok_or_else(|| fail("reply without outputs".into()))?;
                 let (y, r, c) = wire::from_tensor(&y).map_err(|e| fail(e.to_string()))?;
                 if r != tokens.len() || c != cols {
                     return Err(fail(format!(

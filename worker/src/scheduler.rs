@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use serde::Serialize;
-use switchyard_model::{ModelConfig, Tokenizer, TokenizerError};
+use switchyard_model::{IncrementalDecoder, ModelConfig, Tokenizer, TokenizerError};
 use tracing::debug;
 
 use crate::batch::{LogitsWanted, SeqInput, SeqResult, SeqWork};
@@ -96,11 +96,7 @@ struct Sequence {
     /// Generated text so far, decoded incrementally: it only ever grows (or is cut at a stop
     /// string), so what was sent stays true.
     text: String,
-    /// Incremental detokenization window over the generated tokens (vLLM's scheme): tokens
-    /// `prefix_offset..read_offset` give the context, tokens after `read_offset` are not in
-    /// `text` yet.
-    prefix_offset: usize,
-    read_offset: usize,
+    decoder: IncrementalDecoder,
     /// Bytes of `text` already sent.
     text_sent: usize,
     /// Bytes of `text` already checked for stop strings (a new match ends at or after this).
@@ -228,8 +224,7 @@ impl Scheduler {
             prompt_logprobs: Vec::new(),
             prompt_logprobs_sent: false,
             text: String::new(),
-            prefix_offset: 0,
-            read_offset: 0,
+            decoder: IncrementalDecoder::default(),
             text_sent: 0,
             stop_checked: 0,
             finish: (req.params.max_tokens == 0).then_some(FinishReason::Length),
@@ -424,12 +419,12 @@ fn after_token(
     if !s.req.params.ignore_eos && c.eos_token_ids.contains(&token) {
         s.finish = Some(FinishReason::Stop);
         if let Some(tok) = tokenizer {
-            detokenize(tok, s, true)?;
+            detokenize(tok, s, None, true)?;
         }
         return Ok(());
     }
     if let Some(tok) = tokenizer {
-        detokenize(tok, s, false)?;
+        detokenize(tok, s, Some(token), false)?;
         // A stop string is looked for only where it could newly end.
         let longest_stop = s.req.params.stop.iter().map(String::len).max().unwrap_or(0);
         let from = floor_char_boundary(&s.text, s.stop_checked.saturating_sub(longest_stop));
@@ -451,34 +446,27 @@ fn after_token(
     {
         s.finish = Some(FinishReason::Length);
         if let Some(tok) = tokenizer {
-            detokenize(tok, s, true)?;
+            detokenize(tok, s, None, true)?;
         }
     }
     Ok(())
 }
 
-/// Appends the text of newly generated tokens. A token that ends in the middle of a UTF-8
-/// character (byte-fallback tokens) waits for the rest unless `flush`. Ids past the
+/// Appends the text `token` completes, or with `flush` whatever is held back. Ids past the
 /// tokenizer's vocabulary (padded embedding rows) carry no text.
-fn detokenize(tok: &Tokenizer, s: &mut Sequence, flush: bool) -> Result<(), TokenizerError> {
-    let known = |ids: &[u32]| -> Vec<u32> {
-        ids.iter()
-            .copied()
-            .filter(|t| (*t as usize) < tok.vocab_size())
-            .collect()
-    };
-    let generated = s.generated();
-    let len = generated.len();
-    let prefix = tok.decode(&known(&generated[s.prefix_offset..s.read_offset]))?;
-    let full = tok.decode(&known(&generated[s.prefix_offset..]))?;
-    if full.len() > prefix.len() && (flush || !full.ends_with('\u{FFFD}')) {
-        let new = match full.strip_prefix(prefix.as_str()) {
-            Some(rest) => rest,
-            None => &full[floor_char_boundary(&full, prefix.len())..],
-        };
-        s.text.push_str(new);
-        s.prefix_offset = s.read_offset;
-        s.read_offset = len;
+fn detokenize(
+    tok: &Tokenizer,
+    s: &mut Sequence,
+    token: Option<u32>,
+    flush: bool,
+) -> Result<(), TokenizerError> {
+    if let Some(t) = token.filter(|t| (*t as usize) < tok.vocab_size()) {
+        let delta = s.decoder.push(tok, t)?;
+        s.text.push_str(&delta);
+    }
+    if flush {
+        let delta = s.decoder.finish(tok)?;
+        s.text.push_str(&delta);
     }
     Ok(())
 }

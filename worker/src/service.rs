@@ -130,8 +130,8 @@ impl<B: Backend + 'static> WorkerState<B> {
             embedding: a.embedding,
             head: a.head,
         };
-        let model = Model::load(&self.backend, &checkpoint, &subset)
-            .map_err(|e| invalid(e.to_string()))?;
+        let model =
+            Model::load(&self.backend, &checkpoint, &subset).map_err(|e| invalid(e.to_string()))?;
         let cache = self
             .backend
             .kv_cache(
@@ -207,7 +207,9 @@ fn run_step<B: Backend>(
         Some(t) => {
             let (data, rows, cols) =
                 wire::from_tensor(t).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            backend.tensor(data, rows, cols).map_err(|e| failed(e.into()))?
+            backend
+                .tensor(data, rows, cols)
+                .map_err(|e| failed(e.into()))?
         }
     };
     let batch = AttentionBatch::new(
@@ -332,7 +334,9 @@ where
         let y = tokio::task::spawn_blocking(move || -> Result<pb::Tensor, Status> {
             let backend = &this.backend;
             let invalid = |m: String| Status::invalid_argument(m);
-            let x = b.x.as_ref().ok_or_else(|| invalid("no activations".into()))?;
+            let x =
+                b.x.as_ref()
+                    .ok_or_else(|| invalid("no activations".into()))?;
             let (data, rows, cols) = wire::from_tensor(x).map_err(|e| invalid(e.to_string()))?;
             let k = b.top_k as usize;
             if b.experts.len() != rows * k || b.weights.len() != rows * k {
@@ -391,7 +395,10 @@ pub async fn spawn_worker<B: Backend + 'static>(
     backend: B,
     addr: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>)>
+) -> std::io::Result<(
+    SocketAddr,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+)>
 where
     B::KvCache: Sync,
 {
