@@ -239,9 +239,9 @@ async fn run_coordinator(config: ClusterConfig, addr: SocketAddr) -> Result<()> 
         .with_context(|| format!("cannot listen on {addr}"))?;
     eprint!("{}", cluster.placement);
     eprintln!(
-        "switchyard: serving {} on {} (gRPC)",
-        cluster.model_name,
-        listener.local_addr()?
+        "switchyard: listening on {} (gRPC), serving {}",
+        listener.local_addr()?,
+        cluster.model_name
     );
     api::serve(cluster, listener, shutdown_signal()).await?;
     Ok(())

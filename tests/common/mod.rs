@@ -1,0 +1,118 @@
+//! Real processes on loopback for the end-to-end tests: workers and coordinators started from
+//! the built `switchyard` binary, killed when dropped.
+
+#![allow(dead_code)] // each test file uses its own part of this module
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use switchyard_model::init::{preset, write_model_dir};
+use switchyard_model::safetensors::Dtype;
+use switchyard_model::ModelConfig;
+use switchyard_proto::v1::inference_client::InferenceClient;
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// A child process, killed when dropped; its stderr lines are kept for failure messages.
+pub struct Proc {
+    pub child: Child,
+    pub address: String,
+    pub lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `switchyard args…` and waits (up to 60 s) for a stderr line containing `marker`
+/// followed by an address, e.g. "worker listening on 127.0.0.1:4242".
+pub fn start(args: &[&str], marker: &str) -> Proc {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => {
+                if let Some(rest) = line.split(marker).nth(1) {
+                    let address = rest.split_whitespace().next().unwrap().to_string();
+                    return Proc {
+                        child,
+                        address,
+                        lines: rx,
+                    };
+                }
+                seen.push(line);
+            }
+            Err(_) => panic!(
+                "{args:?} never printed {marker:?}; stderr:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+}
+
+pub fn worker() -> Proc {
+    start(
+        &["worker", "--listen", "127.0.0.1:0"],
+        "worker listening on ",
+    )
+}
+
+/// A coordinator over `workers` (the first P·E of them) for `grid`.
+pub fn coordinator(model: &Path, workers: &[Proc], grid: &str, extra: &[&str]) -> Proc {
+    let (p, e) = grid.split_once('x').unwrap();
+    let cells = p.parse::<usize>().unwrap() * e.parse::<usize>().unwrap();
+    let addrs: Vec<&str> = workers[..cells]
+        .iter()
+        .map(|w| w.address.as_str())
+        .collect();
+    let addrs = addrs.join(",");
+    let mut args = vec![
+        "coordinator",
+        "--model",
+        model.to_str().unwrap(),
+        "--workers",
+        &addrs,
+        "--grid",
+        grid,
+        "--grpc-addr",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    start(&args, "switchyard: listening on ")
+}
+
+pub async fn client(address: &str) -> InferenceClient<Channel> {
+    InferenceClient::connect(format!("http://{address}"))
+        .await
+        .unwrap()
+}
+
+/// A random model of `preset` with some fields changed, written to `dir`.
+pub fn model(dir: &Path, name: &str, change: impl FnOnce(&mut ModelConfig)) {
+    let mut config = preset(name).unwrap();
+    change(&mut config);
+    write_model_dir(dir, &config, 11, Dtype::F32, None).unwrap();
+}
