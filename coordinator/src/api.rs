@@ -304,7 +304,9 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(InferenceServer::new(InferenceApi::new(cluster)))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Replies must not wait for Nagle's algorithm: an exchange is many small
+            // round trips.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use prost::Message;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::worker_client::WorkerClient;
 use tonic::transport::Channel;
@@ -15,11 +16,14 @@ use crate::backend::Routes;
 use crate::model::{ExpertExchange, ModelError, PendingExperts};
 use crate::wire;
 
-/// Counters of one worker's exchange traffic (bytes of activations, both directions).
+/// Counters of one worker's exchange traffic: encoded message bytes both ways, and the
+/// (token, remote shard) pairs they carried — each pair needs at least one hidden vector out
+/// and one back, the floor the bytes are compared with.
 #[derive(Debug, Default)]
 pub struct ExchangeStats {
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
+    pub token_shard_pairs: AtomicU64,
     pub calls: AtomicU64,
     pub nanos: AtomicU64,
 }
@@ -80,7 +84,10 @@ impl ExpertExchange for GrpcExchange {
             };
             self.stats
                 .bytes_sent
-                .fetch_add((xs.len() * 4) as u64, Ordering::Relaxed);
+                .fetch_add(request.encoded_len() as u64, Ordering::Relaxed);
+            self.stats
+                .token_shard_pairs
+                .fetch_add(tokens.len() as u64, Ordering::Relaxed);
             let mut client = self.peers[shard].clone();
             let call = self
                 .handle
@@ -98,6 +105,9 @@ impl ExpertExchange for GrpcExchange {
                     .map_err(|e| fail(e.to_string()))?
                     .map_err(|s| fail(s.message().to_string()))?
                     .into_inner();
+                stats
+                    .bytes_received
+                    .fetch_add(reply.encoded_len() as u64, Ordering::Relaxed);
                 let y = reply
                     .y
                     .ok_or_else(|| fail("reply without outputs".into()))?;
@@ -108,9 +118,6 @@ impl ExpertExchange for GrpcExchange {
                         tokens.len()
                     )));
                 }
-                stats
-                    .bytes_received
-                    .fetch_add((y.len() * 4) as u64, Ordering::Relaxed);
                 stats.calls.fetch_add(1, Ordering::Relaxed);
                 for (i, &t) in tokens.iter().enumerate() {
                     let row = &mut out[t * cols..(t + 1) * cols];

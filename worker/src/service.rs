@@ -386,6 +386,7 @@ where
             exchange_calls: get(&x.calls),
             exchange_seconds: get(&x.nanos) as f64 / 1e9,
             expert_tokens_served: get(&self.0.stats.expert_tokens_served),
+            exchange_token_shard_pairs: get(&x.token_shard_pairs),
         }))
     }
 }
@@ -413,7 +414,9 @@ where
             .tcp_nodelay(true)
             .add_service(server)
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                // Replies must not wait for Nagle's algorithm: an exchange is many small
+                // round trips.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 shutdown,
             ),
     );
