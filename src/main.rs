@@ -39,6 +39,11 @@ enum Command {
     Worker(WorkerArgs),
     /// A coordinator over separately started workers.
     Coordinator(CoordinatorArgs),
+    /// A running cluster's grid, workers (memory), lanes (KV usage) and queue.
+    Status {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        server: String,
+    },
 }
 
 #[derive(Args)]
@@ -202,6 +207,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => runtime()?.block_on(serve(args))?,
         Command::Worker(args) => runtime()?.block_on(worker(args))?,
         Command::Coordinator(args) => runtime()?.block_on(coordinator(args))?,
+        Command::Status { server } => runtime()?.block_on(status(&server))?,
     }
     Ok(())
 }
@@ -277,6 +283,29 @@ async fn worker(a: WorkerArgs) -> Result<()> {
 async fn coordinator(a: CoordinatorArgs) -> Result<()> {
     let config = cluster_config(a.model, a.workers, &a.cluster);
     run_coordinator(config, a.cluster.grpc_addr).await
+}
+
+async fn status(server: &str) -> Result<()> {
+    let s = client::status(server).await?;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "{}: grid {}x{}, placement epoch {}, queue depth {}",
+        s.model, s.stages, s.shards, s.placement_epoch, s.queue_depth
+    );
+    for w in &s.workers {
+        println!(
+            "  worker ({}, {}) {} {}: layers {}..{}, experts {:?}, {:.1} MiB weights, {:.1} MiB resident, ready {}",
+            w.stage, w.shard, w.address, w.device, w.layer_start, w.layer_end, w.experts,
+            mib(w.weight_bytes), mib(w.resident_bytes), w.ready
+        );
+    }
+    for l in &s.lanes {
+        println!(
+            "  lane {}: {} running, {} waiting, KV {}/{} blocks, {} preemptions",
+            l.lane, l.running, l.waiting, l.kv_blocks_used, l.kv_blocks_total, l.preemptions
+        );
+    }
+    Ok(())
 }
 
 /// The demo model of `serve` without `--model`: tiny-mixtral, made once.

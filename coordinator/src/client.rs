@@ -16,6 +16,22 @@ pub enum ClientError {
     Unfinished,
 }
 
+fn connect(address: &str) -> Result<InferenceClient<tonic::transport::Channel>, ClientError> {
+    let channel = channel(address).map_err(|e| ClientError::Address {
+        address: address.into(),
+        reason: e.to_string(),
+    })?;
+    Ok(InferenceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// The cluster's grid, workers, placement epoch and lanes.
+pub async fn status(address: &str) -> Result<pb::ClusterStatusResponse, ClientError> {
+    Ok(connect(address)?
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await?
+        .into_inner())
+}
+
 /// Sends `request` to the server at `address`, calling `on_message` with every streamed
 /// message, and returns the whole completion.
 pub async fn generate(
@@ -23,11 +39,7 @@ pub async fn generate(
     request: pb::GenerateRequest,
     mut on_message: impl FnMut(&pb::GenerateResponse),
 ) -> Result<Completion, ClientError> {
-    let channel = channel(address).map_err(|e| ClientError::Address {
-        address: address.into(),
-        reason: e.to_string(),
-    })?;
-    let mut client = InferenceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let mut client = connect(address)?;
     let wants_logprobs = request.logprobs.is_some();
     let mut stream = client.generate(request).await?.into_inner();
     let mut out = Completion {
