@@ -286,6 +286,22 @@ fn cancellation_limits_and_bad_requests() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
 
+        // A deadline (grpc-timeout) that passes mid-stream ends it with DEADLINE_EXCEEDED and
+        // frees its blocks.
+        let mut r = tonic::Request::new(request(&ids(30, 2), 4000));
+        r.set_timeout(Duration::from_millis(400));
+        let mut s = cl.generate(r).await.unwrap().into_inner();
+        let t = Instant::now();
+        let end = loop {
+            match s.message().await {
+                Ok(Some(m)) => assert!(m.finish_reason.is_empty()),
+                Ok(None) => panic!("the stream ended without an error"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(end.code(), Code::DeadlineExceeded, "{end}");
+        assert!(t.elapsed() < Duration::from_secs(3));
+
         // One running per lane and two waiting in all: the rest are refused at once.
         let tasks: Vec<_> = (0..12)
             .map(|i| tokio::spawn(stream_all(c.address.clone(), request(&ids(10, i), 200))))

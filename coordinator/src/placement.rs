@@ -249,7 +249,7 @@ pub fn plan(
     let bytes = |layers: Range<usize>, stage: usize| {
         config.subset_params(&subset(layers, widest, stage)) * options.bytes_per_param
     };
-    let stages = balance(config.num_layers, grid.stages, |r, s| bytes(r, s));
+    let stages = balance(config.num_layers, grid.stages, bytes);
 
     let kv_block = |layers: usize| {
         2 * layers as u64

@@ -441,11 +441,11 @@ fn incremental_decoding_holds_back_partial_characters() {
     assert_eq!(deltas.concat(), tokenizer.decode(&ids).unwrap());
     // A character cut off at the end comes out as replacement characters on finish.
     let mut decoder = tokenizer.incremental_decoder();
-    assert_eq!(decoder.push(&tokenizer, rocket[0]).unwrap(), "");
-    assert_eq!(decoder.push(&tokenizer, rocket[1]).unwrap(), "");
-    assert_eq!(decoder.finish(&tokenizer).unwrap(), "\u{FFFD}\u{FFFD}");
+    assert_eq!(decoder.push(tokenizer, rocket[0]).unwrap(), "");
+    assert_eq!(decoder.push(tokenizer, rocket[1]).unwrap(), "");
+    assert_eq!(decoder.finish(tokenizer).unwrap(), "\u{FFFD}\u{FFFD}");
     // Unknown ids are errors, not panics.
-    assert!(decoder.push(&tokenizer, 40000).is_err());
+    assert!(decoder.push(tokenizer, 40000).is_err());
 }
 
 #[test]

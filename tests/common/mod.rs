@@ -51,24 +51,23 @@ pub fn start(args: &[&str], marker: &str) -> Proc {
             }
         }
     });
+    // Owned from here on, so a failure below still kills the child.
+    let mut proc = Proc {
+        child,
+        address: String::new(),
+        lines: rx,
+    };
     let mut seen = Vec::new();
     loop {
-        match rx.recv_timeout(Duration::from_secs(60)) {
+        match proc.lines.recv_timeout(Duration::from_secs(60)) {
             Ok(line) => {
                 if let Some(rest) = line.split(marker).nth(1) {
-                    let address = rest.split_whitespace().next().unwrap().to_string();
-                    return Proc {
-                        child,
-                        address,
-                        lines: rx,
-                    };
+                    proc.address = rest.split_whitespace().next().unwrap().to_string();
+                    return proc;
                 }
                 seen.push(line);
             }
-            Err(_) => panic!(
-                "{args:?} never printed {marker:?}; stderr:\n{}",
-                seen.join("\n")
-            ),
+            Err(_) => panic!("{args:?} never printed {marker:?}; stderr:\n{}", seen.join("\n")),
         }
     }
 }
