@@ -67,7 +67,10 @@ pub fn start(args: &[&str], marker: &str) -> Proc {
                 }
                 seen.push(line);
             }
-            Err(_) => panic!("{args:?} never printed {marker:?}; stderr:\n{}", seen.join("\n")),
+            Err(_) => panic!(
+                "{args:?} never printed {marker:?}; stderr:\n{}",
+                seen.join("\n")
+            ),
         }
     }
 }
