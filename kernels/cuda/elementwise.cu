@@ -88,3 +88,11 @@ extern "C" __global__ void gather_rows_bf16(const bf16* __restrict__ x, const u3
     const bf16* src = x + (u64)rows[i] * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) out[(u64)i * cols + c] = src[c];
 }
+
+// out = bf16(silu(gate) ⊙ up) for the dense MLP, whose gate and up products come from cuBLASLt
+// in f32 (the experts fuse this into their own GEMM epilogue instead).
+extern "C" __global__ void silu_mul(const float* __restrict__ gate, const float* __restrict__ up,
+                                    bf16* __restrict__ out, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        out[i] = f2bf(silu(gate[i]) * up[i]);
+}

@@ -9,12 +9,20 @@
 //! logic is tested on machines with no CUDA at all, and a missing driver or NVRTC is a
 //! [`KernelError`], never a panic.
 
+pub mod blas;
 pub mod cache;
 pub mod compile;
+pub mod geometry;
+pub mod gpu;
+pub mod routing;
 pub mod source;
+
+/// The CUDA bindings the wrappers take and return (device buffers, streams).
+pub use cudarc;
 
 pub use cache::DiskCache;
 pub use compile::{Nvrtc, Target};
+pub use gpu::Gpu;
 pub use source::{Module, Spec, SpecError};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,8 +38,19 @@ pub enum KernelError {
         options: String,
         log: String,
     },
+    #[error("CUDA: {0}")]
+    Driver(String),
+    /// Arguments a kernel cannot run with (checked before launching).
+    #[error("{0}")]
+    Launch(String),
     #[error("kernel cache: {0}")]
     Cache(String),
     #[error(transparent)]
     Spec(#[from] SpecError),
+}
+
+impl From<cudarc::driver::DriverError> for KernelError {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        KernelError::Driver(e.to_string())
+    }
 }

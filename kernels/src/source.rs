@@ -60,6 +60,7 @@ impl Module {
                 "cast_f32_bf16",
                 "gather_rows_f32",
                 "gather_rows_bf16",
+                "silu_mul",
             ],
             Module::AttentionPrefill => &["attention_prefill"],
             Module::AttentionDecode => &["attention_decode", "attention_decode_reduce"],
