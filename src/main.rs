@@ -7,7 +7,9 @@ use clap::{Args, Parser, Subcommand};
 use switchyard_model::init;
 use switchyard_model::safetensors::Dtype;
 use switchyard_model::{ChatMessage, Checkpoint};
-use switchyard_worker::{CpuBackend, Engine, EngineConfig, Request, SamplingParams};
+use switchyard_worker::{
+    Backend, CpuBackend, CudaBackend, Device, Engine, EngineConfig, Request, SamplingParams,
+};
 
 #[derive(Parser)]
 #[command(
@@ -25,7 +27,7 @@ enum Command {
     /// Make or describe model directories.
     #[command(subcommand)]
     Model(ModelCommand),
-    /// Generate from a prompt in this process, on the CPU (the reference path).
+    /// Generate from a prompt in this process (the reference path), on the CPU or one GPU.
     Generate(GenerateArgs),
 }
 
@@ -98,6 +100,9 @@ struct GenerateArgs {
     /// KV cache size in MiB.
     #[arg(long, default_value_t = 512)]
     kv_cache_mb: usize,
+    /// Where to run: cpu, or cuda:N (GPU N; kernels compile on first use and are cached).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 fn main() -> Result<()> {
@@ -179,11 +184,25 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
+    match a.device {
+        Device::Cpu => generate_on(CpuBackend, a),
+        Device::Cuda(ordinal) => {
+            let ckpt = Checkpoint::open(&a.model)
+                .with_context(|| format!("cannot open model directory {}", a.model.display()))?;
+            let c = ckpt.config();
+            let backend = CudaBackend::new(ordinal, c.head_dim, c.num_heads, c.num_kv_heads)
+                .with_context(|| format!("cannot use cuda:{ordinal}"))?;
+            generate_on(backend, a)
+        }
+    }
+}
+
+fn generate_on<B: Backend>(backend: B, a: GenerateArgs) -> Result<()> {
     let config = EngineConfig {
         kv_cache_bytes: a.kv_cache_mb << 20,
         ..EngineConfig::default()
     };
-    let mut engine = Engine::load(CpuBackend, &a.model, config)
+    let mut engine = Engine::load(backend, &a.model, config)
         .with_context(|| format!("cannot load model directory {}", a.model.display()))?;
     let tokenizer = || {
         engine.tokenizer().with_context(|| {
