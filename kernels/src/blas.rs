@@ -132,11 +132,10 @@ impl Blas {
         };
         self.stream.context().bind_to_thread()?;
         let mut plans = self.plans.lock().expect("plan cache poisoned");
-        if !plans.contains_key(&key) {
-            let plan = self.plan(key)?;
-            plans.insert(key, plan);
-        }
-        let plan = &plans[&key];
+        let plan = match plans.entry(key) {
+            std::collections::hash_map::Entry::Occupied(p) => p.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(self.plan(key)?),
+        };
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
         let s = &self.stream;
         let (a, _ga) = w.device_ptr(s);

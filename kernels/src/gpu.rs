@@ -417,7 +417,7 @@ impl Gpu {
         if tiles == 0 {
             return Ok(());
         }
-        if a.heads % a.kv_heads != 0 || a.heads / a.kv_heads != self.spec.group {
+        if !a.heads.is_multiple_of(a.kv_heads) || a.heads / a.kv_heads != self.spec.group {
             return Err(launch_err(
                 "attention_prefill: heads do not match the spec".into(),
             ));

@@ -29,7 +29,7 @@ pub fn sort_by_expert(
     let n_local = local_of.iter().filter(|&&l| l >= 0).count();
     let mut count = vec![0u32; n_local];
     for &e in experts {
-        if let Some(l) = usize::try_from(local_of[e as usize]).ok() {
+        if let Ok(l) = usize::try_from(local_of[e as usize]) {
             count[l] += 1;
         }
     }
@@ -44,7 +44,7 @@ pub fn sort_by_expert(
     let mut sorted_weight_bits = vec![0u32; total];
     let mut pos_of = vec![-1i32; experts.len()];
     for (a, (&e, &w)) in experts.iter().zip(weights).enumerate() {
-        if let Some(l) = usize::try_from(local_of[e as usize]).ok() {
+        if let Ok(l) = usize::try_from(local_of[e as usize]) {
             let p = cursor[l] as usize;
             cursor[l] += 1;
             sorted_token[p] = (a / top_k) as u32;

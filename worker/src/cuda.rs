@@ -67,6 +67,9 @@ pub struct CudaKvCache {
 pub struct CudaBackend {
     gpu: Gpu,
     ordinal: usize,
+    /// Fill fresh output buffers with NaN instead of zeros (the on-GPU check does, so an element
+    /// a kernel forgot to write cannot pass for a correct zero).
+    poison: bool,
 }
 
 /// The device a backend runs on, from `--device`: `cpu` or `cuda:N`.
@@ -130,7 +133,16 @@ impl CudaBackend {
     ) -> Result<Self, BackendError> {
         let spec = Spec::new(head_dim, heads, kv_heads).map_err(|e| dev(e.into()))?;
         let gpu = Gpu::new(ordinal, spec).map_err(dev)?;
-        Ok(CudaBackend { gpu, ordinal })
+        Ok(CudaBackend {
+            gpu,
+            ordinal,
+            poison: false,
+        })
+    }
+
+    /// Fresh outputs (and KV caches) start as NaN rather than zeros; for checks, not serving.
+    pub fn set_poison(&mut self, on: bool) {
+        self.poison = on;
     }
 
     /// The kernels and the stream, for tests and benchmarks that call kernels directly.
@@ -150,12 +162,18 @@ impl CudaBackend {
     }
 
     fn zeros_f32(&self, n: usize) -> Result<CudaSlice<f32>, BackendError> {
+        if self.poison {
+            return self.upload(&vec![f32::NAN; n.max(1)]);
+        }
         self.stream()
             .alloc_zeros::<f32>(n.max(1))
             .map_err(|e| dev(e.into()))
     }
 
     fn zeros_bf16(&self, n: usize) -> Result<CudaSlice<u16>, BackendError> {
+        if self.poison {
+            return self.upload(&vec![0x7fc0u16; n.max(1)]); // bf16 quiet NaN
+        }
         self.stream()
             .alloc_zeros::<u16>(n.max(1))
             .map_err(|e| dev(e.into()))
