@@ -12,7 +12,9 @@ use switchyard_model::safetensors::Dtype;
 use switchyard_model::{ChatMessage, Checkpoint};
 use switchyard_proto::v1 as pb;
 use switchyard_worker::service::spawn_worker;
-use switchyard_worker::{CpuBackend, Engine, EngineConfig, Request, SamplingParams};
+use switchyard_worker::{
+    Backend, CpuBackend, CudaBackend, Device, Engine, EngineConfig, Request, SamplingParams,
+};
 
 #[derive(Parser)]
 #[command(
@@ -30,8 +32,8 @@ enum Command {
     /// Make or describe model directories.
     #[command(subcommand)]
     Model(ModelCommand),
-    /// Generate from a prompt: in this process on the CPU (the reference path), or from a
-    /// running cluster with --server.
+    /// Generate from a prompt: in this process (the reference path), on the CPU or one GPU, or
+    /// from a running cluster with --server.
     Generate(GenerateArgs),
     /// A coordinator and P×E workers in this process (each worker a gRPC server on loopback).
     Serve(ServeArgs),
@@ -175,6 +177,9 @@ struct GenerateArgs {
     /// KV cache size in MiB.
     #[arg(long, default_value_t = 512)]
     kv_cache_mb: usize,
+    /// Where to run: cpu, or cuda:N (GPU N; kernels compile on first use and are cached).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 fn main() -> Result<()> {
@@ -414,6 +419,24 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
+    match a.device {
+        Device::Cpu => generate_on(CpuBackend, a),
+        Device::Cuda(ordinal) => {
+            let dir = a
+                .model
+                .clone()
+                .expect("clap requires --model without --server");
+            let ckpt = Checkpoint::open(&dir)
+                .with_context(|| format!("cannot open model directory {}", dir.display()))?;
+            let c = ckpt.config();
+            let backend = CudaBackend::new(ordinal, c.head_dim, c.num_heads, c.num_kv_heads)
+                .with_context(|| format!("cannot use cuda:{ordinal}"))?;
+            generate_on(backend, a)
+        }
+    }
+}
+
+fn generate_on<B: Backend>(backend: B, a: GenerateArgs) -> Result<()> {
     let config = EngineConfig {
         kv_cache_bytes: a.kv_cache_mb << 20,
         ..EngineConfig::default()
@@ -422,7 +445,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         .model
         .clone()
         .expect("clap requires --model without --server");
-    let mut engine = Engine::load(CpuBackend, &model, config)
+    let mut engine = Engine::load(backend, &model, config)
         .with_context(|| format!("cannot load model directory {}", model.display()))?;
     let tokenizer = || {
         engine.tokenizer().with_context(|| {

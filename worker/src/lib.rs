@@ -1,4 +1,4 @@
-//! The worker: backends, model execution, the paged KV cache and sampling.
+//! The worker: backends (CPU, CUDA), model execution, the paged KV cache and sampling.
 //!
 //! It owns KV memory and runs steps it is handed; it does not decide what runs when (that is
 //! the coordinator's scheduler, or [`engine::Engine`] for one-process generation) and it never
@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod batch;
 pub mod cpu;
+pub mod cuda;
 pub mod engine;
 pub mod exchange;
 pub mod kv_cache;
@@ -18,6 +19,7 @@ pub mod wire;
 
 pub use backend::{Backend, BackendError};
 pub use cpu::CpuBackend;
+pub use cuda::{CudaBackend, Device};
 pub use engine::{Completion, Engine, EngineConfig, EngineError};
 pub use model::{Model, ModelError};
 pub use sampling::SamplingParams;
