@@ -203,7 +203,9 @@ impl Common {
         if let Some(model) = self.model.as_deref().filter(|m| m != served) {
             return Err(ApiError {
                 status: StatusCode::NOT_FOUND,
-                message: format!("the model `{model}` does not exist; this server serves `{served}`"),
+                message: format!(
+                    "the model `{model}` does not exist; this server serves `{served}`"
+                ),
             });
         }
         for (name, value) in [
@@ -230,7 +232,8 @@ impl Common {
     }
 
     /// The gRPC request for one choice (`choice` makes the seeds of `n` choices differ).
-    fn request(&self, max_tokens: u32, choice: u32) -> ApiResult<pb::GenerateRequest> {
+    /// `max_tokens: None` means up to the model's context.
+    fn request(&self, max_tokens: Option<u32>, choice: u32) -> ApiResult<pb::GenerateRequest> {
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
             return Err(ApiError::bad_request(format!(
@@ -242,7 +245,7 @@ impl Common {
             k => k as u32,
         };
         Ok(pb::GenerateRequest {
-            max_tokens: Some(max_tokens),
+            max_tokens,
             temperature,
             top_p: self.top_p,
             top_k,
@@ -258,7 +261,9 @@ impl Common {
     }
 
     fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 }
 
@@ -294,25 +299,43 @@ struct Choice {
 type Choices = Vec<(Choice, mpsc::UnboundedReceiver<Outcome>)>;
 
 /// Starts every choice, or none: if one is refused the others are dropped (and so cancelled).
-fn start_all(
-    api: &InferenceApi,
-    requests: Vec<(pb::GenerateRequest, bool)>,
-) -> ApiResult<Choices> {
+fn start_all(api: &InferenceApi, requests: Vec<(pb::GenerateRequest, bool)>) -> ApiResult<Choices> {
     let deadline = api
         .cluster()
         .config
         .request_timeout
         .map(|d| Instant::now() + d);
+    let context = api.cluster().model.max_position_embeddings;
     let mut choices = Vec::with_capacity(requests.len());
-    for (index, (request, echo)) in requests.into_iter().enumerate() {
-        let started = api.start(&request, deadline)?;
+    for (index, (mut request, echo)) in requests.into_iter().enumerate() {
+        let ids = api.prompt_ids(
+            request.prompt.as_deref(),
+            &request.prompt_token_ids,
+            &request.messages,
+        )?;
+        // As vLLM: a request that cannot fit is refused; no max_tokens means up to the context.
+        match request.max_tokens {
+            Some(m) if ids.len() + m as usize > context => {
+                return Err(ApiError::bad_request(format!(
+                    "this model's maximum context length is {context} tokens; the request asks for {} ({} in the prompt, {m} to generate)",
+                    ids.len() + m as usize,
+                    ids.len()
+                )))
+            }
+            Some(_) => {}
+            None => request.max_tokens = Some(context.saturating_sub(ids.len()).max(1) as u32),
+        }
         let echo = match echo {
             false => None,
-            true => Some(match &request.prompt {
-                Some(text) => text.clone(),
-                None => decode(api, &started.prompt)?,
+            true => Some(match request.prompt.take() {
+                Some(text) => text,
+                None => decode(api, &ids)?,
             }),
         };
+        request.prompt = None;
+        request.messages.clear();
+        request.prompt_token_ids = ids;
+        let started = api.start(&request, deadline)?;
         let choice = Choice {
             index: index as u32,
             request_id: started.request_id,
@@ -432,7 +455,12 @@ impl Tracker {
             }
         }
         text.push_str(&u.text);
-        entries.extend(u.token_ids.iter().zip(&u.logprobs).map(|(id, l)| (*id, Some(l))));
+        entries.extend(
+            u.token_ids
+                .iter()
+                .zip(&u.logprobs)
+                .map(|(id, l)| (*id, Some(l))),
+        );
         let logprobs = m.logprobs.then(|| match kind {
             Kind::Completion => self.completion_logprobs(api, &entries),
             Kind::Chat => entries
@@ -686,7 +714,7 @@ fn start_completions(api: &InferenceApi, body: &[u8]) -> ApiResult<(Meta, Choice
         Prompt::Ids(ids) => vec![(None, ids)],
         Prompt::IdLists(lists) => lists.into_iter().map(|ids| (None, ids)).collect(),
     };
-    if prompts.is_empty() {
+    if prompts.is_empty() || prompts.iter().any(|(t, ids)| t.is_none() && ids.is_empty()) {
         return Err(ApiError::bad_request(
             "prompt is empty; expected text, a list of texts or token ids",
         ));
@@ -694,7 +722,7 @@ fn start_completions(api: &InferenceApi, body: &[u8]) -> ApiResult<(Meta, Choice
     let mut requests = Vec::new();
     for (text, ids) in prompts {
         for choice in 0..n {
-            let mut req = r.common.request(max_tokens, choice)?;
+            let mut req = r.common.request(Some(max_tokens), choice)?;
             req.prompt = text.clone();
             req.prompt_token_ids = ids.clone();
             req.logprobs = r.logprobs;
@@ -739,7 +767,9 @@ fn start_chat(api: &InferenceApi, body: &[u8]) -> ApiResult<(Meta, Choices)> {
         )));
     }
     if r.messages.is_empty() {
-        return Err(ApiError::bad_request("messages is empty; expected at least one"));
+        return Err(ApiError::bad_request(
+            "messages is empty; expected at least one",
+        ));
     }
     let mut messages = Vec::with_capacity(r.messages.len());
     for (i, m) in r.messages.into_iter().enumerate() {
@@ -768,22 +798,11 @@ fn start_chat(api: &InferenceApi, body: &[u8]) -> ApiResult<(Meta, Choices)> {
     }
     let n = r.common.n.unwrap_or(1);
     let max_tokens = r.max_completion_tokens.or(r.max_tokens);
-    let max_tokens = match max_tokens {
-        Some(0) => return Err(ApiError::bad_request("max_tokens is 0; expected at least 1")),
-        Some(m) => m,
-        // Up to the context: the scheduler checks prompt + max_tokens against it.
-        None => 0,
-    };
-    let prompt_len = api
-        .prompt_ids(None, &[], &messages)
-        .map_err(ApiError::from)?
-        .len() as u32;
-    let max_tokens = match max_tokens {
-        0 => (api.cluster().model.max_position_embeddings as u32)
-            .saturating_sub(prompt_len)
-            .max(1),
-        m => m,
-    };
+    if max_tokens == Some(0) {
+        return Err(ApiError::bad_request(
+            "max_tokens is 0; expected at least 1",
+        ));
+    }
     let mut requests = Vec::new();
     for choice in 0..n {
         let mut req = r.common.request(max_tokens, choice)?;

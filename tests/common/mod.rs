@@ -22,6 +22,20 @@ pub struct Proc {
     pub child: Child,
     pub address: String,
     pub lines: mpsc::Receiver<String>,
+    /// Lines read before the marker.
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    /// The address that follows `marker` in a line printed before the start marker.
+    pub fn address_after(&self, marker: &str) -> String {
+        self.seen
+            .iter()
+            .find_map(|l| l.split(marker).nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no {marker:?} line in {:?}", self.seen))
+            .to_string()
+    }
 }
 
 impl Drop for Proc {
@@ -56,8 +70,8 @@ pub fn start(args: &[&str], marker: &str) -> Proc {
         child,
         address: String::new(),
         lines: rx,
+        seen: Vec::new(),
     };
-    let mut seen = Vec::new();
     loop {
         match proc.lines.recv_timeout(Duration::from_secs(60)) {
             Ok(line) => {
@@ -65,11 +79,11 @@ pub fn start(args: &[&str], marker: &str) -> Proc {
                     proc.address = rest.split_whitespace().next().unwrap().to_string();
                     return proc;
                 }
-                seen.push(line);
+                proc.seen.push(line);
             }
             Err(_) => panic!(
                 "{args:?} never printed {marker:?}; stderr:\n{}",
-                seen.join("\n")
+                proc.seen.join("\n")
             ),
         }
     }
@@ -101,9 +115,28 @@ pub fn coordinator(model: &Path, workers: &[Proc], grid: &str, extra: &[&str]) -
         grid,
         "--grpc-addr",
         "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
     start(&args, "switchyard: listening on ")
+}
+
+/// `switchyard serve` on free ports; `.address` is the gRPC API, [`http_address`] the HTTP one.
+pub fn serve(extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    start(&args, "switchyard: listening on ")
+}
+
+pub fn http_address(p: &Proc) -> String {
+    p.address_after("switchyard: HTTP on ")
 }
 
 pub async fn client(address: &str) -> InferenceClient<Channel> {

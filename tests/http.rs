@@ -1,0 +1,179 @@
+//! The OpenAI-compatible HTTP API, driven by the official `openai` Python package
+//! (`tests/openai_client.py`) against real `switchyard serve` processes, and the plain HTTP
+//! endpoints (`/health`, `/ready`, errors) with a raw HTTP/1.1 client.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{http_address, model, serve, BIN};
+use serde_json::Value;
+
+/// The Python with `openai` installed: `scripts/test.sh` makes it (scripts/python-env.sh).
+fn python() -> PathBuf {
+    let path = std::env::var_os("SWITCHYARD_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME is set");
+            PathBuf::from(home).join(".cache/switchyard/py-venv/bin/python")
+        });
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/test.sh, which installs the openai package (scripts/python-env.sh), or set SWITCHYARD_PYTHON",
+        path.display()
+    );
+    path
+}
+
+/// One HTTP/1.1 request; returns the status code and the body.
+pub fn http(address: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(address).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+#[test]
+fn the_openai_package_works_against_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path(), "tiny-mixtral", |_| {});
+    let m = dir.path().to_str().unwrap();
+    let server = serve(&["--model", m, "--grid", "1x2"]);
+    let small = serve(&["--model", m, "--max-running", "1", "--max-queue", "1"]);
+    let base = format!("http://{}/v1", http_address(&server));
+    let small_base = format!("http://{}/v1", http_address(&small));
+    let prompt_ids = "1,17,93,5,250,44,61,7,7,120";
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
+    let out = Command::new(python())
+        .args([script, &base, &small_base, prompt_ids])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openai_client.py failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let http: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+
+    // The same prompt scored offline, in one process, by the reference path.
+    let offline = Command::new(BIN)
+        .args(["generate", "--model", m, "--prompt-ids", prompt_ids])
+        .args(["--max-tokens", "1", "--prompt-logprobs", "1", "--json"])
+        .output()
+        .unwrap();
+    assert!(offline.status.success());
+    let offline: Value = serde_json::from_slice(&offline.stdout).unwrap();
+    let expected = offline["prompt_logprobs"].as_array().unwrap();
+    let got = http["token_logprobs"].as_array().unwrap();
+    let tops = http["top_logprobs"].as_array().unwrap();
+    assert_eq!(got.len(), expected.len());
+    assert!(got[0].is_null() && expected[0].is_null());
+    for i in 1..got.len() {
+        let (g, e) = (
+            got[i].as_f64().unwrap(),
+            expected[i]["logprob"].as_f64().unwrap(),
+        );
+        assert!(
+            (g - e).abs() <= 1e-4,
+            "prompt token {i}: HTTP {g}, offline {e}"
+        );
+        // The most likely alternative (lm-eval's greedy check reads it) agrees too.
+        let best = tops[i]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::NEG_INFINITY, f64::max);
+        let e_best = expected[i]["top"][0]["logprob"].as_f64().unwrap().max(e);
+        assert!(
+            (best - e_best).abs() <= 1e-4,
+            "top at {i}: {best} vs {e_best}"
+        );
+    }
+}
+
+#[test]
+fn health_ready_and_errors_over_plain_http() {
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path(), "tiny-mistral", |_| {});
+    let server = serve(&["--model", dir.path().to_str().unwrap()]);
+    let addr = http_address(&server);
+    assert_eq!(http(&addr, "GET", "/health", "").0, 200);
+    assert_eq!(http(&addr, "GET", "/ready", "").0, 200);
+
+    let cases = [
+        ("/v1/completions", "{not json", 400, "invalid request body"),
+        ("/v1/completions", r#"{"max_tokens": 3}"#, 400, "prompt"),
+        (
+            "/v1/completions",
+            r#"{"prompt": []}"#,
+            400,
+            "prompt is empty",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "n": 0}"#,
+            400,
+            "n is 0",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": [999999]}"#,
+            400,
+            "out of range",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "logprobs": 50}"#,
+            400,
+            "logprobs is 50",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": 0}"#,
+            400,
+            "max_tokens is 0",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#,
+            400,
+            "image_url",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [], "tools": [{}]}"#,
+            400,
+            "tools",
+        ),
+        ("/v1/embeddings", "{}", 404, "no such endpoint"),
+    ];
+    for (path, body, status, needle) in cases {
+        let (got, text) = http(&addr, "POST", path, body);
+        assert_eq!(got, status, "{path} {body}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON error: {text}"));
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{body}: {message}");
+        assert_eq!(v["error"]["code"], status);
+    }
+    // A dense model has no expert routing, and says so on the dashboard's data.
+    let (status, body) = http(&addr, "GET", "/api/dashboard", "");
+    assert_eq!(status, 200);
+    let d: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(d["heatmap"]["experts"], 0);
+    assert_eq!(d["workers"].as_array().unwrap().len(), 1);
+}
