@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # NVRTC and ptxas from PyPI (installed once into a cache); the kernel check fails without them.
 source scripts/cuda-toolchain.sh
+# The openai package, Prometheus and Chromium the HTTP, metrics and dashboard tests use.
+source scripts/python-env.sh
+source scripts/system-deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked

@@ -407,7 +407,7 @@ impl Meta {
     fn usage(&self, parts: &[Usage]) -> Usage {
         let mut usage = Usage::default();
         for (i, u) in parts.iter().enumerate() {
-            if i as u32 % self.n == 0 {
+            if (i as u32).is_multiple_of(self.n) {
                 usage.prompt += u.prompt;
             }
             usage.completion += u.completion;

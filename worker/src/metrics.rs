@@ -300,24 +300,27 @@ impl Registry {
     }
 }
 
+/// A family and the constant labels of its registry.
+type Member = (Arc<dyn Render>, String);
+
 /// The text of several registries as one exposition: families of the same name (e.g. the same
 /// worker metric from several in-process workers) share one HELP/TYPE header.
 pub fn render(registries: &[&Registry]) -> String {
-    let mut by_name: BTreeMap<&'static str, (Arc<dyn Render>, Vec<(Arc<dyn Render>, String)>)> =
-        BTreeMap::new();
+    // Each name's members: the family of every registry that has it, with that registry's
+    // constant labels.
+    let mut by_name: BTreeMap<&'static str, Vec<Member>> = BTreeMap::new();
     for r in registries {
         let constant = r.constant_labels();
         for f in r.families.lock().expect("not poisoned").iter() {
             by_name
                 .entry(f.name())
-                .or_insert_with(|| (f.clone(), Vec::new()))
-                .1
+                .or_default()
                 .push((f.clone(), constant.clone()));
         }
     }
     let mut out = String::new();
-    for (first, members) in by_name.values() {
-        first.header(&mut out);
+    for members in by_name.values() {
+        members[0].0.header(&mut out);
         for (f, constant) in members {
             f.samples(constant, &mut out);
         }
