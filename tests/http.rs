@@ -177,3 +177,67 @@ fn health_ready_and_errors_over_plain_http() {
     assert_eq!(d["heatmap"]["experts"], 0);
     assert_eq!(d["workers"].as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn a_request_id_reaches_every_worker_step_in_json_logs() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path(), "tiny-mixtral", |_| {});
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "serve", "--grid", "2x1"])
+        .args(["--model", dir.path().to_str().unwrap()])
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "info,switchyard_worker::service=debug")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || rx.recv_timeout(std::time::Duration::from_secs(60)).unwrap();
+    let http_addr = loop {
+        let l = next();
+        if let Some(rest) = l.split("switchyard: HTTP on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    while !next().contains("switchyard: listening on") {}
+
+    let mut s = TcpStream::connect(&http_addr).unwrap();
+    let body = r#"{"prompt": "trace me", "max_tokens": 3}"#;
+    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: trace-me-42\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    // JSON log lines: the coordinator's admission and both stages' steps name the request.
+    let mut stages = std::collections::BTreeSet::new();
+    let mut admitted = false;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline && !(admitted && stages.len() == 2) {
+        let Ok(l) = rx.recv_timeout(std::time::Duration::from_secs(1)) else {
+            continue;
+        };
+        if !l.contains("trace-me-42") {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&l).unwrap_or_else(|_| panic!("not JSON: {l}"));
+        match v["fields"]["message"].as_str() {
+            Some("generate") => admitted = true,
+            Some("step ran") => {
+                stages.insert(v["span"]["stage"].as_u64().unwrap());
+            }
+            _ => {}
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(admitted, "the coordinator logged the request id");
+    assert_eq!(stages.len(), 2, "both stages' steps carry the request id");
+}

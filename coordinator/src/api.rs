@@ -241,7 +241,17 @@ impl Inference for InferenceApi {
         request: tonic::Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let deadline = deadline(request.metadata(), self.cluster.config.request_timeout);
-        let started = self.start(&request.into_inner(), deadline)?;
+        // A request id may also come as `x-request-id` metadata (set by proxies and tracers).
+        let header_id = request
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut r = request.into_inner();
+        if let (true, Some(id)) = (r.request_id.is_empty(), header_id) {
+            r.request_id = id;
+        }
+        let started = self.start(&r, deadline)?;
         let request_id = started.request_id;
         let stream = UnboundedReceiverStream::new(started.updates)
             .map(move |outcome| outcome.map(|u| response(&request_id, u)));

@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -299,7 +299,12 @@ struct Choice {
 type Choices = Vec<(Choice, mpsc::UnboundedReceiver<Outcome>)>;
 
 /// Starts every choice, or none: if one is refused the others are dropped (and so cancelled).
-fn start_all(api: &InferenceApi, requests: Vec<(pb::GenerateRequest, bool)>) -> ApiResult<Choices> {
+fn start_all(
+    api: &InferenceApi,
+    requests: Vec<(pb::GenerateRequest, bool)>,
+    id: Option<String>,
+) -> ApiResult<Choices> {
+    let several = requests.len() > 1;
     let deadline = api
         .cluster()
         .config
@@ -335,6 +340,12 @@ fn start_all(api: &InferenceApi, requests: Vec<(pb::GenerateRequest, bool)>) -> 
         request.prompt = None;
         request.messages.clear();
         request.prompt_token_ids = ids;
+        if let Some(id) = &id {
+            request.request_id = match several {
+                true => format!("{id}-{index}"),
+                false => id.clone(),
+            };
+        }
         let started = api.start(&request, deadline)?;
         let choice = Choice {
             index: index as u32,
@@ -658,15 +669,32 @@ fn streamed(api: InferenceApi, meta: Meta, choices: Choices, kind: Kind) -> Resp
         .into_response()
 }
 
-pub async fn completions(State(api): State<InferenceApi>, body: Bytes) -> Response {
-    match start_completions(&api, &body) {
+/// The client's `X-Request-Id`, if it sent one: it names the request in logs and spans.
+fn request_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
+pub async fn completions(
+    State(api): State<InferenceApi>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match start_completions(&api, &body, request_id(&headers)) {
         Ok((meta, choices)) => respond(api, meta, choices, Kind::Completion).await,
         Err(e) => e.into_response(),
     }
 }
 
-pub async fn chat_completions(State(api): State<InferenceApi>, body: Bytes) -> Response {
-    match start_chat(&api, &body) {
+pub async fn chat_completions(
+    State(api): State<InferenceApi>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match start_chat(&api, &body, request_id(&headers)) {
         Ok((meta, choices)) => respond(api, meta, choices, Kind::Chat).await,
         Err(e) => e.into_response(),
     }
@@ -685,7 +713,11 @@ async fn respond(api: InferenceApi, meta: Meta, choices: Choices, kind: Kind) ->
     .await
 }
 
-fn start_completions(api: &InferenceApi, body: &[u8]) -> ApiResult<(Meta, Choices)> {
+fn start_completions(
+    api: &InferenceApi,
+    body: &[u8],
+    id: Option<String>,
+) -> ApiResult<(Meta, Choices)> {
     let r: CompletionRequest = parse(body)?;
     r.common.check(api)?;
     let n = r.common.n.unwrap_or(1);
@@ -734,7 +766,7 @@ fn start_completions(api: &InferenceApi, body: &[u8]) -> ApiResult<(Meta, Choice
             requests.push((req, r.echo));
         }
     }
-    let choices = start_all(api, requests)?;
+    let choices = start_all(api, requests, id)?;
     let meta = Meta {
         id: format!("cmpl-{}", choices[0].0.request_id),
         object: "text_completion",
@@ -748,7 +780,7 @@ fn start_completions(api: &InferenceApi, body: &[u8]) -> ApiResult<(Meta, Choice
     Ok((meta, choices))
 }
 
-fn start_chat(api: &InferenceApi, body: &[u8]) -> ApiResult<(Meta, Choices)> {
+fn start_chat(api: &InferenceApi, body: &[u8], id: Option<String>) -> ApiResult<(Meta, Choices)> {
     let r: ChatRequest = parse(body)?;
     r.common.check(api)?;
     if r.tools.as_ref().is_some_and(|t| !t.is_empty()) {
@@ -812,7 +844,7 @@ fn start_chat(api: &InferenceApi, body: &[u8]) -> ApiResult<(Meta, Choices)> {
         }
         requests.push((req, false));
     }
-    let choices = start_all(api, requests)?;
+    let choices = start_all(api, requests, id)?;
     let meta = Meta {
         id: format!("chatcmpl-{}", choices[0].0.request_id),
         object: if r.common.stream {

@@ -16,7 +16,7 @@ use switchyard_proto::v1::worker_client::WorkerClient;
 use switchyard_proto::v1::worker_server::{Worker, WorkerServer};
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
-use tracing::{info, info_span, Instrument};
+use tracing::{debug, info, info_span, Instrument};
 
 use crate::backend::{Backend, Routes};
 use crate::batch::{sample_step, AttentionBatch, SeqInput};
@@ -308,7 +308,11 @@ where
         let (this, p) = (self.0.clone(), part.clone());
         let started = Instant::now();
         let (out, mut request) = tokio::task::spawn_blocking(move || {
-            let out = span.in_scope(|| run_step(&this.backend, &p, &request));
+            let out = span.in_scope(|| {
+                let out = run_step(&this.backend, &p, &request);
+                debug!(tokens, ok = out.is_ok(), "step ran");
+                out
+            });
             (out, request)
         })
         .await
