@@ -1,0 +1,379 @@
+//! `switchyard bench` against real `switchyard serve` processes on loopback: the tokens it
+//! counts are the server's own usage figures, its timings are consistent, more load shows as
+//! more latency, refusals are counted by status, and bad targets or flags are clear errors.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{model, start, Proc, BIN};
+use serde_json::Value;
+
+/// `serve` over a 1×1 grid of `dir`, with `extra` flags.
+fn serve(dir: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "serve",
+        "--model",
+        dir.to_str().unwrap(),
+        "--grid",
+        "1x1",
+        "--grpc-addr",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    start(&args, "switchyard: listening on ")
+}
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("bench")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// Runs a bench that must succeed; returns its JSON file and its table.
+fn bench_ok(args: &[&str], dir: &Path) -> (Value, String) {
+    let json = dir.join(format!("bench-{}.json", rand_suffix()));
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--json", json.to_str().unwrap()]);
+    let out = bench(&all);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench {args:?} failed: {stderr}");
+    let text = std::fs::read_to_string(&json).unwrap();
+    (
+        serde_json::from_str(&text).unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+    )
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = bench(args);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success(), "bench {args:?} should fail");
+    assert!(!stderr.contains("panicked"), "bench {args:?} panicked: {stderr}");
+    stderr
+}
+
+fn small_model(dir: &Path) {
+    model(dir, "tiny-mixtral", |c| c.num_layers = 2);
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("{v} is not a number"))
+}
+
+/// Every completed request: the bench's counts equal the server's usage and what was asked,
+/// the first token came before the end; totals are the sums.
+fn check_counts(run: &Value) -> Vec<u64> {
+    let requests = run["requests"].as_array().unwrap();
+    let mut inputs = Vec::new();
+    let (mut input_sum, mut output_sum) = (0, 0);
+    for r in requests {
+        assert!(r["error"].is_null(), "failed: {r}");
+        assert_eq!(r["input_tokens"], r["server_prompt_tokens"], "{r}");
+        assert_eq!(r["output_tokens"], r["server_completion_tokens"], "{r}");
+        assert_eq!(r["output_tokens"], r["output_tokens_asked"], "{r}");
+        assert!(num(&r["ttft_ms"]) <= num(&r["e2e_ms"]), "{r}");
+        let n = r["output_tokens"].as_u64().unwrap() as usize;
+        assert_eq!(r["itl_ms"].as_array().unwrap().len(), n - 1, "{r}");
+        inputs.push(r["input_tokens"].as_u64().unwrap());
+        input_sum += r["input_tokens"].as_u64().unwrap();
+        output_sum += r["output_tokens"].as_u64().unwrap();
+    }
+    assert_eq!(run["input_tokens"], input_sum);
+    assert_eq!(run["output_tokens"], output_sum);
+    assert_eq!(run["token_mismatches"], 0);
+    assert!(run["warnings"].as_array().unwrap().is_empty(), "{}", run["warnings"]);
+    inputs
+}
+
+#[test]
+fn counted_tokens_equal_the_servers_usage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    small_model(&dir);
+    let server = serve(&dir, &[]);
+    let target = format!("grpc://{}", server.address);
+    let common = [
+        "--target",
+        &target,
+        "--requests",
+        "16",
+        "--concurrency",
+        "4",
+        "--output-len",
+        "uniform:1-12",
+        "--warmup",
+        "2",
+        "--seed",
+        "5",
+        "--slo",
+        "ttft=60s",
+    ];
+
+    // Completions counted by the server's Tokenize RPC; chats by the local tokenizer (the
+    // chat template adds its own tokens).
+    for extra in [
+        vec!["--api", "completions", "--input-len", "uniform:2-60"],
+        vec![
+            "--api",
+            "chat",
+            "--input-len",
+            "normal:40:15",
+            "--tokenizer",
+            dir.to_str().unwrap(),
+        ],
+    ] {
+        let args: Vec<&str> = common.iter().copied().chain(extra.clone()).collect();
+        let (out, table) = bench_ok(&args, tmp.path());
+        let run = &out["runs"][0];
+        assert_eq!(run["completed"], 16, "{extra:?}");
+        assert_eq!(run["failed"], 0);
+        let inputs = check_counts(run);
+        if extra[1] == "completions" {
+            assert!(inputs.iter().all(|n| (2..=60).contains(n)), "{inputs:?}");
+        }
+        let distinct: std::collections::BTreeSet<_> = inputs.iter().collect();
+        assert!(distinct.len() > 4, "lengths should vary: {inputs:?}");
+        assert!(run["peak_concurrency"].as_u64().unwrap() <= 4);
+        assert_eq!(run["goodput"]["good_requests"], 16);
+        for figure in ["ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"] {
+            let s = &run[figure];
+            assert!(num(&s["median"]) <= num(&s["p99"]), "{figure}: {s}");
+            assert!(num(&s["p99"]) <= num(&s["max"]), "{figure}: {s}");
+        }
+        assert!(num(&run["request_throughput"]) > 0.0);
+        assert!(table.contains("Completed requests:") && table.contains("TTFT"), "{table}");
+        assert_eq!(out["model"], "m");
+    }
+
+    // A ShareGPT file: the reply's length is the output length.
+    let dataset = tmp.path().join("sharegpt.json");
+    std::fs::write(
+        &dataset,
+        r#"[{"conversations": [{"from": "human", "value": "Tell me about the river in the valley."},
+                               {"from": "gpt", "value": "The river was high after the storm."}]},
+            {"conversations": [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi, how can I help you today?"}]}]"#,
+    )
+    .unwrap();
+    let (out, _) = bench_ok(
+        &[
+            "--target",
+            &target,
+            "--dataset",
+            dataset.to_str().unwrap(),
+            "--requests",
+            "4",
+            "--concurrency",
+            "2",
+        ],
+        tmp.path(),
+    );
+    check_counts(&out["runs"][0]);
+
+    // Bounded by time at a Poisson rate: nothing is sent after the duration.
+    let (out, _) = bench_ok(
+        &[
+            "--target",
+            &target,
+            "--rate",
+            "20",
+            "--burstiness",
+            "0.5",
+            "--duration",
+            "1500ms",
+            "--input-len",
+            "8",
+            "--output-len",
+            "4",
+        ],
+        tmp.path(),
+    );
+    let run = &out["runs"][0];
+    let requests = run["requests"].as_array().unwrap();
+    assert!(requests.len() >= 5, "{} requests in 1.5 s at 20/s", requests.len());
+    assert!(requests.iter().all(|r| num(&r["sent_at_ms"]) < 1500.0));
+    check_counts(run);
+    drop(server);
+}
+
+#[test]
+fn a_server_under_more_load_is_slower() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    small_model(&dir);
+    // One sequence at a time: with six in flight, requests wait for the ones ahead.
+    let server = serve(&dir, &["--max-running", "1"]);
+    let target = format!("grpc://{}", server.address);
+    let plot = tmp.path().join("sweep.svg");
+    let (out, table) = bench_ok(
+        &[
+            "--target",
+            &target,
+            "--sweep",
+            "concurrency=1,6",
+            "--requests",
+            "12",
+            "--input-len",
+            "16",
+            "--output-len",
+            "24",
+            "--plot",
+            plot.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    let runs = out["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    let median = |r: &Value, f: &str| num(&r[f]["median"]);
+    for r in runs {
+        check_counts(r);
+    }
+    let (one, six) = (&runs[0], &runs[1]);
+    assert_eq!(one["peak_concurrency"], 1);
+    assert_eq!(six["peak_concurrency"], 6);
+    assert!(
+        median(six, "e2e_ms") > 2.0 * median(one, "e2e_ms"),
+        "E2E {} vs {}",
+        median(six, "e2e_ms"),
+        median(one, "e2e_ms")
+    );
+    assert!(
+        median(six, "ttft_ms") > 2.0 * median(one, "ttft_ms"),
+        "TTFT {} vs {}",
+        median(six, "ttft_ms"),
+        median(one, "ttft_ms")
+    );
+    assert!(table.contains("| concurrency=6 |"), "{table}");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    // The curve (E2E and TTFT), then a CDF per run in each of two panels.
+    assert_eq!(svg.matches("<polyline points=\"").count(), 3 * 2 + 3 + 2 * 2);
+    assert!(svg.contains("concurrency=6"));
+    drop(server);
+}
+
+#[test]
+fn a_full_queue_is_counted_as_failed_with_its_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    small_model(&dir);
+    let server = serve(&dir, &["--max-running", "1", "--max-queue", "1"]);
+    let target = format!("grpc://{}", server.address);
+    let (out, table) = bench_ok(
+        &[
+            "--target",
+            &target,
+            "--requests",
+            "16",
+            "--concurrency",
+            "8",
+            "--input-len",
+            "8",
+            "--output-len",
+            "32",
+        ],
+        tmp.path(),
+    );
+    let run = &out["runs"][0];
+    let refused = run["failed_by_status"]["RESOURCE_EXHAUSTED"].as_u64().unwrap_or(0);
+    assert!(refused > 0, "{}", run["failed_by_status"]);
+    assert_eq!(run["failed"], refused, "{}", run["failed_by_status"]);
+    let completed = run["completed"].as_u64().unwrap();
+    assert!(completed > 0);
+    assert_eq!(completed + refused, 16);
+    assert!(
+        run["failure_messages"]["RESOURCE_EXHAUSTED"]
+            .as_str()
+            .unwrap()
+            .contains("queue is full"),
+        "{}",
+        run["failure_messages"]
+    );
+    // Only completed requests count towards the figures.
+    assert_eq!(run["output_tokens"], completed * 32);
+    assert!(table.contains("RESOURCE_EXHAUSTED:"), "{table}");
+    drop(server);
+}
+
+#[test]
+fn an_unreachable_target_is_a_clear_error_at_once() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    // Accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    for (target, says) in [
+        (format!("grpc://{closed_addr}"), "onnection refused"),
+        (format!("http://{closed_addr}/v1"), "onnection refused"),
+        (format!("grpc://{silent_addr}"), "within 5 s"),
+        (format!("http://{silent_addr}/v1"), "within 5 s"),
+    ] {
+        let t = Instant::now();
+        let stderr = fails(&[
+            "--target",
+            &target,
+            "--concurrency",
+            "1",
+            "--tokenizer",
+            "/nonexistent",
+        ]);
+        assert!(
+            stderr.contains(&format!("cannot reach {target}")) && stderr.contains(says),
+            "{target}: {stderr}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(15), "{target}: took {:?}", t.elapsed());
+    }
+}
+
+#[test]
+fn bad_flags_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = "grpc://127.0.0.1:1";
+    let cases: &[(&[&str], &str)] = &[
+        (&["--target", "127.0.0.1:50051"], "expected grpc://HOST:PORT or http://HOST:PORT/v1"),
+        (&["--target", "ftp://h:1"], "expected grpc://HOST:PORT"),
+        (&["--target", t], "expected the load: --concurrency N"),
+        (&["--target", t, "--concurrency", "0"], "--concurrency 0: expected at least 1"),
+        (&["--target", t, "--rate", "-2"], "requests per second greater than 0"),
+        (&["--target", t, "--concurrency", "1", "--burstiness", "0"], "--burstiness 0: expected a number greater than 0"),
+        (&["--target", t, "--concurrency", "1", "--input-len", "uniform:9-3"], "uniform:LO-HI (1 ≤ LO ≤ HI)"),
+        (&["--target", t, "--concurrency", "1", "--output-len", "lots"], "a token count N ≥ 1"),
+        (&["--target", t, "--concurrency", "1", "--duration", "soon"], "a time such as 200ms"),
+        (&["--target", t, "--concurrency", "1", "--slo", "ttft=fast"], "ttft: expected a time"),
+        (&["--target", t, "--concurrency", "1", "--slo", "speed=1s"], "NAME one of ttft, tpot, e2e"),
+        (&["--target", t, "--sweep", "concurrency="], "concurrency=N,N,"),
+        (&["--target", t, "--sweep", "concurrency=1,2", "--concurrency", "3"], "the sweep sets it"),
+        (&["--target", t, "--concurrency", "1", "--plot", "out.png"], "PNG output is not supported"),
+        (&["--target", t, "--concurrency", "1", "--plot", "out.gif"], "an .svg file"),
+        (&["--target", t, "--concurrency", "1", "--json", "/nonexistent/dir/x.json"], "a file in an existing directory"),
+        (&["--target", t, "--concurrency", "1", "--dataset", "/nonexistent.json"], "an existing ShareGPT"),
+        (&["--target", t, "--concurrency", "1", "--api", "embeddings"], "completions or chat"),
+        (&["--target", "http://127.0.0.1:1/v1", "--concurrency", "1"], "--tokenizer (none): expected the model's tokenizer.json"),
+    ];
+    for (args, says) in cases {
+        let start = Instant::now();
+        let stderr = fails(args);
+        assert!(stderr.contains(says), "{args:?}: {stderr:?} lacks {says:?}");
+        // Checked before connecting to anything.
+        assert!(!stderr.contains("cannot reach"), "{args:?}: {stderr}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+    // A dataset that is not one.
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"no prompt key\"}\n").unwrap();
+    let stderr = fails(&["--target", t, "--concurrency", "1", "--dataset", bad.to_str().unwrap()]);
+    assert!(stderr.contains("line 1: expected a \"prompt\" string"), "{stderr}");
+}
