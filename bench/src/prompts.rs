@@ -100,7 +100,7 @@ pub struct Synthesizer {
     overhead: usize,
     /// Tokens each word adds (within a run of words), measured once.
     word_tokens: HashMap<&'static str, usize>,
-    /// Words that added exactly one token at the end of a prompt, tried first to close a gap.
+    /// Words to close a gap with, the last that added exactly one token first.
     fillers: Vec<&'static str>,
 }
 
@@ -113,12 +113,10 @@ impl Synthesizer {
             let n = counter.count(api, &format!("the {w}")).await?;
             word_tokens.insert(*w, n.saturating_sub(base).max(1));
         }
-        let mut fillers: Vec<&'static str> = WORDS
-            .iter()
-            .copied()
-            .filter(|w| word_tokens[w] == 1)
-            .collect();
-        fillers.sort_by_key(|w| w.len());
+        // Any word may close a gap (after an empty text, the template's spacing can make a
+        // one-token word add none): those likeliest to add one token come first.
+        let mut fillers = WORDS.to_vec();
+        fillers.sort_by_key(|w| (word_tokens[w], w.len()));
         Ok(Synthesizer {
             counter,
             api,

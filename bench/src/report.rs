@@ -389,7 +389,7 @@ mod tests {
         assert_eq!((r.input_tokens, r.output_tokens), (30, 33));
         assert_eq!(r.output_throughput, 16.5);
         assert_eq!(r.goodput.as_ref().unwrap().good_requests, 1);
-        assert_eq!(r.tpot_ms.unwrap().median, 20.0);
+        assert_eq!(r.tpot_ms.unwrap().median, 10.0);
         assert_eq!(r.token_mismatches, 0);
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
         let table = r.to_string();
