@@ -217,7 +217,8 @@ struct BenchArgs {
     /// burstier, above 1 more even.
     #[arg(long, default_value_t = 1.0)]
     burstiness: f64,
-    /// Prompt tokens: N, uniform:LO-HI or normal:MEAN:STD (default 128).
+    /// Prompt tokens, BOS and chat template included: N, uniform:LO-HI or normal:MEAN:STD
+    /// (default 128; normal samples below the template's own tokens are raised to them).
     #[arg(long)]
     input_len: Option<LenDist>,
     /// Generated tokens (the server is asked to ignore EOS): N, uniform:LO-HI or

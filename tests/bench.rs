@@ -158,6 +158,12 @@ fn counted_tokens_equal_the_servers_usage() {
         assert_eq!(out["model"], "m");
     }
 
+    // Fewer tokens than the chat template has on its own.
+    let out = bench(&["--target", &target, "--api", "chat", "--concurrency", "1", "--input-len", "3"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--input-len asks for 3 tokens, fewer than the"), "{stderr}");
+
     // A ShareGPT file: the reply's length is the output length.
     let dataset = tmp.path().join("sharegpt.json");
     std::fs::write(
@@ -258,8 +264,8 @@ fn a_server_under_more_load_is_slower() {
     assert!(table.contains("| concurrency=6 |"), "{table}");
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-    // The curve (E2E and TTFT), then a CDF per run in each of two panels.
-    assert_eq!(svg.matches("<polyline points=\"").count(), 3 * 2 + 3 + 2 * 2);
+    // Three panels' axes, the curve (E2E and TTFT), a CDF per run in each of two panels.
+    assert_eq!(svg.matches("<polyline points=\"").count(), 3 + 2 + 2 * 2);
     assert!(svg.contains("concurrency=6"));
     drop(server);
 }
@@ -347,7 +353,7 @@ fn bad_flags_are_clear_errors() {
         (&["--target", "ftp://h:1"], "expected grpc://HOST:PORT"),
         (&["--target", t], "expected the load: --concurrency N"),
         (&["--target", t, "--concurrency", "0"], "--concurrency 0: expected at least 1"),
-        (&["--target", t, "--rate", "-2"], "requests per second greater than 0"),
+        (&["--target", t, "--rate", "0"], "requests per second greater than 0"),
         (&["--target", t, "--concurrency", "1", "--burstiness", "0"], "--burstiness 0: expected a number greater than 0"),
         (&["--target", t, "--concurrency", "1", "--input-len", "uniform:9-3"], "uniform:LO-HI (1 ≤ LO ≤ HI)"),
         (&["--target", t, "--concurrency", "1", "--output-len", "lots"], "a token count N ≥ 1"),

@@ -317,10 +317,20 @@ pub async fn make(
     let mut order: Vec<usize> = (0..dataset.map_or(0, <[Entry]>::len)).collect();
     order.shuffle(rng);
     let api = synth.api;
+    let least = synth.overhead();
+    if let (None, LenDist::Fixed { len: lo } | LenDist::Uniform { lo, .. }) = (dataset, input_len) {
+        if lo < least {
+            return Err(BenchError::Prompt(format!(
+                "--input-len asks for {lo} tokens, fewer than the {least} every prompt has (BOS{}); ask for at least {least}",
+                if api == Api::Chat { " and the chat template" } else { "" },
+            )));
+        }
+    }
     for i in 0..n {
         let prompt = match dataset {
             None => {
-                let target = input_len.sample(rng);
+                // A normal distribution's low tail is raised to the least a prompt can have.
+                let target = input_len.sample(rng).max(least);
                 let output_tokens = output_len.unwrap_or(crate::config::DEFAULT_LEN).sample(rng);
                 Prompt {
                     text: synth.text(target, rng).await?,

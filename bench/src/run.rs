@@ -177,8 +177,9 @@ pub async fn run(
         let sent_at = start.elapsed();
         tasks.spawn(async move {
             let outcome = client.send(api, &prompt, timeout, &live.tokens).await;
-            drop(permit);
+            // Out of flight before the slot is given to the next request.
             live.in_flight.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
             match (&outcome.error, outcome.ttft) {
                 (None, ttft) => {
                     live.completed.fetch_add(1, Ordering::Relaxed);
