@@ -134,10 +134,17 @@ impl Panel {
         }
     }
 
-    fn legend(&self, svg: &mut String, entries: &[(String, &str)]) {
+    /// Entries top left, or bottom right (where CDFs, rising from the left, leave room).
+    fn legend(&self, svg: &mut String, entries: &[(String, &str)], bottom_right: bool) {
+        let (x, y0) = match bottom_right {
+            false => (self.x0 + MARGIN.0 + 10.0, MARGIN.2 + 8.0),
+            true => (
+                self.x0 + PANEL_W - MARGIN.1 - 130.0,
+                PANEL_H - MARGIN.3 - 10.0 - (entries.len() as f64 - 1.0) * 16.0,
+            ),
+        };
         for (i, (name, color)) in entries.iter().enumerate() {
-            let y = MARGIN.2 + 8.0 + i as f64 * 16.0;
-            let x = self.x0 + MARGIN.0 + 10.0;
+            let y = y0 + i as f64 * 16.0;
             let _ = writeln!(
                 svg,
                 r#"<rect x="{x:.1}" y="{:.1}" width="12" height="4" fill="{color}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
@@ -208,6 +215,7 @@ pub fn svg(reports: &[Report], title: &str) -> String {
     curve.legend(
         &mut svg,
         &[("E2E".into(), COLORS[0]), ("TTFT".into(), COLORS[1])],
+        false,
     );
 
     // Distributions.
@@ -235,7 +243,7 @@ pub fn svg(reports: &[Report], title: &str) -> String {
         for (s, (_, color)) in series.iter().zip(&entries) {
             panel.line(&mut svg, s, color, false);
         }
-        panel.legend(&mut svg, &entries);
+        panel.legend(&mut svg, &entries, true);
     }
     svg.push_str("</svg>\n");
     svg

@@ -278,7 +278,8 @@ impl fmt::Display for Report {
         line(f, "Output token throughput (tok/s):", format!("{:.2}", self.output_throughput))?;
         line(f, "Total token throughput (tok/s):", format!("{:.2}", self.total_token_throughput))?;
         if let Some(g) = &self.goodput {
-            line(f, &format!("Goodput (req/s, {}):", g.slo), format!("{:.2}", g.requests_per_s))?;
+            line(f, "SLO:", g.slo.to_string())?;
+            line(f, "Goodput (req/s):", format!("{:.2}", g.requests_per_s))?;
         }
         line(f, "Peak concurrency:", self.peak_concurrency.to_string())?;
         if let Some(cpu) = self.bench_cpu_percent {
