@@ -2,17 +2,20 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use switchyard_bench::config::{self as bench_config, Api, LenDist, Load, Slo, Sweep, Target};
-use switchyard_coordinator::{api, client, Cluster, ClusterConfig, Grid, PlanOptions};
+use switchyard_coordinator::{api, client, http, Cluster, ClusterConfig, Grid, PlanOptions};
 use switchyard_model::init;
 use switchyard_model::safetensors::Dtype;
 use switchyard_model::{ChatMessage, Checkpoint};
 use switchyard_proto::v1 as pb;
+use switchyard_worker::metrics;
 use switchyard_worker::service::spawn_worker;
+use switchyard_worker::stats::WorkerMetrics;
 use switchyard_worker::{
     Backend, CpuBackend, CudaBackend, Device, Engine, EngineConfig, Request, SamplingParams,
 };
@@ -60,6 +63,10 @@ struct ClusterArgs {
     /// Address of the client gRPC API.
     #[arg(long, default_value = "127.0.0.1:50051")]
     grpc_addr: SocketAddr,
+    /// Address of the HTTP port: OpenAI-compatible API under /v1, the dashboard at /,
+    /// Prometheus metrics at /metrics, /health and /ready.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    http_addr: SocketAddr,
     /// KV cache per worker, in MiB.
     #[arg(long, default_value_t = 256)]
     kv_cache_mb: u64,
@@ -96,6 +103,9 @@ struct WorkerArgs {
     /// Only `cpu` for now.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Serve Prometheus metrics on this address (`/metrics`).
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -312,19 +322,36 @@ fn cluster_config(model: PathBuf, workers: Vec<String>, a: &ClusterArgs) -> Clus
     }
 }
 
-/// Starts the cluster, then serves the client API until Ctrl-C.
-async fn run_coordinator(config: ClusterConfig, addr: SocketAddr) -> Result<()> {
-    let cluster = Cluster::start(config).await?;
-    let listener = tokio::net::TcpListener::bind(addr)
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// Starts the cluster, then serves the client APIs until Ctrl-C. `local_workers` are the
+/// metrics of workers in this process, which the HTTP port's `/metrics` includes.
+async fn run_coordinator(
+    config: ClusterConfig,
+    a: &ClusterArgs,
+    local_workers: Vec<Arc<WorkerMetrics>>,
+) -> Result<()> {
+    let cluster = Cluster::start(config).await?;
+    let grpc = bind(a.grpc_addr).await?;
+    let web = bind(a.http_addr).await?;
     eprint!("{}", cluster.placement);
+    let router = http::router(cluster.clone(), local_workers);
+    eprintln!(
+        "switchyard: HTTP on {} (OpenAI API at /v1, dashboard at /, metrics at /metrics)",
+        web.local_addr()?
+    );
     eprintln!(
         "switchyard: listening on {} (gRPC), serving {}",
-        listener.local_addr()?,
+        grpc.local_addr()?,
         cluster.model_name
     );
-    api::serve(cluster, listener, shutdown_signal()).await?;
+    let web = tokio::spawn(http::serve(web, router, shutdown_signal()));
+    api::serve(cluster, grpc, shutdown_signal()).await?;
+    web.await??;
     Ok(())
 }
 
@@ -333,31 +360,41 @@ async fn serve(a: ServeArgs) -> Result<()> {
         Some(m) => m,
         None => demo_model()?,
     };
-    let mut workers = Vec::new();
+    let (mut workers, mut metrics) = (Vec::new(), Vec::new());
     for _ in 0..a.cluster.grid.cells() {
-        let (addr, _task) =
-            spawn_worker(CpuBackend, "127.0.0.1:0".parse()?, std::future::pending()).await?;
-        workers.push(addr.to_string());
+        let w = spawn_worker(CpuBackend, "127.0.0.1:0".parse()?, std::future::pending()).await?;
+        workers.push(w.address.to_string());
+        metrics.push(w.metrics);
     }
     let config = cluster_config(model, workers, &a.cluster);
-    run_coordinator(config, a.cluster.grpc_addr).await
+    run_coordinator(config, &a.cluster, metrics).await
 }
 
 async fn worker(a: WorkerArgs) -> Result<()> {
     if a.device != "cpu" {
         bail!("--device {:?}: expected cpu", a.device);
     }
-    let (addr, task) = spawn_worker(CpuBackend, a.listen, shutdown_signal())
+    let w = spawn_worker(CpuBackend, a.listen, shutdown_signal())
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
-    eprintln!("switchyard: worker listening on {addr}");
-    task.await??;
+    if let Some(addr) = a.metrics_addr {
+        let listener = bind(addr).await?;
+        eprintln!(
+            "switchyard: worker metrics on {} (/metrics)",
+            listener.local_addr()?
+        );
+        let m = w.metrics.clone();
+        let router = metrics::router(move || m.registry.render());
+        tokio::spawn(metrics::serve_http(listener, router, shutdown_signal()));
+    }
+    eprintln!("switchyard: worker listening on {}", w.address);
+    w.task.await??;
     Ok(())
 }
 
 async fn coordinator(a: CoordinatorArgs) -> Result<()> {
     let config = cluster_config(a.model, a.workers, &a.cluster);
-    run_coordinator(config, a.cluster.grpc_addr).await
+    run_coordinator(config, &a.cluster, Vec::new()).await
 }
 
 async fn bench(a: BenchArgs) -> Result<()> {

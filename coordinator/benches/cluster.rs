@@ -110,14 +110,14 @@ async fn cluster_run(address: &str, n: usize, prompt_len: usize, output: usize) 
 async fn start_cluster(dir: &std::path::Path, grid: Grid) -> (Arc<Cluster>, String) {
     let mut workers = Vec::new();
     for _ in 0..grid.cells() {
-        let (addr, _) = spawn_worker(
+        let w = spawn_worker(
             CpuBackend,
             "127.0.0.1:0".parse().unwrap(),
             std::future::pending(),
         )
         .await
         .unwrap();
-        workers.push(addr.to_string());
+        workers.push(w.address.to_string());
     }
     let cluster = Cluster::start(ClusterConfig::new(dir.to_path_buf(), grid, workers))
         .await

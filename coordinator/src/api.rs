@@ -19,10 +19,18 @@ use tonic::{Response, Status};
 use tracing::info;
 
 use crate::cluster::Cluster;
-use crate::lane::Admitted;
+use crate::lane::{code_name, Admitted, Outcome};
 
+#[derive(Clone)]
 pub struct InferenceApi {
     cluster: Arc<Cluster>,
+}
+
+/// A request a lane has taken: its id, its prompt and the stream of its outcomes.
+pub struct Started {
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub updates: mpsc::UnboundedReceiver<Outcome>,
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
@@ -32,7 +40,75 @@ impl InferenceApi {
         InferenceApi { cluster }
     }
 
-    fn tokenizer(&self) -> Result<&switchyard_model::Tokenizer, Status> {
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    /// Checks a request, queues it on the least loaded lane and returns its stream; every API
+    /// (gRPC, HTTP) goes through here. A refusal is counted in the failure metric.
+    pub fn start(
+        &self,
+        r: &pb::GenerateRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Started, Status> {
+        let arrived = Instant::now();
+        self.admit(r, deadline, arrived).inspect_err(|status| {
+            let code = code_name(status.code());
+            self.cluster.metrics.failure.with(&[&code]).inc();
+        })
+    }
+
+    fn admit(
+        &self,
+        r: &pb::GenerateRequest,
+        deadline: Option<Instant>,
+        arrived: Instant,
+    ) -> Result<Started, Status> {
+        let cluster = &self.cluster;
+        let id = cluster.next_seq.fetch_add(1, Ordering::Relaxed);
+        let request_id = match r.request_id.as_str() {
+            "" => format!("req-{id}"),
+            given => given.to_string(),
+        };
+        let prompt = self.prompt_ids(r.prompt.as_deref(), &r.prompt_token_ids, &r.messages)?;
+        let req = Request {
+            id,
+            prompt: prompt.clone(),
+            params: params(r)?,
+        };
+        cluster
+            .checker
+            .check(&req)
+            .map_err(|e| Status::invalid_argument(e.0))?;
+        let queued: usize = cluster.lanes.iter().map(|l| l.queued()).sum();
+        if queued >= cluster.config.max_queue {
+            return Err(Status::resource_exhausted(format!(
+                "the queue is full ({queued} requests waiting, limit {}); retry later",
+                cluster.config.max_queue
+            )));
+        }
+        let lane = cluster
+            .lanes
+            .iter()
+            .min_by_key(|l| l.load())
+            .expect("a cluster has lanes");
+        info!(request_id = %request_id, prompt_tokens = req.prompt.len(), "generate");
+        let (tx, rx) = mpsc::unbounded_channel();
+        lane.submit(Admitted {
+            request: req,
+            request_id: request_id.clone(),
+            deadline,
+            arrived,
+            out: tx,
+        })?;
+        Ok(Started {
+            request_id,
+            prompt,
+            updates: rx,
+        })
+    }
+
+    pub fn tokenizer(&self) -> Result<&switchyard_model::Tokenizer, Status> {
         self.cluster.tokenizer.as_deref().ok_or_else(|| {
             Status::failed_precondition(
                 "the model directory has no tokenizer.json; send prompt_token_ids",
@@ -41,7 +117,7 @@ impl InferenceApi {
     }
 
     /// The prompt's token ids from exactly one of `prompt`, `prompt_token_ids`, `messages`.
-    fn prompt_ids(
+    pub fn prompt_ids(
         &self,
         prompt: Option<&str>,
         ids: &[u32],
@@ -164,45 +240,10 @@ impl Inference for InferenceApi {
         &self,
         request: tonic::Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let cluster = &self.cluster;
-        let deadline = deadline(request.metadata(), cluster.config.request_timeout);
-        let r = request.into_inner();
-        let id = cluster.next_seq.fetch_add(1, Ordering::Relaxed);
-        let request_id = match r.request_id.as_str() {
-            "" => format!("req-{id}"),
-            given => given.to_string(),
-        };
-        let prompt = self.prompt_ids(r.prompt.as_deref(), &r.prompt_token_ids, &r.messages)?;
-        let req = Request {
-            id,
-            prompt,
-            params: params(&r)?,
-        };
-        cluster
-            .checker
-            .check(&req)
-            .map_err(|e| Status::invalid_argument(e.0))?;
-        let queued: usize = cluster.lanes.iter().map(|l| l.queued()).sum();
-        if queued >= cluster.config.max_queue {
-            return Err(Status::resource_exhausted(format!(
-                "the queue is full ({queued} requests waiting, limit {}); retry later",
-                cluster.config.max_queue
-            )));
-        }
-        let lane = cluster
-            .lanes
-            .iter()
-            .min_by_key(|l| l.load())
-            .expect("a cluster has lanes");
-        info!(request_id = %request_id, prompt_tokens = req.prompt.len(), "generate");
-        let (tx, rx) = mpsc::unbounded_channel();
-        lane.submit(Admitted {
-            request: req,
-            request_id: request_id.clone(),
-            deadline,
-            out: tx,
-        })?;
-        let stream = UnboundedReceiverStream::new(rx)
+        let deadline = deadline(request.metadata(), self.cluster.config.request_timeout);
+        let started = self.start(&request.into_inner(), deadline)?;
+        let request_id = started.request_id;
+        let stream = UnboundedReceiverStream::new(started.updates)
             .map(move |outcome| outcome.map(|u| response(&request_id, u)));
         Ok(Response::new(Box::pin(stream)))
     }

@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use tracing::info;
 
 use crate::lane::Lane;
+use crate::metrics::Metrics;
 use crate::placement::{plan, Grid, Inventory, Placement, PlanError, PlanOptions};
 
 #[derive(Debug, Clone)]
@@ -84,6 +85,7 @@ pub struct Cluster {
     /// An empty scheduler with the lanes' limits: checks requests before they are queued.
     pub checker: Scheduler,
     pub config: ClusterConfig,
+    pub metrics: Arc<Metrics>,
     pub next_seq: AtomicU64,
 }
 
@@ -118,6 +120,14 @@ impl Cluster {
         };
         let scheduler =
             || Scheduler::new(scheduler_config.clone(), model.clone(), tokenizer.clone());
+        let metrics = Arc::new(Metrics::default());
+        metrics.epoch.set(placement.epoch as f64);
+        for cell in &placement.cells {
+            let (stage, shard) = (cell.stage.to_string(), cell.shard.to_string());
+            let labels = [cell.address.as_str(), &stage, &shard];
+            metrics.worker_ready.with(&labels).set(1.0);
+            metrics.worker_up.with(&labels).set(1.0);
+        }
         let mut lanes = Vec::with_capacity(config.grid.shards);
         for shard in 0..config.grid.shards {
             let stage0 = placement.cell(0, shard).address.clone();
@@ -126,10 +136,12 @@ impl Cluster {
                 reason: e.to_string(),
             })?);
             lanes.push(Lane::spawn(
+                shard,
                 scheduler(),
                 client,
                 placement.epoch,
                 config.grid.stages,
+                metrics.clone(),
             ));
         }
         let model_name = dir
@@ -144,8 +156,16 @@ impl Cluster {
             workers,
             lanes,
             config,
+            metrics,
             next_seq: AtomicU64::new(1),
         }))
+    }
+}
+
+impl Cluster {
+    /// Whether a complete placement is serving: every lane's driver is running.
+    pub fn is_serving(&self) -> bool {
+        self.lanes.iter().all(|l| l.is_running())
     }
 }
 

@@ -20,6 +20,8 @@ use tonic::transport::Channel;
 use tonic::Status;
 use tracing::{debug, warn};
 
+use crate::metrics::{Metrics, RequestRecord, RequestTimes};
+
 /// What a request's stream receives: updates, or the status it ends with.
 pub type Outcome = Result<Update, Status>;
 
@@ -28,6 +30,7 @@ pub struct Admitted {
     pub request: Request,
     pub request_id: String,
     pub deadline: Option<Instant>,
+    pub arrived: Instant,
     pub out: mpsc::UnboundedSender<Outcome>,
 }
 
@@ -51,12 +54,14 @@ pub struct Lane {
 }
 
 impl Lane {
-    /// Starts the driver of a lane whose stage-0 worker is `stage0`.
+    /// Starts the driver of lane `index`, whose stage-0 worker is `stage0`.
     pub fn spawn(
+        index: usize,
         scheduler: Scheduler,
         stage0: WorkerClient<Channel>,
         epoch: u64,
         max_in_flight: usize,
+        metrics: Arc<Metrics>,
     ) -> Lane {
         let (tx, rx) = mpsc::unbounded_channel();
         let lane = Lane {
@@ -65,6 +70,10 @@ impl Lane {
             stats: Arc::default(),
         };
         let driver = Driver {
+            index,
+            label: index.to_string(),
+            metrics,
+            preemptions_seen: 0,
             scheduler,
             stage0,
             epoch,
@@ -85,6 +94,10 @@ impl Lane {
             self.pending.fetch_sub(1, Ordering::SeqCst);
             Status::unavailable("this lane has stopped")
         })
+    }
+
+    pub fn is_running(&self) -> bool {
+        !self.tx.is_closed()
     }
 
     pub fn stats(&self) -> LaneStats {
@@ -109,11 +122,19 @@ struct Client {
     request_id: String,
     deadline: Option<Instant>,
     out: mpsc::UnboundedSender<Outcome>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    times: RequestTimes,
 }
 
-type StepOutcome = (Vec<SeqWork>, Result<pb::StepResponse, Status>);
+type StepOutcome = (Vec<SeqWork>, Instant, Result<pb::StepResponse, Status>);
 
 struct Driver {
+    index: usize,
+    /// `index` as the metrics' label value.
+    label: String,
+    metrics: Arc<Metrics>,
+    preemptions_seen: u64,
     scheduler: Scheduler,
     stage0: WorkerClient<Channel>,
     epoch: u64,
@@ -144,7 +165,13 @@ impl Driver {
             tokio::select! {
                 Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
                     match done {
-                        Ok((work, result)) => self.finish_step(work, result),
+                        Ok((work, started, result)) => {
+                            self.metrics
+                                .step_seconds
+                                .with(&[&self.label])
+                                .observe(started.elapsed().as_secs_f64());
+                            self.finish_step(work, result)
+                        }
                         Err(e) => warn!("a step task failed: {e}"),
                     }
                 }
@@ -167,6 +194,9 @@ impl Driver {
                 request_id: a.request_id,
                 deadline: a.deadline,
                 out: a.out,
+                prompt_tokens: a.request.prompt.len(),
+                completion_tokens: 0,
+                times: RequestTimes::new(a.arrived),
             },
         );
         self.scheduler.add(a.request);
@@ -178,16 +208,16 @@ impl Driver {
         for (id, c) in &self.clients {
             if c.out.is_closed() {
                 debug!(request_id = %c.request_id, "client went away; cancelled");
-                gone.push(*id);
+                gone.push((*id, Status::cancelled("the client went away")));
             } else if c.deadline.is_some_and(|d| d <= now) {
-                let _ = c.out.send(Err(Status::deadline_exceeded(
-                    "the request's deadline passed before it finished",
-                )));
-                gone.push(*id);
+                gone.push((
+                    *id,
+                    Status::deadline_exceeded("the request's deadline passed before it finished"),
+                ));
             }
         }
-        for id in gone {
-            self.clients.remove(&id);
+        for (id, status) in gone {
+            self.end(id, Err(status));
             self.scheduler.cancel(id);
         }
     }
@@ -209,10 +239,16 @@ impl Driver {
                     .collect(),
             };
             self.next_step += 1;
+            let now = Instant::now();
+            for w in &work {
+                if let Some(c) = self.clients.get_mut(&w.id) {
+                    c.times.scheduled(&self.metrics, now);
+                }
+            }
             let mut stage0 = self.stage0.clone();
             self.in_flight.spawn(async move {
                 let result = stage0.step(request).await.map(|r| r.into_inner());
-                (work, result)
+                (work, now, result)
             });
         }
     }
@@ -238,15 +274,63 @@ impl Driver {
             Ok(u) => u,
             Err(e) => return self.fail_step(&work, Status::internal(e.to_string())),
         };
+        let now = Instant::now();
         for u in updates {
-            let done = u.finish.is_some();
-            if let Some(c) = self.clients.get(&u.id) {
-                let _ = c.out.send(Ok(u.clone()));
-            }
-            if done {
-                self.clients.remove(&u.id);
+            let id = u.id;
+            let finish = u.finish.as_ref().map(|(reason, _)| reason.as_str().to_string());
+            let Some(c) = self.clients.get_mut(&id) else {
+                continue;
+            };
+            c.times.tokens(&self.metrics, u.token_ids.len(), now);
+            c.completion_tokens += u.token_ids.len();
+            if let Some(reason) = finish {
+                self.metrics.success.with(&[&reason]).inc();
+                self.end(id, Ok(u));
+            } else {
+                let _ = c.out.send(Ok(u));
             }
         }
+    }
+
+    /// Sends a request's last outcome and records it.
+    fn end(&mut self, id: SeqId, last: Outcome) {
+        let Some(c) = self.clients.remove(&id) else {
+            return;
+        };
+        let m = &self.metrics;
+        let outcome = match &last {
+            Ok(u) => u
+                .finish
+                .as_ref()
+                .map_or("stop", |(reason, _)| reason.as_str())
+                .to_string(),
+            Err(status) => {
+                let code = code_name(status.code());
+                m.failure.with(&[&code]).inc();
+                code
+            }
+        };
+        let e2e = c.times.arrived.elapsed().as_secs_f64();
+        if last.is_ok() {
+            m.e2e.observe(e2e);
+            m.prompt_tokens.add(c.prompt_tokens as u64);
+        }
+        m.record(RequestRecord {
+            request_id: c.request_id,
+            lane: self.index,
+            prompt_tokens: c.prompt_tokens,
+            completion_tokens: c.completion_tokens,
+            outcome,
+            ttft_s: c
+                .times
+                .first_token
+                .map(|t| t.duration_since(c.times.arrived).as_secs_f64()),
+            e2e_s: e2e,
+            finished_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        });
+        let _ = c.out.send(last);
     }
 
     /// Ends the requests of a step that could not run, with the reason.
@@ -254,23 +338,43 @@ impl Driver {
         warn!(error = %status.message(), "step failed");
         let results = vec![Default::default(); work.len()];
         for w in work {
-            if let Some(c) = self.clients.remove(&w.id) {
-                let _ = c.out.send(Err(status.clone()));
-            }
+            self.end(w.id, Err(status.clone()));
             self.scheduler.cancel(w.id);
         }
         // Clears the in-flight marks; cancelled sequences yield no updates.
         let _ = self.scheduler.apply(work, results);
     }
 
-    fn publish_stats(&self) {
+    fn publish_stats(&mut self) {
         let blocks = self.scheduler.blocks();
-        *self.stats.lock().expect("not poisoned") = LaneStats {
+        let stats = LaneStats {
             running: self.scheduler.num_running(),
             waiting: self.scheduler.num_waiting(),
             kv_blocks_total: blocks.num_blocks(),
             kv_blocks_used: blocks.num_blocks() - blocks.num_free(),
             preemptions: self.scheduler.num_preemptions(),
         };
+        let (m, lane) = (&self.metrics, &[self.label.as_str()]);
+        m.running.with(lane).set(stats.running as f64);
+        m.waiting.with(lane).set(stats.waiting as f64);
+        m.kv_usage
+            .with(lane)
+            .set(stats.kv_blocks_used as f64 / stats.kv_blocks_total.max(1) as f64);
+        m.preemptions
+            .add(stats.preemptions.saturating_sub(self.preemptions_seen));
+        self.preemptions_seen = stats.preemptions;
+        *self.stats.lock().expect("not poisoned") = stats;
     }
+}
+
+/// A status code as a metric label: `resource_exhausted`, `deadline_exceeded`, …
+pub fn code_name(code: tonic::Code) -> String {
+    let mut name = String::new();
+    for (i, ch) in format!("{code:?}").chars().enumerate() {
+        if ch.is_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(ch.to_ascii_lowercase());
+    }
+    name
 }

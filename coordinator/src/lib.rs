@@ -7,6 +7,10 @@ pub mod api;
 pub mod client;
 pub mod cluster;
 pub mod lane;
+pub mod http;
+pub mod metrics;
+pub mod monitor;
+pub mod openai;
 pub mod placement;
 
 pub use cluster::{Cluster, ClusterConfig, StartError};

@@ -195,6 +195,27 @@ impl Tokenizer {
         self.decode_known(ids)
     }
 
+    /// One token's text as it appears in decoded output, leading space included (SentencePiece's
+    /// `▁` is a space, a byte-fallback `<0x0A>` its byte): what logprob listings show.
+    pub fn token_text(&self, id: u32) -> Result<String, TokenizerError> {
+        self.check_id(id)?;
+        let piece = self.inner.id_to_token(id).unwrap_or_default();
+        if let Some(hex) = piece
+            .strip_prefix("<0x")
+            .and_then(|rest| rest.strip_suffix('>'))
+        {
+            if let Ok(byte) = u8::from_str_radix(hex, 16) {
+                return Ok(String::from_utf8_lossy(&[byte]).into_owned());
+            }
+        }
+        if piece.contains('\u{2581}') {
+            return Ok(piece.replace('\u{2581}', " "));
+        }
+        // Special tokens (`<s>`) decode to nothing; their listing shows them.
+        let text = self.decode_known(&[id])?;
+        Ok(if text.is_empty() { piece } else { text })
+    }
+
     fn decode_known(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         self.inner
             .decode(ids, true)

@@ -577,3 +577,16 @@ fn bad_input_is_reported() {
         assert!(err.contains(expected), "{messages:?}: {err}");
     }
 }
+
+#[test]
+fn token_texts_spell_the_decoded_text() {
+    let t = mistral();
+    for text in ["Hello world, again.\nA second line\twith a tab", "naïve café — 東京"] {
+        let ids = t.encode(text, false).unwrap();
+        let joined: String = ids.iter().map(|&id| t.token_text(id).unwrap()).collect();
+        // SentencePiece prefixes the text with a space, which decoding drops.
+        assert_eq!(joined.strip_prefix(' ').unwrap_or(&joined), text, "{ids:?}");
+    }
+    assert_eq!(t.token_text(BOS).unwrap(), "<s>");
+    assert!(t.token_text(u32::MAX).is_err());
+}

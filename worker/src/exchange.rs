@@ -3,7 +3,6 @@
 //! parallel), and their weighted outputs come back while the local experts run.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,19 +13,8 @@ use tonic::transport::Channel;
 
 use crate::backend::Routes;
 use crate::model::{ExpertExchange, ModelError, PendingExperts};
+use crate::stats::WorkerMetrics;
 use crate::wire;
-
-/// Counters of one worker's exchange traffic: encoded message bytes both ways, and the
-/// (token, remote shard) pairs they carried — each pair needs at least one hidden vector out
-/// and one back, the floor the bytes are compared with.
-#[derive(Debug, Default)]
-pub struct ExchangeStats {
-    pub bytes_sent: AtomicU64,
-    pub bytes_received: AtomicU64,
-    pub token_shard_pairs: AtomicU64,
-    pub calls: AtomicU64,
-    pub nanos: AtomicU64,
-}
 
 pub struct GrpcExchange {
     pub handle: tokio::runtime::Handle,
@@ -36,7 +24,7 @@ pub struct GrpcExchange {
     pub peers: Vec<WorkerClient<Channel>>,
     /// The shard holding each expert.
     pub expert_shard: Vec<u32>,
-    pub stats: Arc<ExchangeStats>,
+    pub metrics: Arc<WorkerMetrics>,
 }
 
 impl ExpertExchange for GrpcExchange {
@@ -82,12 +70,9 @@ impl ExpertExchange for GrpcExchange {
                 experts,
                 weights,
             };
-            self.stats
-                .bytes_sent
-                .fetch_add(request.encoded_len() as u64, Ordering::Relaxed);
-            self.stats
-                .token_shard_pairs
-                .fetch_add(tokens.len() as u64, Ordering::Relaxed);
+            let m = &self.metrics;
+            m.exchange_bytes_sent.add(request.encoded_len() as u64);
+            m.exchange_token_shard_pairs.add(tokens.len() as u64);
             let mut client = self.peers[shard].clone();
             let call = self
                 .handle
@@ -95,7 +80,7 @@ impl ExpertExchange for GrpcExchange {
             calls.push((shard, tokens, call));
         }
         let handle = self.handle.clone();
-        let stats = self.stats.clone();
+        let metrics = self.metrics.clone();
         Ok(PendingExperts::new(move || {
             let mut out = vec![0.0f32; rows * cols];
             for (shard, tokens, call) in calls {
@@ -105,9 +90,9 @@ impl ExpertExchange for GrpcExchange {
                     .map_err(|e| fail(e.to_string()))?
                     .map_err(|s| fail(s.message().to_string()))?
                     .into_inner();
-                stats
-                    .bytes_received
-                    .fetch_add(reply.encoded_len() as u64, Ordering::Relaxed);
+                metrics
+                    .exchange_bytes_received
+                    .add(reply.encoded_len() as u64);
                 let y = reply
                     .y
                     .ok_or_else(|| fail("reply without outputs".into()))?;
@@ -118,7 +103,6 @@ impl ExpertExchange for GrpcExchange {
                         tokens.len()
                     )));
                 }
-                stats.calls.fetch_add(1, Ordering::Relaxed);
                 for (i, &t) in tokens.iter().enumerate() {
                     let row = &mut out[t * cols..(t + 1) * cols];
                     row.iter_mut()
@@ -126,9 +110,9 @@ impl ExpertExchange for GrpcExchange {
                         .for_each(|(o, v)| *o += v);
                 }
             }
-            stats
-                .nanos
-                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            metrics
+                .exchange_seconds
+                .observe(started.elapsed().as_secs_f64());
             Ok(out)
         }))
     }

@@ -11,10 +11,12 @@ pub mod cuda;
 pub mod engine;
 pub mod exchange;
 pub mod kv_cache;
+pub mod metrics;
 pub mod model;
 pub mod sampling;
 pub mod scheduler;
 pub mod service;
+pub mod stats;
 pub mod wire;
 
 pub use backend::{Backend, BackendError};

@@ -84,7 +84,12 @@ pub struct Model<B: Backend> {
     embedding: Option<B::Weight>,
     layers: Vec<Layer<B::Weight>>,
     head: Option<(B::Weight, LmHead<B::Weight>)>,
+    route_observer: Option<RouteObserver>,
 }
+
+/// Told, at every MoE layer of a step, the global layer index and the top-k expert ids of
+/// each token (the worker counts them for its metrics and the dashboard's heat map).
+pub type RouteObserver = std::sync::Arc<dyn Fn(usize, &[u32]) + Send + Sync>;
 
 impl<B: Backend> Model<B> {
     /// Validates every tensor `subset` needs, then loads them (only their bytes are read).
@@ -159,7 +164,12 @@ impl<B: Backend> Model<B> {
             embedding,
             layers,
             head,
+            route_observer: None,
         })
+    }
+
+    pub fn observe_routes(&mut self, observer: RouteObserver) {
+        self.route_observer = Some(observer);
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -262,6 +272,9 @@ impl<B: Backend> Model<B> {
                     let top_k = c.moe.expect("MoE layer of a MoE config").top_k;
                     let routes = backend.router_topk(&x, router, top_k)?;
                     let global = self.subset.layers.start + local;
+                    if let Some(observe) = &self.route_observer {
+                        observe(global, &routes.experts);
+                    }
                     let remote = routes
                         .experts
                         .iter()

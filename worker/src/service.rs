@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -21,8 +20,9 @@ use tracing::{info, info_span, Instrument};
 
 use crate::backend::{Backend, Routes};
 use crate::batch::{sample_step, AttentionBatch, SeqInput};
-use crate::exchange::{ExchangeStats, GrpcExchange};
+use crate::exchange::GrpcExchange;
 use crate::model::{ExpertExchange, Model, ModelError};
+use crate::stats::WorkerMetrics;
 use crate::wire;
 
 /// Messages between workers carry activations of whole prefill chunks: far above tonic's
@@ -59,13 +59,6 @@ struct Part<B: Backend> {
     weight_bytes: u64,
 }
 
-#[derive(Default)]
-struct Stats {
-    steps: AtomicU64,
-    step_nanos: AtomicU64,
-    expert_tokens_served: AtomicU64,
-}
-
 /// The service; clones share one worker.
 pub struct WorkerService<B: Backend>(Arc<WorkerState<B>>);
 
@@ -78,8 +71,7 @@ impl<B: Backend> Clone for WorkerService<B> {
 struct WorkerState<B: Backend> {
     backend: B,
     part: RwLock<Option<Arc<Part<B>>>>,
-    exchange_stats: Arc<ExchangeStats>,
-    stats: Stats,
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl<B: Backend + 'static> WorkerService<B> {
@@ -87,9 +79,13 @@ impl<B: Backend + 'static> WorkerService<B> {
         WorkerService(Arc::new(WorkerState {
             backend,
             part: RwLock::new(None),
-            exchange_stats: Arc::default(),
-            stats: Stats::default(),
+            metrics: Arc::default(),
         }))
+    }
+
+    /// What this worker measures, for `/metrics`.
+    pub fn metrics(&self) -> Arc<WorkerMetrics> {
+        self.0.metrics.clone()
     }
 }
 
@@ -130,8 +126,12 @@ impl<B: Backend + 'static> WorkerState<B> {
             embedding: a.embedding,
             head: a.head,
         };
-        let model =
+        let mut model =
             Model::load(&self.backend, &checkpoint, &subset).map_err(|e| invalid(e.to_string()))?;
+        let metrics = self.metrics.clone();
+        model.observe_routes(Arc::new(move |layer, experts| {
+            metrics.count_routes(layer, experts)
+        }));
         let cache = self
             .backend
             .kv_cache(
@@ -162,7 +162,7 @@ impl<B: Backend + 'static> WorkerState<B> {
                     .map(|p| client(p))
                     .collect::<Result<_, _>>()?,
                 expert_shard: a.expert_shard.clone(),
-                stats: self.exchange_stats.clone(),
+                metrics: self.metrics.clone(),
             }),
             _ => None,
         };
@@ -264,6 +264,7 @@ where
         let this = self.0.clone();
         // Drop the old part first: its memory is needed for the new one.
         *self.0.part.write().expect("not poisoned") = None;
+        self.0.metrics.ready.set(0.0);
         let part = tokio::task::spawn_blocking(move || span.in_scope(|| this.load(a)))
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
@@ -279,6 +280,11 @@ where
             resident_bytes = response.resident_bytes,
             "loaded"
         );
+        let m = &self.0.metrics;
+        m.registry.set_label("stage", &part.assignment.stage.to_string());
+        m.registry.set_label("shard", &part.assignment.shard.to_string());
+        m.epoch.set(part.assignment.epoch as f64);
+        m.ready.set(1.0);
         *self.0.part.write().expect("not poisoned") = Some(Arc::new(part));
         Ok(Response::new(response))
     }
@@ -296,6 +302,7 @@ where
             shard = part.assignment.shard,
             requests = ?request.request_ids,
         );
+        let tokens: u64 = request.seqs.iter().map(|s| s.tokens.len() as u64).sum();
         let (this, p) = (self.0.clone(), part.clone());
         let started = Instant::now();
         let (out, mut request) = tokio::task::spawn_blocking(move || {
@@ -304,11 +311,10 @@ where
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
-        self.0.stats.steps.fetch_add(1, Ordering::Relaxed);
-        self.0
-            .stats
-            .step_nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let m = &self.0.metrics;
+        m.steps.inc();
+        m.step_tokens.add(tokens);
+        m.step_seconds.observe(started.elapsed().as_secs_f64());
         match out? {
             Ok(done) => Ok(Response::new(done)),
             Err(hidden) => {
@@ -361,9 +367,7 @@ where
             part.model
                 .run_experts(backend, b.layer as usize, &x, &routes, &mut y)
                 .map_err(failed)?;
-            this.stats
-                .expert_tokens_served
-                .fetch_add(rows as u64, Ordering::Relaxed);
+            this.metrics.expert_tokens_served.add(rows as u64);
             let y = backend.to_host(&y).map_err(|e| failed(e.into()))?;
             Ok(wire::tensor(&y, rows, cols))
         })
@@ -376,36 +380,52 @@ where
         &self,
         _: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::WorkerStats>, Status> {
-        let x = &self.0.exchange_stats;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let m = &self.0.metrics;
         Ok(Response::new(pb::WorkerStats {
-            steps: get(&self.0.stats.steps),
-            step_seconds: get(&self.0.stats.step_nanos) as f64 / 1e9,
-            exchange_bytes_sent: get(&x.bytes_sent),
-            exchange_bytes_received: get(&x.bytes_received),
-            exchange_calls: get(&x.calls),
-            exchange_seconds: get(&x.nanos) as f64 / 1e9,
-            expert_tokens_served: get(&self.0.stats.expert_tokens_served),
-            exchange_token_shard_pairs: get(&x.token_shard_pairs),
+            steps: m.steps.get(),
+            step_seconds: m.step_seconds.sum(),
+            exchange_bytes_sent: m.exchange_bytes_sent.get(),
+            exchange_bytes_received: m.exchange_bytes_received.get(),
+            exchange_calls: m.exchange_seconds.count(),
+            exchange_seconds: m.exchange_seconds.sum(),
+            expert_tokens_served: m.expert_tokens_served.get(),
+            exchange_token_shard_pairs: m.exchange_token_shard_pairs.get(),
+            routed: m
+                .routed
+                .children()
+                .into_iter()
+                .map(|(labels, c)| pb::RoutedTokens {
+                    layer: labels[0].parse().unwrap_or_default(),
+                    expert: labels[1].parse().unwrap_or_default(),
+                    tokens: c.get(),
+                })
+                .collect(),
+            step_tokens: m.step_tokens.get(),
         }))
     }
 }
 
-/// Binds `addr` and serves a worker there until `shutdown`; returns the bound address.
+/// A worker serving on a socket.
+pub struct SpawnedWorker {
+    pub address: SocketAddr,
+    pub metrics: Arc<WorkerMetrics>,
+    pub task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+/// Binds `addr` and serves a worker there until `shutdown`.
 pub async fn spawn_worker<B: Backend + 'static>(
     backend: B,
     addr: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<(
-    SocketAddr,
-    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-)>
+) -> std::io::Result<SpawnedWorker>
 where
     B::KvCache: Sync,
 {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
+    let address = listener.local_addr()?;
     let service = WorkerService::new(backend);
+    let metrics = service.metrics();
+    metrics.registry.set_label("worker", &address.to_string());
     let server = WorkerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -420,7 +440,11 @@ where
                 shutdown,
             ),
     );
-    Ok((bound, task))
+    Ok(SpawnedWorker {
+        address,
+        metrics,
+        task,
+    })
 }
 
 /// Total and available memory of this machine, from `/proc/meminfo` (0 where unknown).
