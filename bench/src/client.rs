@@ -86,7 +86,9 @@ impl Client {
                     let models = client
                         .list_models(pb::ListModelsRequest {})
                         .await
-                        .map_err(|s| format!("ListModels: {}: {}", code_name(s.code()), s.message()))?
+                        .map_err(|s| {
+                            format!("ListModels: {}: {}", code_name(s.code()), s.message())
+                        })?
                         .into_inner();
                     let name = match (model_name, models.models.first()) {
                         (Some(n), _) => n.to_string(),
@@ -109,11 +111,9 @@ impl Client {
                     http.model = match (model_name, body["data"][0]["id"].as_str()) {
                         (Some(n), _) => n.to_string(),
                         (None, Some(id)) => id.to_string(),
-                        (None, None) => {
-                            return Err(format!(
-                                "GET {base}/models: expected {{\"data\": [{{\"id\": …}}]}}, got {body}"
-                            ))
-                        }
+                        (None, None) => return Err(format!(
+                            "GET {base}/models: expected {{\"data\": [{{\"id\": …}}]}}, got {body}"
+                        )),
                     };
                     let name = http.model.clone();
                     Ok((Client::Http(http), name))
@@ -142,8 +142,11 @@ impl Client {
         let mut out = Outcome::default();
         let result = match self {
             Client::Grpc(c) => {
-                tokio::time::timeout(timeout, grpc_send(c.clone(), api, prompt, start, tokens, &mut out))
-                    .await
+                tokio::time::timeout(
+                    timeout,
+                    grpc_send(c.clone(), api, prompt, start, tokens, &mut out),
+                )
+                .await
             }
             Client::Http(c) => {
                 tokio::time::timeout(timeout, c.send(api, prompt, start, tokens, &mut out)).await
@@ -183,7 +186,7 @@ async fn grpc_send(
     tokens: &AtomicU64,
     out: &mut Outcome,
 ) -> Result<(), (String, String)> {
-    let status = |s: tonic::Status| (code_name(s.code()).to_string(), s.message().to_string());
+    let status = |s: tonic::Status| (code_name(s.code()), s.message().to_string());
     let (text, messages) = match api {
         Api::Completions => (Some(prompt.text.clone()), Vec::new()),
         Api::Chat => (
@@ -248,7 +251,10 @@ impl HttpClient {
             .map_err(|e| format!("GET {url}: {e}"))?
             .to_bytes();
         if !status.is_success() {
-            return Err(format!("GET {url}: HTTP {status}: {}", error_message(&body)));
+            return Err(format!(
+                "GET {url}: HTTP {status}: {}",
+                error_message(&body)
+            ));
         }
         serde_json::from_slice(&body).map_err(|e| format!("GET {url}: not JSON: {e}"))
     }
@@ -300,17 +306,25 @@ impl HttpClient {
         let mut done = false;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| transport(e.to_string()))?;
-            let Some(data) = frame.data_ref() else { continue };
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
             for event in lines.push(data) {
                 if event == "[DONE]" {
                     done = true;
                     continue;
                 }
                 let v: Value = serde_json::from_str(&event).map_err(|e| {
-                    ("bad response".to_string(), format!("SSE data is not JSON ({e}): {event}"))
+                    (
+                        "bad response".to_string(),
+                        format!("SSE data is not JSON ({e}): {event}"),
+                    )
                 })?;
                 if let Some(e) = v.get("error") {
-                    return Err(("stream error".into(), e["message"].as_str().unwrap_or_default().to_string()));
+                    return Err((
+                        "stream error".into(),
+                        e["message"].as_str().unwrap_or_default().to_string(),
+                    ));
                 }
                 let choice = &v["choices"][0];
                 let text = choice["text"]
@@ -384,28 +398,17 @@ fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-/// The canonical name of a gRPC status code, as gRPC tools print it.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
+/// The canonical name of a gRPC status code as gRPC tools print it (`RESOURCE_EXHAUSTED`),
+/// from tonic's variant name (`ResourceExhausted`).
+pub fn code_name(code: tonic::Code) -> String {
+    let mut name = String::new();
+    for (i, ch) in format!("{code:?}").chars().enumerate() {
+        if ch.is_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(ch.to_ascii_uppercase());
     }
+    name
 }
 
 #[cfg(test)]
@@ -423,6 +426,15 @@ mod tests {
             assert_eq!(events[2], "[DONE]");
             assert!(events[1].contains("\"usage\""));
         }
+    }
+
+    #[test]
+    fn grpc_code_names() {
+        assert_eq!(
+            code_name(tonic::Code::ResourceExhausted),
+            "RESOURCE_EXHAUSTED"
+        );
+        assert_eq!(code_name(tonic::Code::Ok), "OK");
     }
 
     #[test]

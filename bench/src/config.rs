@@ -45,9 +45,14 @@ impl FromStr for Target {
             return expected(&format!("{WHAT} (a host and a port)"));
         }
         match scheme {
-            "grpc" if rest.trim_end_matches('/') == host => Ok(Target::Grpc(format!("http://{host}"))),
+            "grpc" if rest.trim_end_matches('/') == host => {
+                Ok(Target::Grpc(format!("http://{host}")))
+            }
             "grpc" => expected(&format!("{WHAT}: a gRPC target has no path")),
-            "http" => Ok(Target::Http(format!("http://{}", rest.trim_end_matches('/')))),
+            "http" => Ok(Target::Http(format!(
+                "http://{}",
+                rest.trim_end_matches('/')
+            ))),
             _ => expected(WHAT),
         }
     }
@@ -455,7 +460,13 @@ mod tests {
             "http://localhost:8000/v1/".parse(),
             Ok(Target::Http("http://localhost:8000/v1".into()))
         );
-        for bad in ["127.0.0.1:50051", "ftp://h:1", "grpc://host", "grpc://h:1/v1", "http://"] {
+        for bad in [
+            "127.0.0.1:50051",
+            "ftp://h:1",
+            "grpc://host",
+            "grpc://h:1/v1",
+            "http://",
+        ] {
             let err = bad.parse::<Target>().unwrap_err().0;
             assert!(err.contains("grpc://HOST:PORT"), "{bad}: {err}");
         }
@@ -467,7 +478,10 @@ mod tests {
     fn length_distributions() {
         assert_eq!("64".parse(), Ok(LenDist::Fixed { len: 64 }));
         assert_eq!("fixed:64".parse(), Ok(LenDist::Fixed { len: 64 }));
-        assert_eq!("uniform:8-16".parse(), Ok(LenDist::Uniform { lo: 8, hi: 16 }));
+        assert_eq!(
+            "uniform:8-16".parse(),
+            Ok(LenDist::Uniform { lo: 8, hi: 16 })
+        );
         assert_eq!(
             "normal:100:10".parse(),
             Ok(LenDist::Normal {
@@ -475,7 +489,16 @@ mod tests {
                 std: 10.0
             })
         );
-        for bad in ["0", "-3", "uniform:9-3", "uniform:0-3", "normal:5", "normal:0:1", "gauss:1:2", ""] {
+        for bad in [
+            "0",
+            "-3",
+            "uniform:9-3",
+            "uniform:0-3",
+            "normal:5",
+            "normal:0:1",
+            "gauss:1:2",
+            "",
+        ] {
             assert!(bad.parse::<LenDist>().is_err(), "{bad} was accepted");
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
@@ -484,10 +507,19 @@ mod tests {
         let samples: Vec<usize> = (0..500).map(|_| u.sample(&mut rng)).collect();
         assert!(samples.iter().all(|n| (8..=16).contains(n)));
         assert!(samples.contains(&8) && samples.contains(&16));
-        let n = LenDist::Normal { mean: 3.0, std: 10.0 };
+        let n = LenDist::Normal {
+            mean: 3.0,
+            std: 10.0,
+        };
         assert!((0..500).all(|_| n.sample(&mut rng) >= 1));
         let mean = (0..2000)
-            .map(|_| LenDist::Normal { mean: 200.0, std: 20.0 }.sample(&mut rng) as f64)
+            .map(|_| {
+                LenDist::Normal {
+                    mean: 200.0,
+                    std: 20.0,
+                }
+                .sample(&mut rng) as f64
+            })
             .sum::<f64>()
             / 2000.0;
         assert!((mean - 200.0).abs() < 3.0, "mean {mean}");
@@ -517,7 +549,14 @@ mod tests {
             Ok(Sweep::Concurrency(vec![1, 4, 16]))
         );
         assert_eq!("rate=0.5,2".parse(), Ok(Sweep::Rate(vec![0.5, 2.0])));
-        for bad in ["concurrency=", "concurrency=0,1", "rate=-1", "rate=inf", "batch=1,2", "1,2"] {
+        for bad in [
+            "concurrency=",
+            "concurrency=0,1",
+            "rate=-1",
+            "rate=inf",
+            "batch=1,2",
+            "1,2",
+        ] {
             assert!(bad.parse::<Sweep>().is_err(), "{bad} was accepted");
         }
     }

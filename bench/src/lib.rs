@@ -83,13 +83,27 @@ pub async fn bench(config: Config, progress: ProgressFn) -> Result<Outcome, Benc
     // Without a request count, a pool of prompts is reused in turn until the duration ends.
     let n = config.request_count().unwrap_or(POOL);
     let (output_len, dataset) = (config.output_len, dataset.as_deref());
-    let warm = prompts::make(&mut synth, config.warmup, input_len, output_len, dataset, &mut rng).await?;
+    let warm = prompts::make(
+        &mut synth,
+        config.warmup,
+        input_len,
+        output_len,
+        dataset,
+        &mut rng,
+    )
+    .await?;
     let prompts = prompts::make(&mut synth, n, input_len, output_len, dataset, &mut rng).await?;
     let loads = config.loads();
     if !warm.is_empty() {
         let concurrency = loads[0].concurrency.unwrap_or(warm.len());
-        let outcomes =
-            run::warm_up(&client, config.api, &warm, concurrency, config.request_timeout).await;
+        let outcomes = run::warm_up(
+            &client,
+            config.api,
+            &warm,
+            concurrency,
+            config.request_timeout,
+        )
+        .await;
         let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
         if failed > 0 {
             tracing::warn!(failed, "warm-up requests failed");

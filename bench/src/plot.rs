@@ -16,7 +16,11 @@ const COLORS: &[&str] = &[
 
 /// About five round tick values covering `0..=max`.
 fn ticks(max: f64) -> Vec<f64> {
-    let max = if max > 0.0 && max.is_finite() { max } else { 1.0 };
+    let max = if max > 0.0 && max.is_finite() {
+        max
+    } else {
+        1.0
+    };
     let raw = max / 5.0;
     let magnitude = 10f64.powf(raw.log10().floor());
     let step = [1.0, 2.0, 2.5, 5.0, 10.0]
@@ -37,7 +41,9 @@ fn label(v: f64) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// One panel at horizontal offset `x0`, axes from 0 to the largest tick above the data.
@@ -197,8 +203,17 @@ pub fn svg(reports: &[Report], title: &str) -> String {
         .filter_map(|r| Some((r.output_throughput, median(r.ttft_ms)?)))
         .collect();
     let fmax = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| v.iter().map(f).fold(0.0, f64::max);
-    let curve = Panel::new(0, fmax(&e2e, |p| p.0), fmax(&e2e, |p| p.1).max(fmax(&ttft, |p| p.1)));
-    curve.axes(&mut svg, "Latency vs throughput", "output tokens/s", "median latency (ms)");
+    let curve = Panel::new(
+        0,
+        fmax(&e2e, |p| p.0),
+        fmax(&e2e, |p| p.1).max(fmax(&ttft, |p| p.1)),
+    );
+    curve.axes(
+        &mut svg,
+        "Latency vs throughput",
+        "output tokens/s",
+        "median latency (ms)",
+    );
     curve.line(&mut svg, &e2e, COLORS[0], true);
     curve.line(&mut svg, &ttft, COLORS[1], true);
     for r in reports {

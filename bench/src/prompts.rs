@@ -74,22 +74,172 @@ impl Counter {
 /// Words that are whole tokens in most English vocabularies (and in the demo models' synthetic
 /// tokenizer, whose merges come from text using them): prompts are random runs of them.
 const WORDS: &[&str] = &[
-    "a", "I", "the", "and", "of", "to", "in", "was", "his", "that", "it", "for", "with", "on",
-    "at", "by", "from", "as", "is", "are", "be", "been", "had", "have", "not", "but", "or",
-    "all", "any", "one", "two", "many", "much", "some", "other", "each", "only", "just", "very",
-    "good", "best", "old", "long", "high", "large", "small", "next", "last", "full", "dark",
-    "clear", "quiet", "useful", "likely", "quickly", "soon", "again", "always", "never",
-    "often", "before", "after", "about", "over", "into", "when", "which", "who", "they",
-    "them", "their", "you", "your", "we", "he", "him", "life", "day", "days", "night", "time",
-    "week", "way", "place", "places", "people", "person", "village", "forest", "edge", "door",
-    "bread", "baker", "country", "story", "things", "water", "river", "valley", "hills",
-    "wind", "rain", "storm", "sky", "stars", "clouds", "weather", "afternoon", "evening",
-    "farmers", "animals", "gates", "letter", "message", "plan", "details", "cost", "help",
-    "work", "text", "words", "language", "model", "data", "size", "care", "facts", "idea",
-    "answer", "questions", "computers", "read", "write", "open", "share", "came", "said",
-    "asked", "tell", "learned", "learns", "think", "give", "check", "believe", "ask", "know",
-    "like", "bring", "look", "meet", "talk", "need", "let", "went", "changed", "grew",
-    "began", "brought", "closed", "passed", "hurt", "taste", "follow", "trained", "depends",
+    "a",
+    "I",
+    "the",
+    "and",
+    "of",
+    "to",
+    "in",
+    "was",
+    "his",
+    "that",
+    "it",
+    "for",
+    "with",
+    "on",
+    "at",
+    "by",
+    "from",
+    "as",
+    "is",
+    "are",
+    "be",
+    "been",
+    "had",
+    "have",
+    "not",
+    "but",
+    "or",
+    "all",
+    "any",
+    "one",
+    "two",
+    "many",
+    "much",
+    "some",
+    "other",
+    "each",
+    "only",
+    "just",
+    "very",
+    "good",
+    "best",
+    "old",
+    "long",
+    "high",
+    "large",
+    "small",
+    "next",
+    "last",
+    "full",
+    "dark",
+    "clear",
+    "quiet",
+    "useful",
+    "likely",
+    "quickly",
+    "soon",
+    "again",
+    "always",
+    "never",
+    "often",
+    "before",
+    "after",
+    "about",
+    "over",
+    "into",
+    "when",
+    "which",
+    "who",
+    "they",
+    "them",
+    "their",
+    "you",
+    "your",
+    "we",
+    "he",
+    "him",
+    "life",
+    "day",
+    "days",
+    "night",
+    "time",
+    "week",
+    "way",
+    "place",
+    "places",
+    "people",
+    "person",
+    "village",
+    "forest",
+    "edge",
+    "door",
+    "bread",
+    "baker",
+    "country",
+    "story",
+    "things",
+    "water",
+    "river",
+    "valley",
+    "hills",
+    "wind",
+    "rain",
+    "storm",
+    "sky",
+    "stars",
+    "clouds",
+    "weather",
+    "afternoon",
+    "evening",
+    "farmers",
+    "animals",
+    "gates",
+    "letter",
+    "message",
+    "plan",
+    "details",
+    "cost",
+    "help",
+    "work",
+    "text",
+    "words",
+    "language",
+    "model",
+    "data",
+    "size",
+    "care",
+    "facts",
+    "idea",
+    "answer",
+    "questions",
+    "computers",
+    "read",
+    "write",
+    "open",
+    "share",
+    "came",
+    "said",
+    "asked",
+    "tell",
+    "learned",
+    "learns",
+    "think",
+    "give",
+    "check",
+    "believe",
+    "ask",
+    "know",
+    "like",
+    "bring",
+    "look",
+    "meet",
+    "talk",
+    "need",
+    "let",
+    "went",
+    "changed",
+    "grew",
+    "began",
+    "brought",
+    "closed",
+    "passed",
+    "hurt",
+    "taste",
+    "follow",
+    "trained",
+    "depends",
 ];
 
 /// Builds prompt texts of exact token lengths from random runs of [`WORDS`].
@@ -225,8 +375,8 @@ pub fn read_dataset(path: &Path) -> Result<Vec<Entry>, BenchError> {
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
     let trimmed = text.trim_start();
     let entries = if trimmed.starts_with('[') {
-        let items: Vec<Value> = serde_json::from_str(trimmed)
-            .map_err(|e| bad(format!("not a JSON list: {e}")))?;
+        let items: Vec<Value> =
+            serde_json::from_str(trimmed).map_err(|e| bad(format!("not a JSON list: {e}")))?;
         let mut entries = Vec::new();
         for (i, item) in items.iter().enumerate() {
             if let Some(entry) = sharegpt_entry(item).map_err(|e| bad(format!("item {i}: {e}")))? {
@@ -258,7 +408,9 @@ pub fn read_dataset(path: &Path) -> Result<Vec<Entry>, BenchError> {
                     text: o
                         .get("prompt")
                         .and_then(Value::as_str)
-                        .ok_or_else(|| bad(format!("line {}: expected a \"prompt\" string", i + 1)))?
+                        .ok_or_else(|| {
+                            bad(format!("line {}: expected a \"prompt\" string", i + 1))
+                        })?
                         .to_string(),
                     reply: None,
                     output_tokens: o
@@ -413,13 +565,23 @@ mod tests {
         assert_eq!(entries[0].reply.as_deref(), Some("Hello friend"));
         assert_eq!(entries[1].reply, None);
         let jsonl = dir.path().join("p.jsonl");
-        std::fs::write(&jsonl, "\"plain\"\n{\"prompt\": \"with len\", \"output_len\": 9}\n\n").unwrap();
+        std::fs::write(
+            &jsonl,
+            "\"plain\"\n{\"prompt\": \"with len\", \"output_len\": 9}\n\n",
+        )
+        .unwrap();
         let entries = read_dataset(&jsonl).unwrap();
         assert_eq!(entries[1].output_tokens, Some(9));
         std::fs::write(&jsonl, "{\"text\": 1}\n").unwrap();
         let err = read_dataset(&jsonl).unwrap_err().to_string();
-        assert!(err.contains("line 1") && err.contains("\"prompt\""), "{err}");
+        assert!(
+            err.contains("line 1") && err.contains("\"prompt\""),
+            "{err}"
+        );
         std::fs::write(&jsonl, "[]").unwrap();
-        assert!(read_dataset(&jsonl).unwrap_err().to_string().contains("no prompt"));
+        assert!(read_dataset(&jsonl)
+            .unwrap_err()
+            .to_string()
+            .contains("no prompt"));
     }
 }

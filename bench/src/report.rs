@@ -105,7 +105,8 @@ impl RequestRecord {
 
     /// Whether the server's usage disagrees with what the bench counted.
     fn mismatched(&self) -> bool {
-        self.server_prompt_tokens.is_some_and(|n| n != self.input_tokens)
+        self.server_prompt_tokens
+            .is_some_and(|n| n != self.input_tokens)
             || self
                 .server_completion_tokens
                 .is_some_and(|n| n != self.output_tokens)
@@ -273,10 +274,26 @@ impl fmt::Display for Report {
         line(f, "Duration (s):", format!("{:.2}", self.duration_s))?;
         line(f, "Input tokens:", self.input_tokens.to_string())?;
         line(f, "Output tokens:", self.output_tokens.to_string())?;
-        line(f, "Request throughput (req/s):", format!("{:.2}", self.request_throughput))?;
-        line(f, "Input token throughput (tok/s):", format!("{:.2}", self.input_throughput))?;
-        line(f, "Output token throughput (tok/s):", format!("{:.2}", self.output_throughput))?;
-        line(f, "Total token throughput (tok/s):", format!("{:.2}", self.total_token_throughput))?;
+        line(
+            f,
+            "Request throughput (req/s):",
+            format!("{:.2}", self.request_throughput),
+        )?;
+        line(
+            f,
+            "Input token throughput (tok/s):",
+            format!("{:.2}", self.input_throughput),
+        )?;
+        line(
+            f,
+            "Output token throughput (tok/s):",
+            format!("{:.2}", self.output_throughput),
+        )?;
+        line(
+            f,
+            "Total token throughput (tok/s):",
+            format!("{:.2}", self.total_token_throughput),
+        )?;
         if let Some(g) = &self.goodput {
             line(f, "SLO:", g.slo.to_string())?;
             line(f, "Goodput (req/s):", format!("{:.2}", g.requests_per_s))?;
@@ -286,7 +303,11 @@ impl fmt::Display for Report {
             line(f, "Bench CPU use (% of a core):", format!("{cpu:.1}"))?;
         }
         writeln!(f, "{:-^48}", " latency (ms) ")?;
-        writeln!(f, "{:<6}{:>8}{:>9}{:>8}{:>8}{:>9}", "", "mean", "median", "p90", "p99", "std")?;
+        writeln!(
+            f,
+            "{:<6}{:>8}{:>9}{:>8}{:>8}{:>9}",
+            "", "mean", "median", "p90", "p99", "std"
+        )?;
         for (name, s) in [
             ("TTFT", &self.ttft_ms),
             ("TPOT", &self.tpot_ms),
@@ -318,7 +339,8 @@ pub fn sweep_table(reports: &[Report]) -> String {
     let mut out = String::from(
         "| load | completed | failed | req/s | output tok/s | TTFT median / p99 ms | TPOT median ms | E2E median / p99 ms | peak concurrency |\n|---|---|---|---|---|---|---|---|---|\n",
     );
-    let pair = |s: &Option<Stats>| s.map_or("-".into(), |s| format!("{:.0} / {:.0}", s.median, s.p99));
+    let pair =
+        |s: &Option<Stats>| s.map_or("-".into(), |s| format!("{:.0} / {:.0}", s.median, s.p99));
     for r in reports {
         out.push_str(&format!(
             "| {} | {} | {} | {:.2} | {:.1} | {} | {} | {} | {} |\n",
@@ -383,7 +405,16 @@ mod tests {
             record(50, 550, 11, None),  // tpot 50 ms: too slow
             record(0, 5, 0, Some("RESOURCE_EXHAUSTED")),
         ];
-        let r = Report::new("x".into(), load, records, Duration::from_secs(2), 2, Some(1.0), &[], Some(&slo));
+        let r = Report::new(
+            "x".into(),
+            load,
+            records,
+            Duration::from_secs(2),
+            2,
+            Some(1.0),
+            &[],
+            Some(&slo),
+        );
         assert_eq!((r.completed, r.failed), (3, 1));
         assert_eq!(r.failed_by_status["RESOURCE_EXHAUSTED"], 1);
         assert_eq!(r.failure_messages["RESOURCE_EXHAUSTED"], "busy");
@@ -394,6 +425,9 @@ mod tests {
         assert_eq!(r.token_mismatches, 0);
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
         let table = r.to_string();
-        assert!(table.contains("RESOURCE_EXHAUSTED:") && table.contains("Goodput"), "{table}");
+        assert!(
+            table.contains("RESOURCE_EXHAUSTED:") && table.contains("Goodput"),
+            "{table}"
+        );
     }
 }

@@ -74,7 +74,13 @@ pub struct Plan<'a> {
 
 /// Sends `prompts` (each once, all at once up to `concurrency`) and waits for them: warm-up
 /// requests whose figures are thrown away.
-pub async fn warm_up(client: &Client, api: Api, prompts: &[Prompt], concurrency: usize, timeout: Duration) -> Vec<Outcome> {
+pub async fn warm_up(
+    client: &Client,
+    api: Api,
+    prompts: &[Prompt],
+    concurrency: usize,
+    timeout: Duration,
+) -> Vec<Outcome> {
     let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = JoinSet::new();
     for p in prompts {
@@ -92,11 +98,7 @@ pub async fn warm_up(client: &Client, api: Api, prompts: &[Prompt], concurrency:
 }
 
 /// One run under `load`; `progress` is called about once a second and once at the end.
-pub async fn run(
-    plan: &Plan<'_>,
-    load: Load,
-    progress: ProgressFn,
-) -> Report {
+pub async fn run(plan: &Plan<'_>, load: Load, progress: ProgressFn) -> Report {
     let live = Arc::new(Live::default());
     let label = load.label();
     let start = Instant::now();
@@ -170,7 +172,8 @@ pub async fn run(
             break;
         }
         let prompt = plan.prompts[i % plan.prompts.len()].clone();
-        let (client, live, api, timeout) = (plan.client.clone(), live.clone(), plan.api, plan.timeout);
+        let (client, live, api, timeout) =
+            (plan.client.clone(), live.clone(), plan.api, plan.timeout);
         live.sent.fetch_add(1, Ordering::Relaxed);
         let now_in_flight = live.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         live.peak.fetch_max(now_in_flight, Ordering::Relaxed);
@@ -246,7 +249,10 @@ mod tests {
         for b in [0.5, 1.0, 4.0] {
             let g = Gamma::new(b, 1.0 / (10.0 * b)).unwrap();
             let mean = (0..20_000).map(|_| g.sample(&mut rng)).sum::<f64>() / 20_000.0;
-            assert!((mean - 0.1).abs() < 0.005, "burstiness {b}: mean gap {mean}");
+            assert!(
+                (mean - 0.1).abs() < 0.005,
+                "burstiness {b}: mean gap {mean}"
+            );
         }
     }
 }

@@ -29,10 +29,7 @@ struct Dashboard {
 
 /// The whole HTTP application over `cluster`. `local_workers` are the metric registries of
 /// workers running in this process, whose metrics `/metrics` includes.
-pub fn router(
-    cluster: Arc<Cluster>,
-    local_workers: Vec<Arc<WorkerMetrics>>,
-) -> Router {
+pub fn router(cluster: Arc<Cluster>, local_workers: Vec<Arc<WorkerMetrics>>) -> Router {
     let api = InferenceApi::new(cluster.clone());
     let dashboard = Dashboard {
         monitor: Monitor::spawn(cluster.clone()),
@@ -58,7 +55,11 @@ pub fn router(
 async fn ready(State(d): State<Dashboard>) -> Response {
     match d.cluster.is_serving() {
         true => (StatusCode::OK, "ready").into_response(),
-        false => (StatusCode::SERVICE_UNAVAILABLE, "no complete placement is serving").into_response(),
+        false => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no complete placement is serving",
+        )
+            .into_response(),
     }
 }
 
@@ -66,7 +67,10 @@ async fn prometheus(State(d): State<Dashboard>) -> Response {
     let mut registries: Vec<&Registry> = vec![&d.cluster.metrics.registry];
     registries.extend(d.local_workers.iter().map(|w| &w.registry));
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         metrics::render(&registries),
     )
         .into_response()
@@ -77,8 +81,10 @@ async fn snapshot(State(d): State<Dashboard>) -> Json<crate::monitor::Snapshot> 
 }
 
 async fn not_found() -> Response {
-    openai::ApiError::not_found("no such endpoint; see /v1/models, /v1/completions, /v1/chat/completions")
-        .into_response()
+    openai::ApiError::not_found(
+        "no such endpoint; see /v1/models, /v1/completions, /v1/chat/completions",
+    )
+    .into_response()
 }
 
 /// Serves `router` on `listener` until `shutdown`.

@@ -277,7 +277,10 @@ impl Driver {
         let now = Instant::now();
         for u in updates {
             let id = u.id;
-            let finish = u.finish.as_ref().map(|(reason, _)| reason.as_str().to_string());
+            let finish = u
+                .finish
+                .as_ref()
+                .map(|(reason, _)| reason.as_str().to_string());
             let Some(c) = self.clients.get_mut(&id) else {
                 continue;
             };

@@ -6,8 +6,8 @@
 pub mod api;
 pub mod client;
 pub mod cluster;
-pub mod lane;
 pub mod http;
+pub mod lane;
 pub mod metrics;
 pub mod monitor;
 pub mod openai;

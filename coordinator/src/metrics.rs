@@ -18,8 +18,8 @@ const ITL_BUCKETS: &[f64] = &[
     40.0, 80.0,
 ];
 const REQUEST_BUCKETS: &[f64] = &[
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-    240.0, 480.0, 960.0, 1920.0, 7680.0,
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
 ];
 
 /// How many finished requests the dashboard lists.
@@ -232,7 +232,8 @@ impl RequestTimes {
         match self.last_token {
             None => {
                 self.first_token = Some(now);
-                m.ttft.observe(now.duration_since(self.arrived).as_secs_f64());
+                m.ttft
+                    .observe(now.duration_since(self.arrived).as_secs_f64());
             }
             Some(last) => m.itl.observe(now.duration_since(last).as_secs_f64()),
         }

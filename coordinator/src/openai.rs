@@ -203,7 +203,9 @@ impl Common {
         if let Some(model) = self.model.as_deref().filter(|m| m != served) {
             return Err(ApiError {
                 status: StatusCode::NOT_FOUND,
-                message: format!("the model `{model}` does not exist; this server serves `{served}`"),
+                message: format!(
+                    "the model `{model}` does not exist; this server serves `{served}`"
+                ),
             });
         }
         for (name, value) in [
@@ -258,7 +260,9 @@ impl Common {
     }
 
     fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 }
 
@@ -294,10 +298,7 @@ struct Choice {
 type Choices = Vec<(Choice, mpsc::UnboundedReceiver<Outcome>)>;
 
 /// Starts every choice, or none: if one is refused the others are dropped (and so cancelled).
-fn start_all(
-    api: &InferenceApi,
-    requests: Vec<(pb::GenerateRequest, bool)>,
-) -> ApiResult<Choices> {
+fn start_all(api: &InferenceApi, requests: Vec<(pb::GenerateRequest, bool)>) -> ApiResult<Choices> {
     let deadline = api
         .cluster()
         .config
@@ -432,7 +433,12 @@ impl Tracker {
             }
         }
         text.push_str(&u.text);
-        entries.extend(u.token_ids.iter().zip(&u.logprobs).map(|(id, l)| (*id, Some(l))));
+        entries.extend(
+            u.token_ids
+                .iter()
+                .zip(&u.logprobs)
+                .map(|(id, l)| (*id, Some(l))),
+        );
         let logprobs = m.logprobs.then(|| match kind {
             Kind::Completion => self.completion_logprobs(api, &entries),
             Kind::Chat => entries
@@ -739,7 +745,9 @@ fn start_chat(api: &InferenceApi, body: &[u8]) -> ApiResult<(Meta, Choices)> {
         )));
     }
     if r.messages.is_empty() {
-        return Err(ApiError::bad_request("messages is empty; expected at least one"));
+        return Err(ApiError::bad_request(
+            "messages is empty; expected at least one",
+        ));
     }
     let mut messages = Vec::with_capacity(r.messages.len());
     for (i, m) in r.messages.into_iter().enumerate() {
@@ -769,7 +777,11 @@ fn start_chat(api: &InferenceApi, body: &[u8]) -> ApiResult<(Meta, Choices)> {
     let n = r.common.n.unwrap_or(1);
     let max_tokens = r.max_completion_tokens.or(r.max_tokens);
     let max_tokens = match max_tokens {
-        Some(0) => return Err(ApiError::bad_request("max_tokens is 0; expected at least 1")),
+        Some(0) => {
+            return Err(ApiError::bad_request(
+                "max_tokens is 0; expected at least 1",
+            ))
+        }
         Some(m) => m,
         // Up to the context: the scheduler checks prompt + max_tokens against it.
         None => 0,

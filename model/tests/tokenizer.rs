@@ -581,7 +581,10 @@ fn bad_input_is_reported() {
 #[test]
 fn token_texts_spell_the_decoded_text() {
     let t = mistral();
-    for text in ["Hello world, again.\nA second line\twith a tab", "naïve café — 東京"] {
+    for text in [
+        "Hello world, again.\nA second line\twith a tab",
+        "naïve café — 東京",
+    ] {
         let ids = t.encode(text, false).unwrap();
         let joined: String = ids.iter().map(|&id| t.token_text(id).unwrap()).collect();
         // SentencePiece prefixes the text with a space, which decoding drops.

@@ -105,8 +105,14 @@ impl Metric for Histogram {
         let mut cumulative = 0;
         for (i, c) in self.counts.iter().enumerate() {
             cumulative += c.load(Ordering::Relaxed);
-            let le = self.bounds.get(i).map_or("+Inf".to_string(), |b| number(*b));
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
+            let le = self
+                .bounds
+                .get(i)
+                .map_or("+Inf".to_string(), |b| number(*b));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
         }
         let _ = writeln!(out, "{name}_sum{} {}", braces(labels), number(self.sum()));
         let _ = writeln!(out, "{name}_count{} {cumulative}", braces(labels));
@@ -148,7 +154,12 @@ pub struct Family<M> {
 impl<M: Metric> Family<M> {
     /// The child for these label values (one per label name, in order), made on first use.
     pub fn with(&self, values: &[&str]) -> Arc<M> {
-        assert_eq!(values.len(), self.labels.len(), "{}: label values", self.name);
+        assert_eq!(
+            values.len(),
+            self.labels.len(),
+            "{}: label values",
+            self.name
+        );
         let key: Vec<String> = values.iter().map(|v| v.to_string()).collect();
         self.children
             .lock()
@@ -364,12 +375,30 @@ mod tests {
         r.set_label("worker", "w1");
         let text = r.render();
         assert!(text.contains("# TYPE x_total counter\n"), "{text}");
-        assert!(text.contains("x_total{kind=\"a\\\"b\",worker=\"w1\"} 3\n"), "{text}");
-        assert!(text.contains("lat_seconds_bucket{worker=\"w1\",le=\"0.125\"} 2\n"), "{text}");
-        assert!(text.contains("lat_seconds_bucket{worker=\"w1\",le=\"1\"} 3\n"), "{text}");
-        assert!(text.contains("lat_seconds_bucket{worker=\"w1\",le=\"+Inf\"} 4\n"), "{text}");
-        assert!(text.contains("lat_seconds_sum{worker=\"w1\"} 7.6875\n"), "{text}");
-        assert!(text.contains("lat_seconds_count{worker=\"w1\"} 4\n"), "{text}");
+        assert!(
+            text.contains("x_total{kind=\"a\\\"b\",worker=\"w1\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_bucket{worker=\"w1\",le=\"0.125\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_bucket{worker=\"w1\",le=\"1\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_bucket{worker=\"w1\",le=\"+Inf\"} 4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_sum{worker=\"w1\"} 7.6875\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_count{worker=\"w1\"} 4\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -381,6 +410,9 @@ mod tests {
         }
         let text = render(&[&a, &b]);
         assert_eq!(text.matches("# HELP up").count(), 1, "{text}");
-        assert!(text.contains("up{worker=\"a\"} 1\nup{worker=\"b\"} 1\n"), "{text}");
+        assert!(
+            text.contains("up{worker=\"a\"} 1\nup{worker=\"b\"} 1\n"),
+            "{text}"
+        );
     }
 }

@@ -281,8 +281,10 @@ where
             "loaded"
         );
         let m = &self.0.metrics;
-        m.registry.set_label("stage", &part.assignment.stage.to_string());
-        m.registry.set_label("shard", &part.assignment.shard.to_string());
+        m.registry
+            .set_label("stage", &part.assignment.stage.to_string());
+        m.registry
+            .set_label("shard", &part.assignment.shard.to_string());
         m.epoch.set(part.assignment.epoch as f64);
         m.ready.set(1.0);
         *self.0.part.write().expect("not poisoned") = Some(Arc::new(part));
