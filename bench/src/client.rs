@@ -111,9 +111,11 @@ impl Client {
                     http.model = match (model_name, body["data"][0]["id"].as_str()) {
                         (Some(n), _) => n.to_string(),
                         (None, Some(id)) => id.to_string(),
-                        (None, None) => return Err(format!(
+                        (None, None) => {
+                            return Err(format!(
                             "GET {base}/models: expected {{\"data\": [{{\"id\": …}}]}}, got {body}"
-                        )),
+                        ))
+                        }
                     };
                     let name = http.model.clone();
                     Ok((Client::Http(http), name))
