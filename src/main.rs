@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use switchyard_bench::config::{self as bench_config, Api, LenDist, Load, Slo, Sweep, Target};
 use switchyard_coordinator::{api, client, http, Cluster, ClusterConfig, Grid, PlanOptions};
 use switchyard_model::init;
 use switchyard_model::safetensors::Dtype;
@@ -54,6 +55,9 @@ enum Command {
     Worker(WorkerArgs),
     /// A coordinator over separately started workers.
     Coordinator(CoordinatorArgs),
+    /// Load-test a running server (gRPC or OpenAI HTTP API): throughput, TTFT, TPOT, ITL,
+    /// end-to-end latency, goodput; sweeps and plots.
+    Bench(Box<BenchArgs>),
     /// A running cluster's grid, workers (memory), lanes (KV usage) and queue.
     Status {
         #[arg(long, default_value = "127.0.0.1:50051")]
@@ -202,6 +206,71 @@ struct GenerateArgs {
     device: Device,
 }
 
+#[derive(Args)]
+struct BenchArgs {
+    /// grpc://HOST:PORT (the Inference API) or http://HOST:PORT/v1 (the OpenAI API).
+    #[arg(long)]
+    target: Target,
+    /// completions (a prompt) or chat (one user message, through the chat template).
+    #[arg(long, default_value = "completions")]
+    api: Api,
+    /// The model named in HTTP requests (default: the server's first model).
+    #[arg(long)]
+    model_name: Option<String>,
+    /// The model's tokenizer.json, or its model directory, to count prompt tokens exactly
+    /// (default for gRPC targets: the server's Tokenize RPC; HTTP targets need it).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Requests to send (default 100 when --duration is not given either).
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Stop sending after this long (200ms, 30s, 2m); requests in flight then finish.
+    #[arg(long, value_parser = bench_config::parse_duration)]
+    duration: Option<Duration>,
+    /// Most requests in flight at once.
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Requests per second arriving (inf: all at once).
+    #[arg(long, value_parser = bench_config::parse_rate)]
+    rate: Option<f64>,
+    /// Shape of the gamma distribution of gaps between arrivals: 1 is Poisson, below 1
+    /// burstier, above 1 more even.
+    #[arg(long, default_value_t = 1.0)]
+    burstiness: f64,
+    /// Prompt tokens, BOS and chat template included: N, uniform:LO-HI or normal:MEAN:STD
+    /// (default 128; normal samples below the template's own tokens are raised to them).
+    #[arg(long)]
+    input_len: Option<LenDist>,
+    /// Generated tokens (the server is asked to ignore EOS): N, uniform:LO-HI or
+    /// normal:MEAN:STD (default 128, or the dataset's reply lengths).
+    #[arg(long)]
+    output_len: Option<LenDist>,
+    /// Prompts from a ShareGPT JSON file or JSONL (one prompt per line) instead.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// Requests sent and awaited first, not counted.
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    /// Seed of prompts, lengths and arrival times.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Goodput counts requests meeting all of these, e.g. ttft=200ms,tpot=50ms,e2e=2s.
+    #[arg(long)]
+    slo: Option<Slo>,
+    /// Fail a request that has not finished within this long.
+    #[arg(long, default_value = "300s", value_parser = bench_config::parse_duration)]
+    request_timeout: Duration,
+    /// One run per value: concurrency=1,4,16,64 or rate=1,2,4.
+    #[arg(long)]
+    sweep: Option<Sweep>,
+    /// Write every figure (and every request's) to this JSON file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw the latency–throughput curve and latency distributions to this .svg file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let logs = tracing_subscriber::fmt()
@@ -240,6 +309,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => runtime()?.block_on(serve(args))?,
         Command::Worker(args) => runtime()?.block_on(worker(args))?,
         Command::Coordinator(args) => runtime()?.block_on(coordinator(args))?,
+        Command::Bench(args) => runtime()?.block_on(bench(*args))?,
         Command::Status { server } => runtime()?.block_on(status(&server))?,
     }
     Ok(())
@@ -343,6 +413,69 @@ async fn worker(a: WorkerArgs) -> Result<()> {
 async fn coordinator(a: CoordinatorArgs) -> Result<()> {
     let config = cluster_config(a.model, a.workers, &a.cluster);
     run_coordinator(config, &a.cluster, Vec::new()).await
+}
+
+async fn bench(a: BenchArgs) -> Result<()> {
+    let config = switchyard_bench::Config {
+        target: a.target,
+        api: a.api,
+        model_name: a.model_name,
+        tokenizer: a.tokenizer,
+        requests: a.requests,
+        duration: a.duration,
+        load: Load {
+            concurrency: a.concurrency,
+            rate: a.rate,
+            burstiness: a.burstiness,
+        },
+        sweep: a.sweep,
+        input_len: a.input_len,
+        output_len: a.output_len,
+        dataset: a.dataset,
+        warmup: a.warmup,
+        seed: a.seed,
+        slo: a.slo,
+        request_timeout: a.request_timeout,
+        json: a.json,
+        plot: a.plot,
+    };
+    let outcome = switchyard_bench::bench(config, std::sync::Arc::new(progress_line)).await?;
+    print!("{}", outcome.table());
+    outcome.write_files()?;
+    Ok(())
+}
+
+/// The live progress line on stderr: rewritten in place on a terminal, else one line every
+/// ten seconds and one at the end (logs stay readable).
+fn progress_line(p: &switchyard_bench::Progress) {
+    use std::io::IsTerminal;
+    let done = p.completed + p.failed;
+    let finished = p.finished;
+    let terminal = std::io::stderr().is_terminal();
+    let secs = p.elapsed.as_secs();
+    if !terminal && !finished && secs % 10 != 0 {
+        return;
+    }
+    let total = p.total.map_or(String::new(), |t| format!("/{t}"));
+    let bar = p.total.map_or(String::new(), |t| {
+        let filled = (done * 20).checked_div(t).unwrap_or(0).min(20);
+        format!("[{}{}] ", "#".repeat(filled), ".".repeat(20 - filled))
+    });
+    let elapsed = p.elapsed.as_secs_f64().max(1e-3);
+    let line = format!(
+        "{} {bar}{done}{total} done, {} failed, {} in flight, {:.1} req/s, {:.1} out tok/s, mean TTFT {}, bench CPU {}",
+        p.label,
+        p.failed,
+        p.in_flight,
+        p.completed as f64 / elapsed,
+        p.output_tokens as f64 / elapsed,
+        p.mean_ttft_ms.map_or("-".into(), |t| format!("{t:.0} ms")),
+        p.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
+    );
+    match terminal {
+        true => eprint!("\r\x1b[2K{line}{}", if finished { "\n" } else { "" }),
+        false => eprintln!("{line}"),
+    }
 }
 
 async fn status(server: &str) -> Result<()> {

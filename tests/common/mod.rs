@@ -115,6 +115,7 @@ pub fn coordinator(model: &Path, workers: &[Proc], grid: &str, extra: &[&str]) -
         grid,
         "--grpc-addr",
         "127.0.0.1:0",
+        // Tests run side by side: the HTTP port's default (8000) would collide.
         "--http-addr",
         "127.0.0.1:0",
     ];
