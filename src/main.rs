@@ -453,7 +453,7 @@ fn progress_line(p: &switchyard_bench::Progress) {
     let finished = p.finished;
     let terminal = std::io::stderr().is_terminal();
     let secs = p.elapsed.as_secs();
-    if !terminal && !finished && secs % 10 != 0 {
+    if !terminal && !finished && !secs.is_multiple_of(10) {
         return;
     }
     let total = p.total.map_or(String::new(), |t| format!("/{t}"));

@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{http_address, model, serve, BIN};
+use common::{http, http_address, model, serve, BIN};
 use serde_json::Value;
 
 /// The Python with `openai` installed: `scripts/test.sh` makes it (scripts/python-env.sh).
@@ -26,22 +26,6 @@ fn python() -> PathBuf {
         path.display()
     );
     path
-}
-
-/// One HTTP/1.1 request; returns the status code and the body.
-pub fn http(address: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(address).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
 }
 
 #[test]

@@ -3,7 +3,8 @@
 
 #![allow(dead_code)] // each test file uses its own part of this module
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -151,4 +152,22 @@ pub fn model(dir: &Path, name: &str, change: impl FnOnce(&mut ModelConfig)) {
     let mut config = preset(name).unwrap();
     change(&mut config);
     write_model_dir(dir, &config, 11, Dtype::F32, None).unwrap();
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns the status code and the body.
+pub fn http(address: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(address).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (
+        head.split_whitespace().nth(1).unwrap().parse().unwrap(),
+        body.to_string(),
+    )
 }
