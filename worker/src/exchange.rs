@@ -37,6 +37,8 @@ pub struct GrpcExchange {
     /// The shard holding each expert.
     pub expert_shard: Vec<u32>,
     pub stats: Arc<ExchangeStats>,
+    /// How long a peer may take to answer.
+    pub timeout: std::time::Duration,
 }
 
 impl ExpertExchange for GrpcExchange {
@@ -89,9 +91,16 @@ impl ExpertExchange for GrpcExchange {
                 .token_shard_pairs
                 .fetch_add(tokens.len() as u64, Ordering::Relaxed);
             let mut client = self.peers[shard].clone();
-            let call = self
-                .handle
-                .spawn(async move { client.run_experts(request).await });
+            let timeout = self.timeout;
+            let call = self.handle.spawn(async move {
+                // A peer that froze must not hold this step forever.
+                match tokio::time::timeout(timeout, client.run_experts(request)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                        "no answer within {timeout:?}"
+                    ))),
+                }
+            });
             calls.push((shard, tokens, call));
         }
         let handle = self.handle.clone();

@@ -115,6 +115,20 @@ impl Sequence {
     }
 }
 
+/// A sequence between two schedulers (see [`Scheduler::detach_all`]).
+pub struct Detached(Sequence);
+
+impl Detached {
+    pub fn id(&self) -> SeqId {
+        self.0.req.id
+    }
+
+    /// Tokens generated (and sent) so far.
+    pub fn generated(&self) -> usize {
+        self.0.generated().len()
+    }
+}
+
 pub struct Scheduler {
     config: SchedulerConfig,
     model: ModelConfig,
@@ -230,6 +244,31 @@ impl Scheduler {
             finish: (req.params.max_tokens == 0).then_some(FinishReason::Length),
             req,
         });
+    }
+
+    /// Takes every sequence out, to be recomputed elsewhere ([`Scheduler::adopt`]): running
+    /// ones lose their KV as when preempted, and steps in flight are forgotten (results that
+    /// still come back are ignored). What each client has already been sent goes with it.
+    pub fn detach_all(&mut self) -> Vec<Detached> {
+        let mut out = Vec::new();
+        for mut s in self.running.drain(..).chain(self.waiting.drain(..)) {
+            self.blocks.free(s.req.id);
+            if s.cancelled {
+                continue;
+            }
+            s.computed = 0;
+            s.in_flight = false;
+            out.push(Detached(s));
+        }
+        out
+    }
+
+    /// Queues a sequence detached from another scheduler; it is recomputed from its prompt and
+    /// the tokens it already generated, so its client sees no token twice.
+    pub fn adopt(&mut self, d: Detached) -> Result<(), InvalidRequest> {
+        self.check(&d.0.req)?;
+        self.waiting.push_back(d.0);
+        Ok(())
     }
 
     /// Drops a request (its client went away): at once when it is not in a step in flight,

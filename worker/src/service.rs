@@ -4,10 +4,13 @@
 //! same lane inside the same call, so the coordinator's one `Step` call to stage 0 returns
 //! what the last stage drew. Workers keep no per-sequence state: block tables, positions and
 //! sampling draws all come with each step.
+//!
+//! A worker being drained (SIGTERM) takes no new assignment and waits for the coordinator to
+//! release it ([`WorkerControl`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -15,6 +18,7 @@ use switchyard_model::{Checkpoint, Subset};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::worker_client::WorkerClient;
 use switchyard_proto::v1::worker_server::{Worker, WorkerServer};
+use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
 use tracing::{info, info_span, Instrument};
@@ -52,7 +56,8 @@ pub fn worker_client(channel: Channel) -> WorkerClient<Channel> {
 /// The part of the model this worker was assigned, loaded, with its KV memory.
 struct Part<B: Backend> {
     assignment: pb::Assignment,
-    model: Model<B>,
+    /// Shared with the next part when only the epoch or the peers change.
+    model: Arc<Model<B>>,
     cache: Mutex<B::KvCache>,
     next: Option<WorkerClient<Channel>>,
     exchange: Option<GrpcExchange>,
@@ -80,6 +85,45 @@ struct WorkerState<B: Backend> {
     part: RwLock<Option<Arc<Part<B>>>>,
     exchange_stats: Arc<ExchangeStats>,
     stats: Stats,
+    control: WorkerControl,
+}
+
+/// The worker's life outside the RPCs: draining and release.
+#[derive(Clone, Default)]
+pub struct WorkerControl(Arc<ControlState>);
+
+#[derive(Default)]
+struct ControlState {
+    draining: AtomicBool,
+    holds_part: AtomicBool,
+    released: Notify,
+}
+
+impl WorkerControl {
+    /// From now on the worker refuses new assignments.
+    pub fn start_draining(&self) {
+        self.0.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.0.draining.load(Ordering::SeqCst)
+    }
+
+    /// Whether the worker holds a part of a model (a coordinator relies on it).
+    pub fn holds_part(&self) -> bool {
+        self.0.holds_part.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the worker holds no part (at once when it holds none).
+    pub async fn released(&self) {
+        loop {
+            let notified = self.0.released.notified();
+            if !self.holds_part() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 impl<B: Backend + 'static> WorkerService<B> {
@@ -89,7 +133,12 @@ impl<B: Backend + 'static> WorkerService<B> {
             part: RwLock::new(None),
             exchange_stats: Arc::default(),
             stats: Stats::default(),
+            control: WorkerControl::default(),
         }))
+    }
+
+    pub fn control(&self) -> WorkerControl {
+        self.0.control.clone()
     }
 }
 
@@ -110,7 +159,16 @@ impl<B: Backend + 'static> WorkerState<B> {
         Ok(part)
     }
 
-    fn load(&self, a: pb::Assignment) -> Result<Part<B>, Status> {
+    /// Drops the part held, if any.
+    fn release(&self) {
+        *self.part.write().expect("not poisoned") = None;
+        self.control.0.holds_part.store(false, Ordering::SeqCst);
+        self.control.0.released.notify_waiters();
+    }
+
+    /// Loads the part `a` names; `reuse` is the model of the previous part when `a` holds the
+    /// same layers and experts of the same model (a new epoch, other peers): no reload.
+    fn load(&self, a: pb::Assignment, reuse: Option<Arc<Model<B>>>) -> Result<Part<B>, Status> {
         let invalid = |m: String| Status::invalid_argument(m);
         let dir = PathBuf::from(&a.model_dir);
         let checkpoint = Checkpoint::open(&dir).map_err(|e| invalid(e.to_string()))?;
@@ -130,8 +188,13 @@ impl<B: Backend + 'static> WorkerState<B> {
             embedding: a.embedding,
             head: a.head,
         };
-        let model =
-            Model::load(&self.backend, &checkpoint, &subset).map_err(|e| invalid(e.to_string()))?;
+        let model = match reuse {
+            Some(m) => m,
+            None => Arc::new(
+                Model::load(&self.backend, &checkpoint, &subset)
+                    .map_err(|e| invalid(e.to_string()))?,
+            ),
+        };
         let cache = self
             .backend
             .kv_cache(
@@ -163,6 +226,7 @@ impl<B: Backend + 'static> WorkerState<B> {
                     .collect::<Result<_, _>>()?,
                 expert_shard: a.expert_shard.clone(),
                 stats: self.exchange_stats.clone(),
+                timeout: peer_timeout(&a),
             }),
             _ => None,
         };
@@ -246,12 +310,16 @@ where
         _: Request<pb::InventoryRequest>,
     ) -> Result<Response<pb::InventoryResponse>, Status> {
         let (total, available) = memory_info();
+        let part = self.0.part.read().expect("not poisoned").clone();
         Ok(Response::new(pb::InventoryResponse {
             device: self.0.backend.name(),
             memory_bytes: total,
-            available_bytes: available,
+            // The part held is dropped before a new one loads: its memory counts as available.
+            available_bytes: available + part.as_ref().map_or(0, |p| p.weight_bytes),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()) as u32,
             version: env!("CARGO_PKG_VERSION").into(),
+            epoch: part.as_ref().map_or(0, |p| p.assignment.epoch),
+            draining: self.0.control.is_draining(),
         }))
     }
 
@@ -260,11 +328,19 @@ where
         request: Request<pb::Assignment>,
     ) -> Result<Response<pb::AssignResponse>, Status> {
         let a = request.into_inner();
+        if self.0.control.is_draining() {
+            return Err(Status::failed_precondition(
+                "this worker is draining (it was asked to stop); assign its part elsewhere",
+            ));
+        }
         let span = info_span!("assign", epoch = a.epoch, stage = a.stage, shard = a.shard);
         let this = self.0.clone();
-        // Drop the old part first: its memory is needed for the new one.
-        *self.0.part.write().expect("not poisoned") = None;
-        let part = tokio::task::spawn_blocking(move || span.in_scope(|| this.load(a)))
+        // Drop the old part first: its memory is needed for the new one. Its weights are kept
+        // when the new part holds the same ones.
+        let old = self.0.part.write().expect("not poisoned").take();
+        let reuse = old.filter(|p| same_weights(&p.assignment, &a)).map(|p| p.model.clone());
+        self.0.release();
+        let part = tokio::task::spawn_blocking(move || span.in_scope(|| this.load(a, reuse)))
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
         let response = pb::AssignResponse {
@@ -280,6 +356,7 @@ where
             "loaded"
         );
         *self.0.part.write().expect("not poisoned") = Some(Arc::new(part));
+        self.0.control.0.holds_part.store(true, Ordering::SeqCst);
         Ok(Response::new(response))
     }
 
@@ -317,9 +394,17 @@ where
                     .clone()
                     .ok_or_else(|| Status::internal("a middle stage without a next stage"))?;
                 request.hidden = Some(hidden);
-                next.step(request)
-                    .instrument(info_span!("forward", stage = part.assignment.stage + 1))
+                let timeout = peer_timeout(&part.assignment);
+                let forward = next
+                    .step(request)
+                    .instrument(info_span!("forward", stage = part.assignment.stage + 1));
+                tokio::time::timeout(timeout, forward)
                     .await
+                    .unwrap_or_else(|_| {
+                        Err(Status::deadline_exceeded(format!(
+                            "the next stage did not answer within {timeout:?}"
+                        )))
+                    })
             }
         }
     }
@@ -372,6 +457,23 @@ where
         Ok(Response::new(pb::ExpertOutput { y: Some(y) }))
     }
 
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let epoch = request.into_inner().epoch;
+        let held = self.0.part.read().expect("not poisoned").clone();
+        // A release for an older epoch than the part held is stale: keep the part.
+        if held.is_some_and(|p| p.assignment.epoch > epoch) {
+            return Err(Status::failed_precondition(format!(
+                "release of epoch {epoch}, but this worker holds a part of a later epoch"
+            )));
+        }
+        self.0.release();
+        info!(epoch, "released");
+        Ok(Response::new(pb::ReleaseResponse {}))
+    }
+
     async fn stats(
         &self,
         _: Request<pb::StatsRequest>,
@@ -391,9 +493,23 @@ where
     }
 }
 
-/// Binds `addr` and serves a worker there until `shutdown`; returns the bound address.
+/// How long a peer (next stage, exchange) may take to answer before the step fails.
+fn peer_timeout(a: &pb::Assignment) -> Duration {
+    match a.exchange_timeout_ms {
+        0 => Duration::from_secs(60),
+        ms => Duration::from_millis(ms as u64),
+    }
+}
+
+/// Whether two assignments name the same weights (same model, layers, experts, ends).
+fn same_weights(a: &pb::Assignment, b: &pb::Assignment) -> bool {
+    (&a.model_dir, a.layer_start, a.layer_end, &a.experts, a.embedding, a.head)
+        == (&b.model_dir, b.layer_start, b.layer_end, &b.experts, b.embedding, b.head)
+}
+
+/// Binds `addr` and serves `service` there until `shutdown`; returns the bound address.
 pub async fn spawn_worker<B: Backend + 'static>(
-    backend: B,
+    service: WorkerService<B>,
     addr: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(
@@ -405,7 +521,6 @@ where
 {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let service = WorkerService::new(backend);
     let server = WorkerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -424,7 +539,7 @@ where
 }
 
 /// Total and available memory of this machine, from `/proc/meminfo` (0 where unknown).
-fn memory_info() -> (u64, u64) {
+pub fn memory_info() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let field = |name: &str| {
         text.lines()
