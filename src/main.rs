@@ -134,7 +134,12 @@ struct CoordinatorArgs {
     #[arg(long)]
     model: PathBuf,
     /// Worker addresses, stage by stage: cell (p, e) is the (p·E + e)-th.
-    #[arg(long, value_delimiter = ',', required_unless_present = "etcd", conflicts_with = "etcd")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "etcd",
+        conflicts_with = "etcd"
+    )]
     workers: Vec<String>,
     #[command(flatten)]
     cluster: ClusterArgs,
@@ -445,7 +450,10 @@ async fn worker(a: WorkerArgs) -> Result<()> {
         None => shutdown_signal().await,
     }
     let _ = stop_tx.send(());
-    if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .is_err()
+    {
         eprintln!("switchyard: the worker's gRPC server did not stop within 5 s");
     }
     eprintln!("switchyard: worker stopped");

@@ -313,8 +313,16 @@ fn serving_grid(grid: &'static str) -> impl Fn(&pb::ClusterStatusResponse) -> bo
 fn assert_clean(name: &str, t: &Tally) {
     println!("{name}: {t:?}");
     assert_eq!(t.hung, 0, "{name}: requests hung");
-    assert!(t.mismatched.is_empty(), "{name}: outputs differ: {:?}", t.mismatched);
-    assert!(t.other_errors.is_empty(), "{name}: errors: {:?}", t.other_errors);
+    assert!(
+        t.mismatched.is_empty(),
+        "{name}: outputs differ: {:?}",
+        t.mismatched
+    );
+    assert!(
+        t.other_errors.is_empty(),
+        "{name}: errors: {:?}",
+        t.other_errors
+    );
     assert!(t.completed > 0, "{name}: nothing completed");
 }
 
@@ -331,7 +339,10 @@ fn workers_register_and_the_placement_grows_under_load() {
     // No worker yet: not serving; a request waits (bounded by its deadline), never hangs.
     let c = etcd_coordinator(&dir, &etcd.url, "grow", "2x3", &[]);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(rt.block_on(health(&c.address)), Some(ServingStatus::NotServing));
+    assert_eq!(
+        rt.block_on(health(&c.address)),
+        Some(ServingStatus::NotServing)
+    );
     let e = rt.block_on(async {
         let mut cl = common::client(&c.address).await;
         let mut r = tonic::Request::new(request(&[5, 6, 7], 4));
@@ -344,14 +355,28 @@ fn workers_register_and_the_placement_grows_under_load() {
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
 
     // Four workers: a 2×2 placement (2×3 needs six), published in etcd with its epoch.
-    let mut workers: Vec<Proc> = (0..4).map(|_| etcd_worker(&etcd.url, "grow", &[])).collect();
-    let took = wait_status(&rt, &c.address, Duration::from_secs(30), "2x2", serving_grid("2x2"));
+    let mut workers: Vec<Proc> = (0..4)
+        .map(|_| etcd_worker(&etcd.url, "grow", &[]))
+        .collect();
+    let took = wait_status(
+        &rt,
+        &c.address,
+        Duration::from_secs(30),
+        "2x2",
+        serving_grid("2x2"),
+    );
     println!("4 workers registered → serving 2x2 after {took:?}");
-    assert_eq!(rt.block_on(health(&c.address)), Some(ServingStatus::Serving));
+    assert_eq!(
+        rt.block_on(health(&c.address)),
+        Some(ServingStatus::Serving)
+    );
     let s = rt.block_on(status(&c.address)).unwrap();
     let record = rt.block_on(async {
         let etcd = switchyard_worker::etcd::Etcd::connect(&etcd.url).unwrap();
-        etcd.get("/switchyard/grow/placement").await.unwrap().unwrap()
+        etcd.get("/switchyard/grow/placement")
+            .await
+            .unwrap()
+            .unwrap()
     });
     let record = pb::PlacementRecord::decode(record.as_slice()).unwrap();
     assert_eq!(record.epoch, s.placement_epoch);
@@ -371,10 +396,18 @@ fn workers_register_and_the_placement_grows_under_load() {
     let s = rt.block_on(status(&c.address)).unwrap();
     assert_eq!(grid_of(&s), "2x2", "a spare does not change the grid");
     workers.push(etcd_worker(&etcd.url, "grow", &[]));
-    let took = wait_status(&rt, &c.address, Duration::from_secs(30), "2x3", serving_grid("2x3"));
+    let took = wait_status(
+        &rt,
+        &c.address,
+        Duration::from_secs(30),
+        "2x3",
+        serving_grid("2x3"),
+    );
     println!("sixth worker → serving 2x3 after {took:?}");
     std::thread::sleep(Duration::from_secs(2));
+    let moved = rt.block_on(status(&c.address)).unwrap().requests_moved;
     let t = load.finish(&rt);
+    assert!(moved > 0, "growing under load moves the requests in flight");
     assert_clean("grow", &t);
     assert!(t.unavailable.is_empty(), "{:?}", t.unavailable);
 }
@@ -388,16 +421,30 @@ fn chaos_workers_killed_frozen_and_replaced_under_load() {
     let cases = cases(&dir, 64);
     let etcd = EtcdServer::start();
     let rt = runtime();
-    let mut workers: Vec<Proc> = (0..4).map(|_| etcd_worker(&etcd.url, "chaos", &[])).collect();
-    let c = etcd_coordinator(&dir, &etcd.url, "chaos", "2x2", &["--recovery-timeout-s", "20"]);
-    wait_status(&rt, &c.address, Duration::from_secs(30), "2x2", serving_grid("2x2"));
+    let mut workers: Vec<Proc> = (0..4)
+        .map(|_| etcd_worker(&etcd.url, "chaos", &[]))
+        .collect();
+    let c = etcd_coordinator(
+        &dir,
+        &etcd.url,
+        "chaos",
+        "2x2",
+        &["--recovery-timeout-s", "20"],
+    );
+    wait_status(
+        &rt,
+        &c.address,
+        Duration::from_secs(30),
+        "2x2",
+        serving_grid("2x2"),
+    );
 
     let started = Instant::now();
     let load = Load::start(&rt, vec![c.address.clone()], cases, 32, Retry::Never);
     let mut detections = Vec::new();
     let mut recoveries = Vec::new();
     for round in 0..3 {
-        std::thread::sleep(Duration::from_secs(5));
+        std::thread::sleep(Duration::from_secs(10));
         let s = rt.block_on(status(&c.address)).unwrap();
         let victim_address = s.workers[round % s.workers.len()].address.clone();
         let v = workers
@@ -409,11 +456,17 @@ fn chaos_workers_killed_frozen_and_replaced_under_load() {
         let how = if round == 1 { "STOP" } else { "KILL" };
         signal(&victim.child, how);
         let epoch = s.placement_epoch;
-        let detected = wait_status(&rt, &c.address, Duration::from_secs(20), "re-planned", |s| {
-            s.placement_epoch > epoch
-                && !s.workers.is_empty()
-                && s.workers.iter().all(|w| w.address != victim_address)
-        });
+        let detected = wait_status(
+            &rt,
+            &c.address,
+            Duration::from_secs(20),
+            "re-planned",
+            |s| {
+                s.placement_epoch > epoch
+                    && !s.workers.is_empty()
+                    && s.workers.iter().all(|w| w.address != victim_address)
+            },
+        );
         println!("round {round}: SIG{how} → serving on the rest after {detected:?}");
         detections.push(detected);
         if how == "STOP" {
@@ -423,16 +476,23 @@ fn chaos_workers_killed_frozen_and_replaced_under_load() {
         std::thread::sleep(Duration::from_secs(3));
         let t0 = Instant::now();
         workers.push(etcd_worker(&etcd.url, "chaos", &[]));
-        wait_status(&rt, &c.address, Duration::from_secs(30), "2x2 again", serving_grid("2x2"));
+        wait_status(
+            &rt,
+            &c.address,
+            Duration::from_secs(30),
+            "2x2 again",
+            serving_grid("2x2"),
+        );
         let recovered = t0.elapsed();
         println!("round {round}: replacement started → serving 2x2 after {recovered:?}");
         recoveries.push(recovered);
     }
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(8));
+    let moved = rt.block_on(status(&c.address)).unwrap().requests_moved;
     let t = load.finish(&rt);
     let elapsed = started.elapsed();
     println!(
-        "chaos: {:.0} s, 32 streams, 3 workers lost: {} completed (all equal to their undisturbed outputs), {} UNAVAILABLE, {} hung; detection {:?}, recovery {:?}",
+        "chaos: {:.0} s, 32 streams, 3 workers lost: {} completed (all equal to their undisturbed outputs; {moved} of them moved and recomputed), {} UNAVAILABLE, {} hung; detection {:?}, recovery {:?}",
         elapsed.as_secs_f64(),
         t.completed,
         t.unavailable.len(),
@@ -441,6 +501,8 @@ fn chaos_workers_killed_frozen_and_replaced_under_load() {
         recoveries
     );
     assert_clean("chaos", &t);
+    // Every loss and every replacement moved the requests in flight.
+    assert!(moved >= 6, "{moved} requests moved");
     for u in &t.unavailable {
         assert!(u.len() > 40, "UNAVAILABLE without a reason: {u}");
     }
@@ -461,11 +523,20 @@ fn a_standby_coordinator_takes_over_when_the_leader_dies() {
     let rt = runtime();
     let _workers: Vec<Proc> = (0..2).map(|_| etcd_worker(&etcd.url, "ha", &[])).collect();
     let mut a = etcd_coordinator(&dir, &etcd.url, "ha", "1x2", &[]);
-    wait_status(&rt, &a.address, Duration::from_secs(30), "1x2", serving_grid("1x2"));
+    wait_status(
+        &rt,
+        &a.address,
+        Duration::from_secs(30),
+        "1x2",
+        serving_grid("1x2"),
+    );
     let b = etcd_coordinator(&dir, &etcd.url, "ha", "1x2", &[]);
     std::thread::sleep(Duration::from_millis(500));
     // The standby is not serving and says so.
-    assert_eq!(rt.block_on(health(&b.address)), Some(ServingStatus::NotServing));
+    assert_eq!(
+        rt.block_on(health(&b.address)),
+        Some(ServingStatus::NotServing)
+    );
     match rt.block_on(attempt(&b.address, request(&[5, 6], 2))) {
         End::Failed(s, 0) => {
             assert_eq!(s.code(), Code::Unavailable);
@@ -474,7 +545,13 @@ fn a_standby_coordinator_takes_over_when_the_leader_dies() {
         _ => panic!("a standby served a request"),
     }
 
-    let load = Load::start(&rt, vec![a.address.clone(), b.address.clone()], cases, 8, Retry::Always);
+    let load = Load::start(
+        &rt,
+        vec![a.address.clone(), b.address.clone()],
+        cases,
+        8,
+        Retry::Always,
+    );
     std::thread::sleep(Duration::from_secs(3));
     signal(&a.child, "KILL");
     let killed = Instant::now();
@@ -510,9 +587,21 @@ fn draining_a_worker_or_the_coordinator_fails_no_request() {
         .collect();
     let extra = ["--drain-grace-s", "20"];
     let mut a = etcd_coordinator(&dir, &etcd.url, "drain", "1x2", &extra);
-    wait_status(&rt, &a.address, Duration::from_secs(30), "1x2", serving_grid("1x2"));
+    wait_status(
+        &rt,
+        &a.address,
+        Duration::from_secs(30),
+        "1x2",
+        serving_grid("1x2"),
+    );
     let b = etcd_coordinator(&dir, &etcd.url, "drain", "1x2", &extra);
-    let load = Load::start(&rt, vec![a.address.clone(), b.address.clone()], cases, 16, Retry::Refused);
+    let load = Load::start(
+        &rt,
+        vec![a.address.clone(), b.address.clone()],
+        cases,
+        16,
+        Retry::Refused,
+    );
     std::thread::sleep(Duration::from_secs(3));
 
     // SIGTERM to a worker of the placement: its lane drains, the spare takes its place, it
@@ -526,9 +615,13 @@ fn draining_a_worker_or_the_coordinator_fails_no_request() {
     signal(&workers[v].child, "TERM");
     let code = wait_exit(&mut workers[v].child, Duration::from_secs(40));
     assert_eq!(code, Some(0), "the drained worker's exit");
-    wait_status(&rt, &a.address, Duration::from_secs(10), "re-planned", |s| {
-        serving_grid("1x2")(s) && s.workers.iter().all(|w| w.address != drained)
-    });
+    wait_status(
+        &rt,
+        &a.address,
+        Duration::from_secs(10),
+        "re-planned",
+        |s| serving_grid("1x2")(s) && s.workers.iter().all(|w| w.address != drained),
+    );
 
     // SIGTERM to the leading coordinator: it finishes what it runs, refuses the rest
     // (clients go to the standby), resigns and exits 0; the standby takes over.
@@ -536,7 +629,13 @@ fn draining_a_worker_or_the_coordinator_fails_no_request() {
     signal(&a.child, "TERM");
     let code = wait_exit(&mut a.child, Duration::from_secs(30));
     assert_eq!(code, Some(0), "the drained coordinator's exit");
-    wait_status(&rt, &b.address, Duration::from_secs(15), "the standby leads", serving_grid("1x2"));
+    wait_status(
+        &rt,
+        &b.address,
+        Duration::from_secs(15),
+        "the standby leads",
+        serving_grid("1x2"),
+    );
     std::thread::sleep(Duration::from_secs(3));
     let t = load.finish(&rt);
     assert_clean("drain", &t);
@@ -552,9 +651,17 @@ fn serving_continues_while_etcd_is_down() {
     let cases = cases(&dir, 16);
     let mut etcd = EtcdServer::start();
     let rt = runtime();
-    let mut workers: Vec<Proc> = (0..2).map(|_| etcd_worker(&etcd.url, "down", &[])).collect();
+    let mut workers: Vec<Proc> = (0..2)
+        .map(|_| etcd_worker(&etcd.url, "down", &[]))
+        .collect();
     let c = etcd_coordinator(&dir, &etcd.url, "down", "1x3", &[]);
-    wait_status(&rt, &c.address, Duration::from_secs(30), "1x2", serving_grid("1x2"));
+    wait_status(
+        &rt,
+        &c.address,
+        Duration::from_secs(30),
+        "1x2",
+        serving_grid("1x2"),
+    );
     let load = Load::start(&rt, vec![c.address.clone()], cases, 8, Retry::Never);
     std::thread::sleep(Duration::from_secs(2));
     // Down for three lease lifetimes.
@@ -566,7 +673,13 @@ fn serving_continues_while_etcd_is_down() {
     // Changes resume: a third worker grows the grid to 1×3.
     std::thread::sleep(Duration::from_secs(2));
     workers.push(etcd_worker(&etcd.url, "down", &[]));
-    wait_status(&rt, &c.address, Duration::from_secs(30), "1x3", serving_grid("1x3"));
+    wait_status(
+        &rt,
+        &c.address,
+        Duration::from_secs(30),
+        "1x3",
+        serving_grid("1x3"),
+    );
     std::thread::sleep(Duration::from_secs(2));
     let t = load.finish(&rt);
     assert_clean("etcd down", &t);

@@ -16,8 +16,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::server::NamedService;
 use tonic::transport::Server;
-use tonic_health::ServingStatus;
 use tonic::{Response, Status};
+use tonic_health::ServingStatus;
 use tracing::info;
 
 use crate::cluster::Cluster;
@@ -238,6 +238,7 @@ impl Inference for InferenceApi {
             return Ok(Response::new(pb::ClusterStatusResponse {
                 model: cluster.model_name.clone(),
                 queue_depth: cluster.queued() as u32,
+                requests_moved: cluster.moved.load(Ordering::Relaxed),
                 ..Default::default()
             }));
         };
@@ -284,6 +285,7 @@ impl Inference for InferenceApi {
             workers,
             lanes,
             queue_depth: cluster.queued() as u32,
+            requests_moved: cluster.moved.load(Ordering::Relaxed),
         }))
     }
 }

@@ -133,6 +133,8 @@ pub struct Cluster {
     pub tokenizer: Option<Arc<Tokenizer>>,
     pub config: ClusterConfig,
     pub next_seq: AtomicU64,
+    /// Requests moved off a placement that ended, to be recomputed.
+    pub moved: AtomicU64,
     serving: RwLock<Option<Arc<Serving>>>,
     parked: Mutex<Vec<Parked>>,
     /// Why nothing is served, for the requests that wait or are refused.
@@ -184,6 +186,7 @@ impl Cluster {
             tokenizer,
             config,
             next_seq: AtomicU64::new(1),
+            moved: AtomicU64::new(0),
             serving: RwLock::new(None),
             parked: Mutex::new(Vec::new()),
             why_not: Mutex::new("no placement yet: waiting for workers".into()),
@@ -221,9 +224,7 @@ impl Cluster {
     }
 
     /// Lane failures, for the membership loop that handles them.
-    pub(crate) fn failures(
-        &self,
-    ) -> Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<LaneFailure>>> {
+    pub(crate) fn failures(&self) -> Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<LaneFailure>>> {
         self.failures_rx.clone()
     }
 
@@ -329,7 +330,7 @@ impl Cluster {
     /// Stops serving the current placement; its requests wait for the next one.
     pub async fn stop_serving(&self, why: &str) {
         let old = self.serving.write().expect("not poisoned").take();
-        let _ = self.ready.send(false);
+        let _ = self.ready.send_replace(false);
         self.set_why_not(why.to_string());
         let Some(old) = old else { return };
         info!(epoch = old.placement.epoch, "stopping placement: {why}");
@@ -337,12 +338,19 @@ impl Cluster {
         for lane in &old.lanes {
             moved.extend(lane.stop().await);
         }
+        let n = moved
+            .iter()
+            .filter(|a| matches!(a.work, Work::Moved(_)))
+            .count();
+        self.moved.fetch_add(n as u64, Ordering::Relaxed);
         let now = Instant::now();
-        self.parked.lock().expect("not poisoned").extend(
-            moved
-                .into_iter()
-                .map(|admitted| Parked { admitted, since: now }),
-        );
+        self.parked
+            .lock()
+            .expect("not poisoned")
+            .extend(moved.into_iter().map(|admitted| Parked {
+                admitted,
+                since: now,
+            }));
     }
 
     /// Ends every request held with `UNAVAILABLE` and `why` (the coordinator goes away).
@@ -357,7 +365,7 @@ impl Cluster {
     /// Refuses new requests from now on (in-flight ones go on).
     pub fn stop_admitting(&self) {
         self.admitting.store(false, Ordering::SeqCst);
-        let _ = self.ready.send(false);
+        let _ = self.ready.send_replace(false);
     }
 
     /// No request is held anywhere.
@@ -444,7 +452,7 @@ impl Cluster {
             checker: scheduler(),
         });
         *self.serving.write().expect("not poisoned") = Some(serving.clone());
-        let _ = self.ready.send(true);
+        let _ = self.ready.send_replace(true);
         // Requests moved off the last placement go first: they were admitted earlier.
         let parked = std::mem::take(&mut *self.parked.lock().expect("not poisoned"));
         let (moved, new): (Vec<_>, Vec<_>) = parked

@@ -256,7 +256,11 @@ impl Driver {
 
     /// Hands back every request (running ones lose their KV; results of steps in flight are
     /// dropped) and ends.
-    fn stop(mut self, mut rx: mpsc::UnboundedReceiver<Message>, reply: oneshot::Sender<Vec<Admitted>>) {
+    fn stop(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Message>,
+        reply: oneshot::Sender<Vec<Admitted>>,
+    ) {
         rx.close();
         let mut out = Vec::new();
         while let Ok(m) = rx.try_recv() {

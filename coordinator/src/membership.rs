@@ -185,7 +185,11 @@ impl Leader {
         let draining: Vec<(String, usize)> = placement
             .cells
             .iter()
-            .filter(|c| members.as_ref().is_some_and(|m| m.get(&c.address) == Some(&true)))
+            .filter(|c| {
+                members
+                    .as_ref()
+                    .is_some_and(|m| m.get(&c.address) == Some(&true))
+            })
             .map(|c| (c.address.clone(), c.shard))
             .collect();
         if !draining.is_empty() {
@@ -311,7 +315,8 @@ impl Leader {
                 self.publish(&serving.placement).await;
                 self.release_drained(epoch).await;
                 // Workers left out still hold a part of an older placement: free it.
-                let spare: Vec<String> = holding.into_iter().filter(|a| !used.contains(a)).collect();
+                let spare: Vec<String> =
+                    holding.into_iter().filter(|a| !used.contains(a)).collect();
                 release(&spare, epoch, PROBE_TIMEOUT).await;
             }
             Err(e) => {
@@ -431,7 +436,13 @@ pub async fn run_etcd(cluster: Arc<Cluster>, m: EtcdMembership, mut stop: watch:
             keys: m.keys.clone(),
             address: m.address.clone(),
         };
-        let leader = Leader::new(cluster.clone(), members.clone(), epoch, preferred, Some(publish));
+        let leader = Leader::new(
+            cluster.clone(),
+            members.clone(),
+            epoch,
+            preferred,
+            Some(publish),
+        );
         let mut stop2 = stop.clone();
         let mut lost2 = lost.clone();
         leader

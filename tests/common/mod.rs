@@ -185,7 +185,10 @@ impl EtcdServer {
         // The server is up; give it a moment to elect itself leader of its one-node raft.
         let t = std::time::Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(10), "etcd does not listen");
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "etcd does not listen"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -248,7 +251,13 @@ pub fn etcd_worker(etcd: &str, cluster: &str, extra: &[&str]) -> Proc {
 
 /// A coordinator of the etcd cluster `cluster` with at most `grid`, 2-second leases and
 /// 2-second step timeouts.
-pub fn etcd_coordinator(model: &Path, etcd: &str, cluster: &str, grid: &str, extra: &[&str]) -> Proc {
+pub fn etcd_coordinator(
+    model: &Path,
+    etcd: &str,
+    cluster: &str,
+    grid: &str,
+    extra: &[&str],
+) -> Proc {
     let mut args = vec![
         "coordinator",
         "--model",

@@ -25,6 +25,4 @@ pub use cuda::{CudaBackend, Device};
 pub use engine::{Completion, Engine, EngineConfig, EngineError};
 pub use model::{Model, ModelError};
 pub use sampling::SamplingParams;
-pub use scheduler::{
-    Detached, FinishReason, Request, Scheduler, SchedulerConfig, Update, Usage,
-};
+pub use scheduler::{Detached, FinishReason, Request, Scheduler, SchedulerConfig, Update, Usage};

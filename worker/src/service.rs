@@ -338,7 +338,9 @@ where
         // Drop the old part first: its memory is needed for the new one. Its weights are kept
         // when the new part holds the same ones.
         let old = self.0.part.write().expect("not poisoned").take();
-        let reuse = old.filter(|p| same_weights(&p.assignment, &a)).map(|p| p.model.clone());
+        let reuse = old
+            .filter(|p| same_weights(&p.assignment, &a))
+            .map(|p| p.model.clone());
         self.0.release();
         let part = tokio::task::spawn_blocking(move || span.in_scope(|| this.load(a, reuse)))
             .await
@@ -503,8 +505,21 @@ fn peer_timeout(a: &pb::Assignment) -> Duration {
 
 /// Whether two assignments name the same weights (same model, layers, experts, ends).
 fn same_weights(a: &pb::Assignment, b: &pb::Assignment) -> bool {
-    (&a.model_dir, a.layer_start, a.layer_end, &a.experts, a.embedding, a.head)
-        == (&b.model_dir, b.layer_start, b.layer_end, &b.experts, b.embedding, b.head)
+    (
+        &a.model_dir,
+        a.layer_start,
+        a.layer_end,
+        &a.experts,
+        a.embedding,
+        a.head,
+    ) == (
+        &b.model_dir,
+        b.layer_start,
+        b.layer_end,
+        &b.experts,
+        b.embedding,
+        b.head,
+    )
 }
 
 /// Binds `addr` and serves `service` there until `shutdown`; returns the bound address.
