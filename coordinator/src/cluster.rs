@@ -288,7 +288,7 @@ impl Cluster {
                 .cloned()
         });
         match lane {
-            Some(lane) => lane.submit(admitted).err(),
+            Some(lane) => lane.submit(admitted).err().map(|a| *a),
             None => Some(admitted),
         }
     }

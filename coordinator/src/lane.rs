@@ -96,7 +96,7 @@ pub struct Lane {
 }
 
 enum Message {
-    Admit(Admitted),
+    Admit(Box<Admitted>),
     /// Hand every request back and end.
     Stop(oneshot::Sender<Vec<Admitted>>),
 }
@@ -135,15 +135,17 @@ impl Lane {
     }
 
     /// Hands a request to the lane; gives it back if the lane has stopped.
-    pub fn submit(&self, admitted: Admitted) -> Result<(), Admitted> {
+    pub fn submit(&self, admitted: Admitted) -> Result<(), Box<Admitted>> {
         self.pending.fetch_add(1, Ordering::SeqCst);
-        self.tx.send(Message::Admit(admitted)).map_err(|e| {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
-            match e.0 {
-                Message::Admit(a) => a,
-                Message::Stop(_) => unreachable!("sent an Admit"),
-            }
-        })
+        self.tx
+            .send(Message::Admit(Box::new(admitted)))
+            .map_err(|e| {
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+                match e.0 {
+                    Message::Admit(a) => a,
+                    Message::Stop(_) => unreachable!("sent an Admit"),
+                }
+            })
     }
 
     /// Ends the lane's driver; every request it held comes back, to be moved elsewhere.
@@ -247,7 +249,7 @@ impl Driver {
     fn receive(&mut self, m: Message) -> Option<oneshot::Sender<Vec<Admitted>>> {
         match m {
             Message::Admit(a) => {
-                self.admit(a);
+                self.admit(*a);
                 None
             }
             Message::Stop(reply) => Some(reply),
@@ -267,7 +269,7 @@ impl Driver {
             match m {
                 Message::Admit(a) => {
                     self.pending.fetch_sub(1, Ordering::SeqCst);
-                    out.push(a);
+                    out.push(*a);
                 }
                 Message::Stop(other) => drop(other),
             }
