@@ -8,13 +8,16 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use switchyard_bench::config::{self as bench_config, Api, LenDist, Load, Slo, Sweep, Target};
+use switchyard_coordinator::membership::{self, EtcdMembership};
 use switchyard_coordinator::{api, client, http, Cluster, ClusterConfig, Grid, PlanOptions};
 use switchyard_model::init;
 use switchyard_model::safetensors::Dtype;
 use switchyard_model::{ChatMessage, Checkpoint};
 use switchyard_proto::v1 as pb;
+use switchyard_worker::etcd::Etcd;
 use switchyard_worker::metrics;
-use switchyard_worker::service::spawn_worker;
+use switchyard_worker::registration::{self, Keys, RegistrationConfig};
+use switchyard_worker::service::{spawn_worker, WorkerService};
 use switchyard_worker::stats::WorkerMetrics;
 use switchyard_worker::{
     Backend, CpuBackend, CudaBackend, Device, Engine, EngineConfig, Request, SamplingParams,
@@ -95,6 +98,33 @@ struct ClusterArgs {
     /// Deadline, in seconds, of requests that bring none (grpc-timeout).
     #[arg(long)]
     request_timeout_s: Option<f64>,
+    /// A step without an answer for this long counts as a failed worker; its requests are
+    /// recomputed on a new placement.
+    #[arg(long, default_value_t = 10.0)]
+    step_timeout_s: f64,
+    /// How long a request waits for a placement (after a failure) before UNAVAILABLE.
+    #[arg(long, default_value_t = 30.0)]
+    recovery_timeout_s: f64,
+    /// How long in-flight requests may take to finish when a worker or this coordinator
+    /// drains (SIGTERM).
+    #[arg(long, default_value_t = 30.0)]
+    drain_grace_s: f64,
+}
+
+#[derive(Args)]
+struct EtcdArgs {
+    /// etcd endpoint (e.g. http://127.0.0.1:2379): membership, placement and leader election.
+    #[arg(long)]
+    etcd: Option<String>,
+    /// The cluster's name: its keys in etcd live under /switchyard/NAME/.
+    #[arg(long, default_value = "default")]
+    cluster: String,
+    /// Time to live of the etcd lease: how long a dead process stays registered (or leader).
+    #[arg(long, default_value_t = 3)]
+    lease_ttl_s: u64,
+    /// The address others reach this process at, when not the one it listens on.
+    #[arg(long)]
+    advertise: Option<String>,
 }
 
 #[derive(Args)]
@@ -116,6 +146,11 @@ struct WorkerArgs {
     /// Serve Prometheus metrics on this address (`/metrics`).
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// With --etcd: how long a draining worker (SIGTERM) waits to be released.
+    #[arg(long, default_value_t = 60.0)]
+    drain_grace_s: f64,
 }
 
 #[derive(Args)]
@@ -123,10 +158,18 @@ struct CoordinatorArgs {
     #[arg(long)]
     model: PathBuf,
     /// Worker addresses, stage by stage: cell (p, e) is the (p·E + e)-th.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "etcd",
+        conflicts_with = "etcd"
+    )]
     workers: Vec<String>,
     #[command(flatten)]
     cluster: ClusterArgs,
+    /// With --etcd, --grid is the largest grid wanted: fewer workers get the best smaller one.
+    #[command(flatten)]
+    etcd: EtcdArgs,
 }
 
 #[derive(Subcommand)]
@@ -321,8 +364,33 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// Ctrl-C or SIGTERM.
 async fn shutdown_signal() {
-    let _ = tokio::signal::ctrl_c().await;
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// Stops taking requests, lets those in flight finish within `grace`, ends the rest.
+async fn drain(cluster: &Cluster, grace: Duration) {
+    eprintln!("switchyard: draining (up to {grace:?})");
+    cluster.stop_admitting();
+    let deadline = tokio::time::Instant::now() + grace;
+    while !cluster.is_idle() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster
+        .fail_all("the coordinator shut down before the request finished (drain grace period over)")
+        .await;
 }
 
 fn cluster_config(model: PathBuf, workers: Vec<String>, a: &ClusterArgs) -> ClusterConfig {
@@ -336,6 +404,9 @@ fn cluster_config(model: PathBuf, workers: Vec<String>, a: &ClusterArgs) -> Clus
         max_running: a.max_running,
         max_queue: a.max_queue,
         request_timeout: a.request_timeout_s.map(Duration::from_secs_f64),
+        step_timeout: seconds("--step-timeout-s", a.step_timeout_s),
+        recovery_timeout: seconds("--recovery-timeout-s", a.recovery_timeout_s),
+        drain_grace: seconds("--drain-grace-s", a.drain_grace_s),
         ..ClusterConfig::new(model, a.grid, workers)
     }
 }
@@ -346,30 +417,111 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
-/// Starts the cluster, then serves the client APIs until Ctrl-C. `local_workers` are the
-/// metrics of workers in this process, which the HTTP port's `/metrics` includes.
-async fn run_coordinator(
-    config: ClusterConfig,
+fn seconds(flag: &str, s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or_else(|_| {
+        eprintln!("{flag} {s}: expected a number of seconds ≥ 0");
+        std::process::exit(2)
+    })
+}
+
+/// Binds the HTTP port and serves it until Ctrl-C / SIGTERM. `local_workers` are the metrics
+/// of workers in this process, which `/metrics` includes.
+async fn spawn_http(
+    cluster: &Arc<Cluster>,
     a: &ClusterArgs,
     local_workers: Vec<Arc<WorkerMetrics>>,
-) -> Result<()> {
-    let cluster = Cluster::start(config).await?;
-    let grpc = bind(a.grpc_addr).await?;
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
     let web = bind(a.http_addr).await?;
-    eprint!("{}", cluster.placement);
     let router = http::router(cluster.clone(), local_workers);
     eprintln!(
         "switchyard: HTTP on {} (OpenAI API at /v1, dashboard at /, metrics at /metrics)",
         web.local_addr()?
     );
+    Ok(tokio::spawn(http::serve(web, router, shutdown_signal())))
+}
+
+/// Starts a static cluster, then serves the client APIs until Ctrl-C or SIGTERM (then drains).
+async fn run_coordinator(
+    config: ClusterConfig,
+    a: &ClusterArgs,
+    local_workers: Vec<Arc<WorkerMetrics>>,
+) -> Result<()> {
+    let grace = config.drain_grace;
+    let cluster = Cluster::start(config).await?;
+    let listener = bind(a.grpc_addr).await?;
+    if let Some(s) = cluster.serving() {
+        eprint!("{}", s.placement);
+    }
+    let _web = spawn_http(&cluster, a, local_workers).await?;
     eprintln!(
         "switchyard: listening on {} (gRPC), serving {}",
-        grpc.local_addr()?,
+        listener.local_addr()?,
         cluster.model_name
     );
-    let web = tokio::spawn(http::serve(web, router, shutdown_signal()));
-    api::serve(cluster, grpc, shutdown_signal()).await?;
-    web.await??;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let leader = tokio::spawn(membership::run_static(cluster.clone(), {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }));
+    serve_until_drained(cluster, listener, grace, stop_tx).await?;
+    let _ = leader.await;
+    Ok(())
+}
+
+/// Serves the client API until a signal, drains, tells `stop` and stops the server.
+async fn serve_until_drained(
+    cluster: std::sync::Arc<Cluster>,
+    listener: tokio::net::TcpListener,
+    grace: Duration,
+    stop: tokio::sync::watch::Sender<bool>,
+) -> Result<()> {
+    let (server_tx, server_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(api::serve(cluster.clone(), listener, async {
+        let _ = server_rx.await;
+    }));
+    shutdown_signal().await;
+    drain(&cluster, grace).await;
+    let _ = stop.send(true);
+    let _ = server_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(r) => r??,
+        Err(_) => eprintln!("switchyard: the gRPC server did not stop within 5 s"),
+    }
+    eprintln!("switchyard: stopped");
+    Ok(())
+}
+
+/// A coordinator of a cluster kept in etcd: leader or standby, until Ctrl-C or SIGTERM.
+async fn run_etcd_coordinator(config: ClusterConfig, a: &ClusterArgs, e: &EtcdArgs) -> Result<()> {
+    let url = e.etcd.as_deref().expect("checked by the caller");
+    let etcd = Etcd::connect(url)?;
+    let keys = Keys::new(&e.cluster).map_err(anyhow::Error::msg)?;
+    let grace = config.drain_grace;
+    let cluster = Cluster::new(config)?;
+    let listener = tokio::net::TcpListener::bind(a.grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.grpc_addr))?;
+    let address = match &e.advertise {
+        Some(a) => a.clone(),
+        None => listener.local_addr()?.to_string(),
+    };
+    eprintln!(
+        "switchyard: listening on {address} (gRPC), serving {} in cluster {:?} (etcd {url})",
+        cluster.model_name, e.cluster
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let m = EtcdMembership {
+        etcd,
+        keys,
+        address,
+        ttl: Duration::from_secs(e.lease_ttl_s.max(1)),
+    };
+    let _web = spawn_http(&cluster, a, Vec::new()).await?;
+    let leader = tokio::spawn(membership::run_etcd(cluster.clone(), m, stop_rx));
+    serve_until_drained(cluster, listener, grace, stop_tx).await?;
+    let _ = leader.await;
     Ok(())
 }
 
@@ -380,7 +532,12 @@ async fn serve(a: ServeArgs) -> Result<()> {
     };
     let (mut workers, mut metrics) = (Vec::new(), Vec::new());
     for _ in 0..a.cluster.grid.cells() {
-        let w = spawn_worker(CpuBackend, "127.0.0.1:0".parse()?, std::future::pending()).await?;
+        let w = spawn_worker(
+            WorkerService::new(CpuBackend),
+            "127.0.0.1:0".parse()?,
+            std::future::pending(),
+        )
+        .await?;
         workers.push(w.address.to_string());
         metrics.push(w.metrics);
     }
@@ -392,11 +549,17 @@ async fn worker(a: WorkerArgs) -> Result<()> {
     if a.device != "cpu" {
         bail!("--device {:?}: expected cpu", a.device);
     }
-    let w = spawn_worker(CpuBackend, a.listen, shutdown_signal())
-        .await
-        .with_context(|| format!("cannot listen on {}", a.listen))?;
-    if let Some(addr) = a.metrics_addr {
-        let listener = bind(addr).await?;
+    let service = WorkerService::new(CpuBackend);
+    let control = service.control();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let w = spawn_worker(service, a.listen, async {
+        let _ = stop_rx.await;
+    })
+    .await
+    .with_context(|| format!("cannot listen on {}", a.listen))?;
+    let (addr, task) = (w.address, w.task);
+    if let Some(metrics_addr) = a.metrics_addr {
+        let listener = bind(metrics_addr).await?;
         eprintln!(
             "switchyard: worker metrics on {} (/metrics)",
             listener.local_addr()?
@@ -405,14 +568,43 @@ async fn worker(a: WorkerArgs) -> Result<()> {
         let router = metrics::router(move || m.registry.render());
         tokio::spawn(metrics::serve_http(listener, router, shutdown_signal()));
     }
-    eprintln!("switchyard: worker listening on {}", w.address);
-    w.task.await??;
+    eprintln!("switchyard: worker listening on {addr}");
+    match &a.etcd.etcd {
+        Some(url) => {
+            let etcd = Etcd::connect(url)?;
+            let address = a.etcd.advertise.clone().unwrap_or(addr.to_string());
+            let config = RegistrationConfig {
+                keys: Keys::new(&a.etcd.cluster).map_err(anyhow::Error::msg)?,
+                record: pb::WorkerRecord {
+                    address,
+                    device: a.device.clone(),
+                    memory_bytes: switchyard_worker::service::memory_info().0,
+                    draining: false,
+                },
+                ttl: Duration::from_secs(a.etcd.lease_ttl_s.max(1)),
+                grace: seconds("--drain-grace-s", a.drain_grace_s),
+            };
+            registration::run(etcd, config, control, shutdown_signal()).await;
+        }
+        None => shutdown_signal().await,
+    }
+    let _ = stop_tx.send(());
+    if tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .is_err()
+    {
+        eprintln!("switchyard: the worker's gRPC server did not stop within 5 s");
+    }
+    eprintln!("switchyard: worker stopped");
     Ok(())
 }
 
 async fn coordinator(a: CoordinatorArgs) -> Result<()> {
     let config = cluster_config(a.model, a.workers, &a.cluster);
-    run_coordinator(config, &a.cluster, Vec::new()).await
+    match a.etcd.etcd.is_some() {
+        true => run_etcd_coordinator(config, &a.cluster, &a.etcd).await,
+        false => run_coordinator(config, &a.cluster, Vec::new()).await,
+    }
 }
 
 async fn bench(a: BenchArgs) -> Result<()> {

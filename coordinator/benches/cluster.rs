@@ -15,7 +15,7 @@ use switchyard_model::init::{preset, write_model_dir};
 use switchyard_model::safetensors::Dtype;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_client::InferenceClient;
-use switchyard_worker::service::{channel, spawn_worker, worker_client};
+use switchyard_worker::service::{channel, spawn_worker, worker_client, WorkerService};
 use switchyard_worker::{CpuBackend, Engine, EngineConfig, Request, SamplingParams};
 
 fn env(name: &str, default: usize) -> usize {
@@ -111,7 +111,7 @@ async fn start_cluster(dir: &std::path::Path, grid: Grid) -> (Arc<Cluster>, Stri
     let mut workers = Vec::new();
     for _ in 0..grid.cells() {
         let w = spawn_worker(
-            CpuBackend,
+            WorkerService::new(CpuBackend),
             "127.0.0.1:0".parse().unwrap(),
             std::future::pending(),
         )
@@ -220,7 +220,8 @@ async fn exchange_report(
     output: usize,
 ) -> String {
     let (mut bytes, mut pairs) = (0u64, 0u64);
-    for cell in &cluster.placement.cells {
+    let serving = cluster.serving().expect("a started cluster serves");
+    for cell in &serving.placement.cells {
         let mut client = worker_client(channel(&cell.address).unwrap());
         let s = client
             .stats(pb::StatsRequest {})

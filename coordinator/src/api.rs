@@ -14,19 +14,22 @@ use switchyard_worker::{wire, Request, SamplingParams, Update};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::server::NamedService;
 use tonic::transport::Server;
 use tonic::{Response, Status};
+use tonic_health::ServingStatus;
 use tracing::info;
 
 use crate::cluster::Cluster;
-use crate::lane::{code_name, Admitted, Outcome};
+use crate::lane::{code_name, Admitted, Outcome, Work};
+use crate::metrics::RequestTimes;
 
 #[derive(Clone)]
 pub struct InferenceApi {
     cluster: Arc<Cluster>,
 }
 
-/// A request a lane has taken: its id, its prompt and the stream of its outcomes.
+/// A request the cluster has taken: its id, its prompt and the stream of its outcomes.
 pub struct Started {
     pub request_id: String,
     pub prompt: Vec<u32>,
@@ -44,8 +47,8 @@ impl InferenceApi {
         &self.cluster
     }
 
-    /// Checks a request, queues it on the least loaded lane and returns its stream; every API
-    /// (gRPC, HTTP) goes through here. A refusal is counted in the failure metric.
+    /// Checks a request, queues it and returns its stream; every API (gRPC, HTTP) goes
+    /// through here. A refusal is counted in the failure metric.
     pub fn start(
         &self,
         r: &pb::GenerateRequest,
@@ -76,30 +79,25 @@ impl InferenceApi {
             prompt: prompt.clone(),
             params: params(r)?,
         };
-        cluster
-            .checker
-            .check(&req)
-            .map_err(|e| Status::invalid_argument(e.0))?;
-        let queued: usize = cluster.lanes.iter().map(|l| l.queued()).sum();
+        cluster.check(&req)?;
+        let queued = cluster.queued();
         if queued >= cluster.config.max_queue {
             return Err(Status::resource_exhausted(format!(
                 "the queue is full ({queued} requests waiting, limit {}); retry later",
                 cluster.config.max_queue
             )));
         }
-        let lane = cluster
-            .lanes
-            .iter()
-            .min_by_key(|l| l.load())
-            .expect("a cluster has lanes");
         info!(request_id = %request_id, prompt_tokens = req.prompt.len(), "generate");
         let (tx, rx) = mpsc::unbounded_channel();
-        lane.submit(Admitted {
-            request: req,
+        cluster.submit(Admitted {
+            work: Work::New(req),
             request_id: request_id.clone(),
             deadline,
-            arrived,
             out: tx,
+            moves: 0,
+            times: RequestTimes::new(arrived),
+            prompt_tokens: prompt.len(),
+            completion_tokens: 0,
         })?;
         Ok(Started {
             request_id,
@@ -290,11 +288,19 @@ impl Inference for InferenceApi {
         _: tonic::Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let cluster = &self.cluster;
-        let p = &cluster.placement;
+        let Some(serving) = cluster.serving() else {
+            return Ok(Response::new(pb::ClusterStatusResponse {
+                model: cluster.model_name.clone(),
+                queue_depth: cluster.queued() as u32,
+                requests_moved: cluster.moved.load(Ordering::Relaxed),
+                ..Default::default()
+            }));
+        };
+        let p = &serving.placement;
         let workers = p
             .cells
             .iter()
-            .zip(&cluster.workers)
+            .zip(&serving.workers)
             .map(|(cell, w)| pb::WorkerStatus {
                 address: cell.address.clone(),
                 stage: cell.stage as u32,
@@ -309,7 +315,7 @@ impl Inference for InferenceApi {
                 ready: true,
             })
             .collect();
-        let lanes: Vec<pb::LaneStatus> = cluster
+        let lanes: Vec<pb::LaneStatus> = serving
             .lanes
             .iter()
             .enumerate()
@@ -332,7 +338,8 @@ impl Inference for InferenceApi {
             model: cluster.model_name.clone(),
             workers,
             lanes,
-            queue_depth: cluster.lanes.iter().map(|l| l.queued() as u32).sum(),
+            queue_depth: cluster.queued() as u32,
+            requests_moved: cluster.moved.load(Ordering::Relaxed),
         }))
     }
 }
@@ -344,7 +351,23 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<InferenceServer<InferenceApi>>().await;
+    // SERVING only while a complete, warmed-up placement serves.
+    let mut ready = cluster.ready();
+    tokio::spawn(async move {
+        loop {
+            let status = match *ready.borrow_and_update() {
+                true => ServingStatus::Serving,
+                false => ServingStatus::NotServing,
+            };
+            // "" is the server as a whole.
+            for name in ["", <InferenceServer<InferenceApi> as NamedService>::NAME] {
+                health.set_service_status(name, status).await;
+            }
+            if ready.changed().await.is_err() {
+                return;
+            }
+        }
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

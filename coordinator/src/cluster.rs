@@ -1,27 +1,39 @@
-//! Bringing a cluster up: ask each worker what it has, plan the placement, assign every worker
-//! its part (they load in parallel), and start one lane driver per grid column.
+//! The cluster: the model, the placement being served with one lane driver per grid column,
+//! and the requests between placements.
+//!
+//! A placement comes up in one transition ([`Cluster::transition`]): plan it from the workers'
+//! inventory, stop the lanes of the previous placement (their requests are kept, to be
+//! recomputed), assign every worker its part (they load in parallel), run a warm-up step
+//! through every lane (so every worker's weights, attention, exchange and head have run
+//! once), then start the new lanes and hand them the waiting requests. Only then is the cluster
+//! ready (health `SERVING`). Between placements requests wait ("parked"), bounded by their
+//! deadline and the recovery timeout: they end with `UNAVAILABLE` saying why, never hang.
+//! What triggers a transition (a worker lost, drained or added) is [`crate::membership`]'s.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use switchyard_model::{Checkpoint, CheckpointError, ModelConfig, Tokenizer, TokenizerError};
 use switchyard_proto::v1 as pb;
 use switchyard_worker::service::{channel, worker_client};
-use switchyard_worker::{Scheduler, SchedulerConfig};
+use switchyard_worker::{Request, Scheduler, SchedulerConfig};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tracing::info;
+use tonic::Status;
+use tracing::{info, warn};
 
-use crate::lane::Lane;
+use crate::lane::{Admitted, Lane, LaneConfig, LaneFailure, Work, MAX_MOVES};
 use crate::metrics::Metrics;
-use crate::placement::{plan, Grid, Inventory, Placement, PlanError, PlanOptions};
+use crate::placement::{grids_for, plan, Grid, Inventory, Placement, PlanError, PlanOptions};
 
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
     pub model_dir: PathBuf,
+    /// The grid wanted; with fewer healthy workers, the best grid within it that they fill.
     pub grid: Grid,
-    /// Worker addresses; cell `(p, e)` is `workers[p * E + e]`.
+    /// Worker addresses of a static cluster (no etcd); cell `(p, e)` is `workers[p * E + e]`.
     pub workers: Vec<String>,
     pub plan: PlanOptions,
     pub max_step_tokens: usize,
@@ -30,8 +42,16 @@ pub struct ClusterConfig {
     pub max_queue: usize,
     /// Deadline of a request that brings none.
     pub request_timeout: Option<Duration>,
-    /// How long a worker may take to answer at start-up.
+    /// How long a worker may take to answer a probe (inventory).
     pub connect_timeout: Duration,
+    /// A step without an answer by then counts as a failed worker.
+    pub step_timeout: Duration,
+    /// How long assigning and warming up a placement may take.
+    pub load_timeout: Duration,
+    /// How long a request waits for a placement before it ends with `UNAVAILABLE`.
+    pub recovery_timeout: Duration,
+    /// How long a draining worker's or coordinator's requests may take to finish.
+    pub drain_grace: Duration,
 }
 
 impl ClusterConfig {
@@ -46,6 +66,10 @@ impl ClusterConfig {
             max_queue: 1024,
             request_timeout: None,
             connect_timeout: Duration::from_secs(5),
+            step_timeout: Duration::from_secs(10),
+            load_timeout: Duration::from_secs(300),
+            recovery_timeout: Duration::from_secs(30),
+            drain_grace: Duration::from_secs(30),
         }
     }
 }
@@ -65,6 +89,20 @@ pub enum StartError {
     Plan(#[from] PlanError),
     #[error("worker {address} could not load its part: {reason}")]
     Assign { address: String, reason: String },
+    #[error("the warm-up step through lane {lane} failed: {reason}")]
+    WarmUp { lane: usize, reason: String },
+}
+
+impl StartError {
+    /// The worker at fault, where one is known.
+    pub fn worker(&self) -> Option<&str> {
+        match self {
+            StartError::Unreachable { address, .. } | StartError::Assign { address, .. } => {
+                Some(address)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// What each worker reported, and what it loaded.
@@ -74,23 +112,51 @@ pub struct WorkerInfo {
     pub loaded: pb::AssignResponse,
 }
 
-/// A running cluster: the model, its placement, the lanes.
-pub struct Cluster {
-    pub model_name: String,
-    pub model: ModelConfig,
-    pub tokenizer: Option<Arc<Tokenizer>>,
+/// A placement being served: its workers and lanes.
+pub struct Serving {
     pub placement: Placement,
     pub workers: Vec<WorkerInfo>,
     pub lanes: Vec<Lane>,
     /// An empty scheduler with the lanes' limits: checks requests before they are queued.
     pub checker: Scheduler,
+}
+
+/// A request waiting for a placement.
+struct Parked {
+    admitted: Admitted,
+    since: Instant,
+}
+
+/// The model and whatever placement serves it now.
+pub struct Cluster {
+    pub model_name: String,
+    pub model: ModelConfig,
+    pub tokenizer: Option<Arc<Tokenizer>>,
     pub config: ClusterConfig,
-    pub metrics: Arc<Metrics>,
     pub next_seq: AtomicU64,
+    /// Requests moved off a placement that ended, to be recomputed.
+    pub moved: AtomicU64,
+    pub metrics: Arc<Metrics>,
+    serving: RwLock<Option<Arc<Serving>>>,
+    parked: Mutex<Vec<Parked>>,
+    /// Why nothing is served, for the requests that wait or are refused.
+    why_not: Mutex<String>,
+    ready: watch::Sender<bool>,
+    /// Cleared when the coordinator shuts down: new requests are refused.
+    admitting: AtomicBool,
+    /// Set while this coordinator is a standby: requests are refused, naming the reason.
+    standby: Mutex<Option<String>>,
+    failures: mpsc::UnboundedSender<LaneFailure>,
+    /// Held by the membership loop that handles them.
+    failures_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<LaneFailure>>>,
+    /// Checks requests while no placement is served: everything but the KV fit, which the
+    /// lane checks again when the request arrives there.
+    loose_checker: Scheduler,
 }
 
 impl Cluster {
-    pub async fn start(config: ClusterConfig) -> Result<Arc<Cluster>, StartError> {
+    /// The model, with no placement yet.
+    pub fn new(config: ClusterConfig) -> Result<Arc<Cluster>, StartError> {
         let dir = config.model_dir.clone();
         let checkpoint = Checkpoint::open(&dir).map_err(|source| StartError::Model {
             dir: dir.display().to_string(),
@@ -101,110 +167,454 @@ impl Cluster {
             true => Some(Arc::new(Tokenizer::from_dir(&dir)?)),
             false => None,
         };
+        let model_name = dir
+            .file_name()
+            .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into());
+        let block_size = config.plan.block_size;
+        let loose_checker = Scheduler::new(
+            SchedulerConfig {
+                block_size,
+                num_blocks: model.max_position_embeddings.div_ceil(block_size) + 2,
+                max_step_tokens: config.max_step_tokens,
+                max_running: config.max_running,
+            },
+            model.clone(),
+            tokenizer.clone(),
+        );
+        let (failures, failures_rx) = mpsc::unbounded_channel();
+        Ok(Arc::new(Cluster {
+            model_name,
+            model,
+            tokenizer,
+            config,
+            next_seq: AtomicU64::new(1),
+            moved: AtomicU64::new(0),
+            metrics: Arc::default(),
+            serving: RwLock::new(None),
+            parked: Mutex::new(Vec::new()),
+            why_not: Mutex::new("no placement yet: waiting for workers".into()),
+            ready: watch::Sender::new(false),
+            admitting: AtomicBool::new(true),
+            standby: Mutex::new(None),
+            failures,
+            failures_rx: Arc::new(tokio::sync::Mutex::new(failures_rx)),
+            loose_checker,
+        }))
+    }
 
-        let inventories = inventory_all(&config).await?;
-        let placement = plan(&model, config.grid, &inventories, config.plan, 1)?;
-        info!("{placement}");
-        let loaded = assign_all(&config, &placement).await?;
-        let workers = inventories
+    /// A static cluster over `config.workers`, serving once this returns; a worker that does
+    /// not answer or cannot load its part is an error. Failures later on are recovered from
+    /// by [`crate::membership::run_static`], which the caller starts.
+    pub async fn start(config: ClusterConfig) -> Result<Arc<Cluster>, StartError> {
+        let cluster = Cluster::new(config)?;
+        let inventories = probe_all(&cluster.config.workers, cluster.config.connect_timeout)
+            .await
             .into_iter()
-            .zip(loaded)
-            .map(|(inventory, loaded)| WorkerInfo { inventory, loaded })
-            .collect();
+            .map(|r| r.map(|(inventory, _)| inventory))
+            .collect::<Result<Vec<_>, _>>()?;
+        cluster.transition(inventories, 1).await?;
+        Ok(cluster)
+    }
 
-        let scheduler_config = SchedulerConfig {
-            block_size: placement.block_size,
-            num_blocks: placement.kv_blocks,
-            max_step_tokens: config.max_step_tokens,
-            max_running: config.max_running,
+    /// The placement served now, if any.
+    pub fn serving(&self) -> Option<Arc<Serving>> {
+        self.serving.read().expect("not poisoned").clone()
+    }
+
+    /// Changes of readiness: true while a complete, warmed-up placement serves.
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// Lane failures, for the membership loop that handles them.
+    pub(crate) fn failures(&self) -> Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<LaneFailure>>> {
+        self.failures_rx.clone()
+    }
+
+    pub(crate) fn set_why_not(&self, why: String) {
+        *self.why_not.lock().expect("not poisoned") = why;
+    }
+
+    /// Marks this coordinator a standby (`Some(why)`) or the leader (`None`).
+    pub fn set_standby(&self, why: Option<String>) {
+        *self.standby.lock().expect("not poisoned") = why;
+    }
+
+    /// Checks a request before it is queued.
+    pub fn check(&self, req: &Request) -> Result<(), Status> {
+        let r = match self.serving() {
+            Some(s) => s.checker.check(req),
+            None => self.loose_checker.check(req),
         };
-        let scheduler =
-            || Scheduler::new(scheduler_config.clone(), model.clone(), tokenizer.clone());
-        let metrics = Arc::new(Metrics::default());
-        metrics.epoch.set(placement.epoch as f64);
-        for cell in &placement.cells {
-            let (stage, shard) = (cell.stage.to_string(), cell.shard.to_string());
-            let labels = [cell.address.as_str(), &stage, &shard];
-            metrics.worker_ready.with(&labels).set(1.0);
-            metrics.worker_up.with(&labels).set(1.0);
+        r.map_err(|e| Status::invalid_argument(e.0))
+    }
+
+    /// Requests not running yet: waiting for a placement, or queued on a lane.
+    pub fn queued(&self) -> usize {
+        let parked = self.parked.lock().expect("not poisoned").len();
+        parked
+            + self
+                .serving()
+                .map_or(0, |s| s.lanes.iter().map(Lane::queued).sum())
+    }
+
+    /// Takes a new request: to the least loaded lane taking requests, or to wait for one.
+    pub fn submit(&self, admitted: Admitted) -> Result<(), Status> {
+        if let Some(why) = self.standby.lock().expect("not poisoned").clone() {
+            return Err(Status::unavailable(why));
         }
-        let mut lanes = Vec::with_capacity(config.grid.shards);
-        for shard in 0..config.grid.shards {
+        if !self.admitting.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(
+                "this coordinator is shutting down; retry on another",
+            ));
+        }
+        if let Some(admitted) = self.route(admitted) {
+            self.park(admitted, Instant::now());
+        }
+        Ok(())
+    }
+
+    fn park(&self, admitted: Admitted, since: Instant) {
+        self.parked
+            .lock()
+            .expect("not poisoned")
+            .push(Parked { admitted, since });
+    }
+
+    /// Hands a request to the least loaded lane taking requests; gives it back if none does.
+    fn route(&self, admitted: Admitted) -> Option<Admitted> {
+        let lane = self.serving().and_then(|s| {
+            s.lanes
+                .iter()
+                .filter(|l| !l.is_draining())
+                .min_by_key(|l| l.load())
+                .cloned()
+        });
+        match lane {
+            Some(lane) => lane.submit(admitted).err().map(|a| *a),
+            None => Some(admitted),
+        }
+    }
+
+    /// Ends or re-routes waiting requests: those whose client left, whose deadline passed,
+    /// or that waited longer than the recovery timeout, end; the rest go to a lane if one
+    /// takes requests now. Called periodically by the membership loop.
+    pub fn tend_parked(&self) {
+        let parked = std::mem::take(&mut *self.parked.lock().expect("not poisoned"));
+        if parked.is_empty() {
+            return;
+        }
+        let why = self.why_not.lock().expect("not poisoned").clone();
+        let now = Instant::now();
+        for p in parked {
+            let a = &p.admitted;
+            if a.out.is_closed() {
+                continue;
+            }
+            if a.deadline.is_some_and(|d| d <= now) {
+                let _ = a.out.send(Err(Status::deadline_exceeded(
+                    "the request's deadline passed while it waited for a placement",
+                )));
+            } else if a.moves > MAX_MOVES {
+                let _ = a.out.send(Err(Status::unavailable(format!(
+                    "the request was recomputed on {MAX_MOVES} placements and failed each time; last trouble: {why}"
+                ))));
+            } else if now - p.since >= self.config.recovery_timeout {
+                let _ = a.out.send(Err(Status::unavailable(format!(
+                    "no placement could serve the request within {:?}: {why}",
+                    self.config.recovery_timeout
+                ))));
+            } else if let Some(admitted) = self.route(p.admitted) {
+                self.park(admitted, p.since);
+            }
+        }
+    }
+
+    /// Stops serving the current placement; its requests wait for the next one.
+    pub async fn stop_serving(&self, why: &str) {
+        let old = self.serving.write().expect("not poisoned").take();
+        let _ = self.ready.send_replace(false);
+        self.set_why_not(why.to_string());
+        let Some(old) = old else { return };
+        info!(epoch = old.placement.epoch, "stopping placement: {why}");
+        let mut moved = Vec::new();
+        for lane in &old.lanes {
+            moved.extend(lane.stop().await);
+        }
+        let n = moved
+            .iter()
+            .filter(|a| matches!(a.work, Work::Moved(_)))
+            .count();
+        self.moved.fetch_add(n as u64, Ordering::Relaxed);
+        let now = Instant::now();
+        self.parked
+            .lock()
+            .expect("not poisoned")
+            .extend(moved.into_iter().map(|admitted| Parked {
+                admitted,
+                since: now,
+            }));
+    }
+
+    /// Ends every request held with `UNAVAILABLE` and `why` (the coordinator goes away).
+    pub async fn fail_all(&self, why: &str) {
+        let status = Status::unavailable(why);
+        self.stop_serving(why).await;
+        for p in std::mem::take(&mut *self.parked.lock().expect("not poisoned")) {
+            let _ = p.admitted.out.send(Err(status.clone()));
+        }
+    }
+
+    /// Refuses new requests from now on (in-flight ones go on).
+    pub fn stop_admitting(&self) {
+        self.admitting.store(false, Ordering::SeqCst);
+        let _ = self.ready.send_replace(false);
+    }
+
+    /// No request is held anywhere.
+    pub fn is_idle(&self) -> bool {
+        self.parked.lock().expect("not poisoned").is_empty()
+            && self
+                .serving()
+                .is_none_or(|s| s.lanes.iter().all(Lane::is_idle))
+    }
+
+    /// Plans a placement of `epoch` over `workers` (in order of preference), stops the
+    /// current one, loads and warms up the new one and serves it. On an error nothing is
+    /// served (the requests wait) unless planning itself failed, which changes nothing.
+    pub async fn transition(
+        &self,
+        workers: Vec<Inventory>,
+        epoch: u64,
+    ) -> Result<Arc<Serving>, StartError> {
+        let placement = self.plan(&workers, epoch)?;
+        info!("{placement}");
+        self.stop_serving("a new placement is loading").await;
+        let t = Instant::now();
+        let loaded = match tokio::time::timeout(
+            self.config.load_timeout,
+            assign_all(&self.config, &placement),
+        )
+        .await
+        {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(StartError::Assign {
+                    address: "(some worker)".into(),
+                    reason: format!("not loaded within {:?}", self.config.load_timeout),
+                })
+            }
+        };
+        let mut lanes_clients = Vec::new();
+        for shard in 0..placement.grid.shards {
             let stage0 = placement.cell(0, shard).address.clone();
             let client = worker_client(channel(&stage0).map_err(|e| StartError::Unreachable {
                 address: stage0.clone(),
                 reason: e.to_string(),
             })?);
-            lanes.push(Lane::spawn(
-                shard,
-                scheduler(),
-                client,
-                placement.epoch,
-                config.grid.stages,
-                metrics.clone(),
-            ));
+            lanes_clients.push(client);
         }
-        let model_name = dir
-            .file_name()
-            .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into());
-        Ok(Arc::new(Cluster {
-            model_name,
-            checker: scheduler(),
-            model,
-            tokenizer,
+        warm_up(&lanes_clients, epoch, self.config.step_timeout).await?;
+        info!(epoch, "placement loaded and warmed up in {:?}", t.elapsed());
+
+        let scheduler_config = SchedulerConfig {
+            block_size: placement.block_size,
+            num_blocks: placement.kv_blocks,
+            max_step_tokens: self.config.max_step_tokens,
+            max_running: self.config.max_running,
+        };
+        let scheduler = || {
+            Scheduler::new(
+                scheduler_config.clone(),
+                self.model.clone(),
+                self.tokenizer.clone(),
+            )
+        };
+        let lanes = lanes_clients
+            .into_iter()
+            .enumerate()
+            .map(|(lane, client)| {
+                let config = LaneConfig {
+                    lane,
+                    epoch,
+                    max_in_flight: placement.grid.stages,
+                    step_timeout: self.config.step_timeout,
+                };
+                Lane::spawn(
+                    scheduler(),
+                    client,
+                    config,
+                    self.failures.clone(),
+                    self.metrics.clone(),
+                )
+            })
+            .collect();
+        let workers = workers
+            .into_iter()
+            .zip(loaded)
+            .map(|(inventory, loaded)| WorkerInfo { inventory, loaded })
+            .collect();
+        let m = &self.metrics;
+        m.epoch.set(placement.epoch as f64);
+        // The labels name the placement's cells: forget the last placement's.
+        m.worker_ready.clear();
+        m.worker_up.clear();
+        m.running.clear();
+        m.waiting.clear();
+        m.kv_usage.clear();
+        for cell in &placement.cells {
+            let (stage, shard) = (cell.stage.to_string(), cell.shard.to_string());
+            let labels = [cell.address.as_str(), &stage, &shard];
+            m.worker_ready.with(&labels).set(1.0);
+            m.worker_up.with(&labels).set(1.0);
+        }
+        let serving = Arc::new(Serving {
             placement,
             workers,
             lanes,
-            config,
-            metrics,
-            next_seq: AtomicU64::new(1),
+            checker: scheduler(),
+        });
+        *self.serving.write().expect("not poisoned") = Some(serving.clone());
+        let _ = self.ready.send_replace(true);
+        // Requests moved off the last placement go first: they were admitted earlier.
+        let parked = std::mem::take(&mut *self.parked.lock().expect("not poisoned"));
+        let (moved, new): (Vec<_>, Vec<_>) = parked
+            .into_iter()
+            .partition(|p| matches!(p.admitted.work, Work::Moved(_)));
+        let mut parked = self.parked.lock().expect("not poisoned");
+        parked.extend(moved);
+        parked.extend(new);
+        drop(parked);
+        self.tend_parked();
+        Ok(serving)
+    }
+
+    /// The best placement of `epoch` the workers can hold, within the configured grid.
+    pub(crate) fn plan(&self, workers: &[Inventory], epoch: u64) -> Result<Placement, PlanError> {
+        let mut first_error = None;
+        for grid in grids_for(self.config.grid, workers.len()) {
+            match plan(
+                &self.model,
+                grid,
+                &workers[..grid.cells()],
+                self.config.plan,
+                epoch,
+            ) {
+                Ok(p) => return Ok(p),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or(PlanError::WorkerCount {
+            grid: self.config.grid,
+            needed: 1,
+            given: 0,
         }))
     }
 }
 
-impl Cluster {
-    /// Whether a complete placement is serving: every lane's driver is running.
-    pub fn is_serving(&self) -> bool {
-        self.lanes.iter().all(|l| l.is_running())
+/// Asks each worker what it has (and which epoch it holds), each within `timeout`.
+pub async fn probe_all(
+    addresses: &[String],
+    timeout: Duration,
+) -> Vec<Result<(Inventory, pb::InventoryResponse), StartError>> {
+    let mut calls = JoinSet::new();
+    for (i, address) in addresses.iter().enumerate() {
+        let address = address.clone();
+        calls.spawn(async move { (i, probe(address, timeout).await) });
+    }
+    let mut out: Vec<_> = (0..addresses.len()).map(|_| None).collect();
+    while let Some(r) = calls.join_next().await {
+        let (i, r) = r.expect("probe tasks do not panic");
+        out[i] = Some(r);
+    }
+    out.into_iter()
+        .map(|r| r.expect("every probe answered"))
+        .collect()
+}
+
+async fn probe(
+    address: String,
+    timeout: Duration,
+) -> Result<(Inventory, pb::InventoryResponse), StartError> {
+    let unreachable = |reason: String| StartError::Unreachable {
+        address: address.clone(),
+        reason,
+    };
+    let mut client = worker_client(channel(&address).map_err(|e| unreachable(e.to_string()))?);
+    let reply = tokio::time::timeout(timeout, client.inventory(pb::InventoryRequest {}))
+        .await
+        .map_err(|_| unreachable(format!("no answer within {timeout:?}")))?
+        .map_err(|s| unreachable(s.message().to_string()))?
+        .into_inner();
+    Ok((
+        Inventory {
+            address: address.clone(),
+            device: reply.device.clone(),
+            memory_bytes: reply.memory_bytes,
+            available_bytes: reply.available_bytes,
+        },
+        reply,
+    ))
+}
+
+/// Tells workers that are no longer in the placement to drop their parts.
+pub async fn release(addresses: &[String], epoch: u64, timeout: Duration) {
+    for address in addresses {
+        let Ok(ch) = channel(address) else { continue };
+        let mut client = worker_client(ch);
+        let call = client.release(pb::ReleaseRequest { epoch });
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(_)) => info!(worker = %address, "released"),
+            Ok(Err(s)) => warn!(worker = %address, "release refused: {}", s.message()),
+            Err(_) => warn!(worker = %address, "release got no answer"),
+        }
     }
 }
 
-async fn inventory_all(config: &ClusterConfig) -> Result<Vec<Inventory>, StartError> {
+/// One step of one token through every lane: every worker has then run its part (weights,
+/// attention, exchange, head) once before real requests come.
+async fn warm_up(
+    lanes: &[switchyard_proto::v1::worker_client::WorkerClient<tonic::transport::Channel>],
+    epoch: u64,
+    timeout: Duration,
+) -> Result<(), StartError> {
     let mut calls = JoinSet::new();
-    for (i, address) in config.workers.iter().enumerate() {
-        let (address, timeout) = (address.clone(), config.connect_timeout);
+    for (lane, client) in lanes.iter().enumerate() {
+        let mut client = client.clone();
+        let request = pb::StepRequest {
+            epoch,
+            step_id: u64::MAX,
+            seqs: vec![pb::SeqWork {
+                seq_id: 0,
+                tokens: vec![0],
+                start_pos: 0,
+                // Block 0 holds garbage afterwards; a sequence that gets it overwrites it
+                // before reading it.
+                block_table: vec![0],
+                logits: pb::LogitsWanted::LogitsLast as i32,
+                draw: Some(pb::Draw::default()),
+                ..Default::default()
+            }],
+            hidden: None,
+            request_ids: vec!["warm-up".into()],
+        };
         calls.spawn(async move {
-            let unreachable = |reason: String| StartError::Unreachable {
-                address: address.clone(),
-                reason,
+            let r = tokio::time::timeout(timeout, client.step(request)).await;
+            let reason = match r {
+                Ok(Ok(r)) if r.get_ref().results.len() == 1 => return Ok(()),
+                Ok(Ok(_)) => "a wrong number of results".to_string(),
+                Ok(Err(s)) => s.message().to_string(),
+                Err(_) => format!("no answer within {timeout:?}"),
             };
-            let mut client =
-                worker_client(channel(&address).map_err(|e| unreachable(e.to_string()))?);
-            let reply = tokio::time::timeout(timeout, client.inventory(pb::InventoryRequest {}))
-                .await
-                .map_err(|_| unreachable(format!("no answer within {timeout:?}")))?
-                .map_err(|s| unreachable(s.message().to_string()))?
-                .into_inner();
-            Ok::<_, StartError>((
-                i,
-                Inventory {
-                    address: address.clone(),
-                    device: reply.device,
-                    memory_bytes: reply.memory_bytes,
-                    available_bytes: reply.available_bytes,
-                },
-            ))
+            Err(StartError::WarmUp { lane, reason })
         });
     }
-    let mut out = vec![None; config.workers.len()];
     while let Some(r) = calls.join_next().await {
-        let (i, inv) = r.expect("inventory task does not panic")?;
-        out[i] = Some(inv);
+        r.expect("warm-up tasks do not panic")?;
     }
-    Ok(out
-        .into_iter()
-        .map(|i| i.expect("every worker answered"))
-        .collect())
+    Ok(())
 }
 
 async fn assign_all(
@@ -235,6 +645,7 @@ async fn assign_all(
                 true => placement.cell(cell.stage + 1, cell.shard).address.clone(),
                 false => String::new(),
             },
+            exchange_timeout_ms: config.step_timeout.as_millis().min(u32::MAX as u128) as u32,
         };
         let address = cell.address.clone();
         calls.spawn(async move {

@@ -53,7 +53,7 @@ pub fn router(cluster: Arc<Cluster>, local_workers: Vec<Arc<WorkerMetrics>>) -> 
 }
 
 async fn ready(State(d): State<Dashboard>) -> Response {
-    match d.cluster.is_serving() {
+    match *d.cluster.ready().borrow() {
         true => (StatusCode::OK, "ready").into_response(),
         false => (
             StatusCode::SERVICE_UNAVAILABLE,

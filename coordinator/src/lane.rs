@@ -3,9 +3,14 @@
 //! lane's pipeline (stage 0's worker forwards to the next stages), applies what comes back and
 //! streams each request's updates to its client. A client that goes away, or whose deadline
 //! passes, has its sequence dropped and its KV blocks freed at once.
+//!
+//! A step that fails or does not answer within the step timeout means a worker of the
+//! placement is in trouble: the lane stops stepping, keeps its sequences and reports the
+//! failure; the cluster then stops the lane ([`Lane::stop`]), which hands every sequence back,
+//! with what its client has seen, to be recomputed on the next placement.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,11 +18,11 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::worker_client::WorkerClient;
 use switchyard_worker::batch::SeqWork;
 use switchyard_worker::kv_cache::SeqId;
-use switchyard_worker::{wire, Request, Scheduler, Update};
-use tokio::sync::mpsc;
+use switchyard_worker::{wire, Detached, Request, Scheduler, Update};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
-use tonic::Status;
+use tonic::{Code, Status};
 use tracing::{debug, warn};
 
 use crate::metrics::{Metrics, RequestRecord, RequestTimes};
@@ -25,13 +30,54 @@ use crate::metrics::{Metrics, RequestRecord, RequestTimes};
 /// What a request's stream receives: updates, or the status it ends with.
 pub type Outcome = Result<Update, Status>;
 
-/// A request handed to a lane.
+/// A sequence is recomputed on a new placement at most this many times; a step failure that
+/// follows it everywhere is not a lost worker.
+pub const MAX_MOVES: u32 = 5;
+
+/// A request handed to a lane: new, or moved from a lane that stopped.
 pub struct Admitted {
-    pub request: Request,
+    pub work: Work,
     pub request_id: String,
     pub deadline: Option<Instant>,
-    pub arrived: Instant,
     pub out: mpsc::UnboundedSender<Outcome>,
+    /// Placements it was moved off so far.
+    pub moves: u32,
+    /// Its life so far (arrival, first token…), for the metrics.
+    pub times: RequestTimes,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+pub enum Work {
+    New(Request),
+    Moved(Detached),
+}
+
+impl Admitted {
+    pub fn id(&self) -> SeqId {
+        match &self.work {
+            Work::New(r) => r.id,
+            Work::Moved(d) => d.id(),
+        }
+    }
+}
+
+/// A lane's report that a step failed: some worker of the placement is in trouble.
+#[derive(Debug, Clone)]
+pub struct LaneFailure {
+    pub epoch: u64,
+    pub lane: usize,
+    pub reason: String,
+}
+
+/// How a lane is driven.
+#[derive(Debug, Clone)]
+pub struct LaneConfig {
+    pub lane: usize,
+    pub epoch: u64,
+    pub max_in_flight: usize,
+    /// A step without an answer by then counts as failed.
+    pub step_timeout: Duration,
 }
 
 /// Figures of a lane, refreshed by its driver after every change.
@@ -47,20 +93,28 @@ pub struct LaneStats {
 /// The API's handle on a lane.
 #[derive(Clone)]
 pub struct Lane {
-    tx: mpsc::UnboundedSender<Admitted>,
+    tx: mpsc::UnboundedSender<Message>,
     /// Handed over but not yet taken by the driver.
     pending: Arc<AtomicUsize>,
     stats: Arc<Mutex<LaneStats>>,
+    /// Set while one of the lane's workers drains: it takes no new requests.
+    draining: Arc<AtomicBool>,
+}
+
+enum Message {
+    Admit(Box<Admitted>),
+    /// Hand every request back and end.
+    Stop(oneshot::Sender<Vec<Admitted>>),
 }
 
 impl Lane {
-    /// Starts the driver of lane `index`, whose stage-0 worker is `stage0`.
+    /// Starts the driver of a lane whose stage-0 worker is `stage0`; step failures go to
+    /// `failures`.
     pub fn spawn(
-        index: usize,
         scheduler: Scheduler,
         stage0: WorkerClient<Channel>,
-        epoch: u64,
-        max_in_flight: usize,
+        config: LaneConfig,
+        failures: mpsc::UnboundedSender<LaneFailure>,
         metrics: Arc<Metrics>,
     ) -> Lane {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -68,36 +122,62 @@ impl Lane {
             tx,
             pending: Arc::default(),
             stats: Arc::default(),
+            draining: Arc::default(),
         };
         let driver = Driver {
-            index,
-            label: index.to_string(),
+            label: config.lane.to_string(),
             metrics,
             preemptions_seen: 0,
             scheduler,
             stage0,
-            epoch,
-            max_in_flight: max_in_flight.max(1),
+            max_in_flight: config.max_in_flight.max(1),
+            config,
             clients: HashMap::new(),
             in_flight: JoinSet::new(),
             next_step: 0,
             pending: lane.pending.clone(),
             stats: lane.stats.clone(),
+            failures,
+            failed: false,
         };
         tokio::spawn(driver.run(rx));
         lane
     }
 
-    pub fn submit(&self, admitted: Admitted) -> Result<(), Status> {
+    /// Hands a request to the lane; gives it back if the lane has stopped.
+    pub fn submit(&self, admitted: Admitted) -> Result<(), Box<Admitted>> {
         self.pending.fetch_add(1, Ordering::SeqCst);
-        self.tx.send(admitted).map_err(|_| {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
-            Status::unavailable("this lane has stopped")
-        })
+        self.tx
+            .send(Message::Admit(Box::new(admitted)))
+            .map_err(|e| {
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+                match e.0 {
+                    Message::Admit(a) => a,
+                    Message::Stop(_) => unreachable!("sent an Admit"),
+                }
+            })
     }
 
-    pub fn is_running(&self) -> bool {
-        !self.tx.is_closed()
+    /// Ends the lane's driver; every request it held comes back, to be moved elsewhere.
+    pub async fn stop(&self) -> Vec<Admitted> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Message::Stop(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Nothing queued, running or on its way.
+    pub fn is_idle(&self) -> bool {
+        self.load() == 0
     }
 
     pub fn stats(&self) -> LaneStats {
@@ -122,46 +202,47 @@ struct Client {
     request_id: String,
     deadline: Option<Instant>,
     out: mpsc::UnboundedSender<Outcome>,
+    moves: u32,
+    times: RequestTimes,
     prompt_tokens: usize,
     completion_tokens: usize,
-    times: RequestTimes,
 }
 
 type StepOutcome = (Vec<SeqWork>, Instant, Result<pb::StepResponse, Status>);
 
 struct Driver {
-    index: usize,
-    /// `index` as the metrics' label value.
+    /// The lane's index as the metrics' label value.
     label: String,
     metrics: Arc<Metrics>,
     preemptions_seen: u64,
     scheduler: Scheduler,
     stage0: WorkerClient<Channel>,
-    epoch: u64,
+    config: LaneConfig,
     max_in_flight: usize,
     clients: HashMap<SeqId, Client>,
     in_flight: JoinSet<StepOutcome>,
     next_step: u64,
     pending: Arc<AtomicUsize>,
     stats: Arc<Mutex<LaneStats>>,
+    failures: mpsc::UnboundedSender<LaneFailure>,
+    /// A step failed: no more steps until the lane is stopped.
+    failed: bool,
 }
 
 impl Driver {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Admitted>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Message>) {
         // Wakes the loop to notice clients that went away or ran out of time.
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut open = true;
         loop {
-            while let Ok(a) = rx.try_recv() {
-                self.admit(a);
+            while let Ok(m) = rx.try_recv() {
+                if let Some(reply) = self.receive(m) {
+                    return self.stop(rx, reply);
+                }
             }
             self.drop_gone_clients();
             self.launch();
             self.publish_stats();
-            if !open && self.scheduler.is_idle() && self.in_flight.is_empty() {
-                return;
-            }
             tokio::select! {
                 Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
                     match done {
@@ -175,31 +256,91 @@ impl Driver {
                         Err(e) => warn!("a step task failed: {e}"),
                     }
                 }
-                a = rx.recv(), if open => match a {
-                    Some(a) => self.admit(a),
-                    None => open = false,
+                m = rx.recv() => match m {
+                    Some(m) => if let Some(reply) = self.receive(m) {
+                        return self.stop(rx, reply);
+                    },
+                    // Every handle is gone: nobody can see these requests' outcome any more.
+                    None => return,
                 },
                 _ = tick.tick() => {}
             }
         }
     }
 
+    /// Handles a message; a stop request is returned.
+    fn receive(&mut self, m: Message) -> Option<oneshot::Sender<Vec<Admitted>>> {
+        match m {
+            Message::Admit(a) => {
+                self.admit(*a);
+                None
+            }
+            Message::Stop(reply) => Some(reply),
+        }
+    }
+
+    /// Hands back every request (running ones lose their KV; results of steps in flight are
+    /// dropped) and ends.
+    fn stop(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Message>,
+        reply: oneshot::Sender<Vec<Admitted>>,
+    ) {
+        rx.close();
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            match m {
+                Message::Admit(a) => {
+                    self.pending.fetch_sub(1, Ordering::SeqCst);
+                    out.push(*a);
+                }
+                Message::Stop(other) => drop(other),
+            }
+        }
+        for d in self.scheduler.detach_all() {
+            if let Some(c) = self.clients.remove(&d.id()) {
+                out.push(Admitted {
+                    work: Work::Moved(d),
+                    request_id: c.request_id,
+                    deadline: c.deadline,
+                    out: c.out,
+                    moves: c.moves + 1,
+                    times: c.times,
+                    prompt_tokens: c.prompt_tokens,
+                    completion_tokens: c.completion_tokens,
+                });
+            }
+        }
+        self.in_flight.abort_all();
+        *self.stats.lock().expect("not poisoned") = LaneStats::default();
+        let _ = reply.send(out);
+    }
+
     fn admit(&mut self, a: Admitted) {
         self.pending.fetch_sub(1, Ordering::SeqCst);
-        let id = a.request.id;
-        debug!(request_id = %a.request_id, seq = id, "admitted");
-        self.clients.insert(
-            id,
-            Client {
-                request_id: a.request_id,
-                deadline: a.deadline,
-                out: a.out,
-                prompt_tokens: a.request.prompt.len(),
-                completion_tokens: 0,
-                times: RequestTimes::new(a.arrived),
-            },
-        );
-        self.scheduler.add(a.request);
+        let id = a.id();
+        debug!(request_id = %a.request_id, seq = id, moves = a.moves, "admitted");
+        let client = Client {
+            request_id: a.request_id,
+            deadline: a.deadline,
+            out: a.out,
+            moves: a.moves,
+            times: a.times,
+            prompt_tokens: a.prompt_tokens,
+            completion_tokens: a.completion_tokens,
+        };
+        match a.work {
+            Work::New(r) => self.scheduler.add(r),
+            Work::Moved(d) => {
+                if let Err(e) = self.scheduler.adopt(d) {
+                    let _ = client.out.send(Err(Status::unavailable(format!(
+                        "the placement changed and the new one cannot hold this request: {e}"
+                    ))));
+                    return;
+                }
+            }
+        }
+        self.clients.insert(id, client);
     }
 
     fn drop_gone_clients(&mut self) {
@@ -223,13 +364,13 @@ impl Driver {
     }
 
     fn launch(&mut self) {
-        while self.in_flight.len() < self.max_in_flight {
+        while !self.failed && self.in_flight.len() < self.max_in_flight {
             let work = self.scheduler.plan();
             if work.is_empty() {
                 return;
             }
             let request = pb::StepRequest {
-                epoch: self.epoch,
+                epoch: self.config.epoch,
                 step_id: self.next_step,
                 seqs: work.iter().map(wire::seq_work).collect(),
                 hidden: None,
@@ -246,8 +387,14 @@ impl Driver {
                 }
             }
             let mut stage0 = self.stage0.clone();
+            let timeout = self.config.step_timeout;
             self.in_flight.spawn(async move {
-                let result = stage0.step(request).await.map(|r| r.into_inner());
+                let result = match tokio::time::timeout(timeout, stage0.step(request)).await {
+                    Ok(r) => r.map(|r| r.into_inner()),
+                    Err(_) => Err(Status::deadline_exceeded(format!(
+                        "a step got no answer within {timeout:?}"
+                    ))),
+                };
                 (work, now, result)
             });
         }
@@ -265,10 +412,9 @@ impl Driver {
                     Status::internal(format!("{n} results for {} sequences", work.len())),
                 );
             }
-            Err(s) => {
-                let status = Status::unavailable(format!("a worker failed: {}", s.message()));
-                return self.fail_step(&work, status);
-            }
+            // The request itself is at fault: it fails alone.
+            Err(s) if s.code() == Code::InvalidArgument => return self.fail_step(&work, s),
+            Err(s) => return self.lane_failed(&s),
         };
         let updates = match self.scheduler.apply(&work, results) {
             Ok(u) => u,
@@ -320,7 +466,7 @@ impl Driver {
         }
         m.record(RequestRecord {
             request_id: c.request_id,
-            lane: self.index,
+            lane: self.config.lane,
             prompt_tokens: c.prompt_tokens,
             completion_tokens: c.completion_tokens,
             outcome,
@@ -334,6 +480,23 @@ impl Driver {
                 .map_or(0.0, |d| d.as_secs_f64()),
         });
         let _ = c.out.send(last);
+    }
+
+    /// A worker of the placement failed this step: stop stepping and report it. The step's
+    /// sequences stay as they were before it (its results never come), to be recomputed.
+    /// Nothing is applied: the sequences stay marked in flight until the lane is stopped.
+    fn lane_failed(&mut self, status: &Status) {
+        if self.failed {
+            return;
+        }
+        self.failed = true;
+        let reason = format!("{:?}: {}", status.code(), status.message());
+        warn!(lane = self.config.lane, epoch = self.config.epoch, %reason, "step failed; waiting for a new placement");
+        let _ = self.failures.send(LaneFailure {
+            epoch: self.config.epoch,
+            lane: self.config.lane,
+            reason,
+        });
     }
 
     /// Ends the requests of a step that could not run, with the reason.

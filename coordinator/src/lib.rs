@@ -2,12 +2,15 @@
 //! the workers up ([`cluster`]), runs one scheduler and pipeline driver per lane ([`lane`]) and
 //! serves clients ([`api`]). It holds no weights and no KV memory: workers do; it owns the
 //! decisions (what runs when, which KV blocks a sequence holds) and the client streams.
+//! Which workers it has, and when the placement changes, is [`membership`]'s: a static list,
+//! or workers registered in etcd, with coordinators electing a leader there.
 
 pub mod api;
 pub mod client;
 pub mod cluster;
 pub mod http;
 pub mod lane;
+pub mod membership;
 pub mod metrics;
 pub mod monitor;
 pub mod openai;

@@ -26,6 +26,8 @@ pub struct Monitor {
 
 #[derive(Default)]
 struct State {
+    /// The epoch `workers` belong to.
+    epoch: u64,
     workers: Vec<Option<pb::WorkerStats>>,
     history: VecDeque<Point>,
     /// Routed-token totals (layer-major, `layers × experts`), one per period, oldest first.
@@ -112,10 +114,7 @@ impl Monitor {
     /// Starts watching `cluster` (until the process ends).
     pub fn spawn(cluster: Arc<Cluster>) -> Arc<Monitor> {
         let monitor = Arc::new(Monitor {
-            state: Mutex::new(State {
-                workers: vec![None; cluster.placement.cells.len()],
-                ..State::default()
-            }),
+            state: Mutex::default(),
             cluster,
         });
         let m = monitor.clone();
@@ -131,7 +130,9 @@ impl Monitor {
     }
 
     async fn poll(&self) {
-        let cells = &self.cluster.placement.cells;
+        let serving = self.cluster.serving();
+        let cells = serving.as_ref().map_or(&[][..], |s| &s.placement.cells[..]);
+        let lanes = serving.as_ref().map_or(&[][..], |s| &s.lanes[..]);
         let mut calls = JoinSet::new();
         for (i, cell) in cells.iter().enumerate() {
             let address = cell.address.clone();
@@ -155,7 +156,7 @@ impl Monitor {
                 .with(&[&cell.address, &stage, &shard])
                 .set(if stats.is_some() { 1.0 } else { 0.0 });
         }
-        let queue_depth: usize = self.cluster.lanes.iter().map(|l| l.queued()).sum();
+        let queue_depth = self.cluster.queued();
         m.queue_depth.set(queue_depth as f64);
         let now = Totals {
             tokens: m.generation_tokens.get(),
@@ -180,9 +181,7 @@ impl Monitor {
             ttft_s: mean(now.ttft, last.ttft),
             itl_s: mean(now.itl, last.itl),
             queue_depth,
-            kv_usage: self
-                .cluster
-                .lanes
+            kv_usage: lanes
                 .iter()
                 .map(|l| {
                     let st = l.stats();
@@ -199,6 +198,11 @@ impl Monitor {
         }
         s.routed.push_back(routed);
         // A worker that missed one poll keeps its last figures on the dashboard.
+        let epoch = serving.as_ref().map_or(0, |s| s.placement.epoch);
+        if s.epoch != epoch || s.workers.len() != workers.len() {
+            s.epoch = epoch;
+            s.workers = vec![None; workers.len()];
+        }
         for (kept, new) in s.workers.iter_mut().zip(workers) {
             if new.is_some() {
                 *kept = new;
@@ -225,15 +229,47 @@ impl Monitor {
         total
     }
 
+    /// While no placement is served: history and recent requests only.
+    fn empty(&self, s: &State) -> Snapshot {
+        let (layers, experts) = self.dims();
+        Snapshot {
+            model: self.cluster.model_name.clone(),
+            stages: 0,
+            shards: 0,
+            epoch: 0,
+            workers: Vec::new(),
+            lanes: Vec::new(),
+            queue_depth: self.cluster.queued(),
+            history: s.history.iter().cloned().collect(),
+            heatmap: HeatMap {
+                layers,
+                experts,
+                window_s: 0,
+                tokens: vec![vec![0; experts]; layers],
+            },
+            recent: self.cluster.metrics.recent(),
+        }
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let cluster = &self.cluster;
-        let p = &cluster.placement;
+        let serving = cluster.serving();
         let s = self.state.lock().expect("not poisoned");
+        let Some(sv) = serving.as_ref() else {
+            return self.empty(&s);
+        };
+        let p = &sv.placement;
+        let none = vec![None; p.cells.len()];
+        let polled = if s.epoch == p.epoch {
+            &s.workers
+        } else {
+            &none
+        };
         let workers = p
             .cells
             .iter()
-            .zip(&cluster.workers)
-            .zip(&s.workers)
+            .zip(&sv.workers)
+            .zip(polled)
             .map(|((cell, info), stats)| {
                 let up = cluster
                     .metrics
@@ -263,7 +299,7 @@ impl Monitor {
                 }
             })
             .collect();
-        let lanes = cluster
+        let lanes = sv
             .lanes
             .iter()
             .enumerate()
@@ -297,7 +333,7 @@ impl Monitor {
             epoch: p.epoch,
             workers,
             lanes,
-            queue_depth: cluster.lanes.iter().map(|l| l.queued()).sum(),
+            queue_depth: cluster.queued(),
             history: s.history.iter().cloned().collect(),
             heatmap: HeatMap {
                 layers,

@@ -197,6 +197,24 @@ impl Default for PlanOptions {
     }
 }
 
+/// The grids to try with `n` workers when at most `max` is wanted, best first: the most
+/// cells, then the stage count nearest `max`'s (stages are usually there for memory), then the
+/// most shards. Whether the model fits is [`plan`]'s to say.
+pub fn grids_for(max: Grid, n: usize) -> Vec<Grid> {
+    let mut grids: Vec<Grid> = (1..=max.stages)
+        .flat_map(|stages| (1..=max.shards).map(move |shards| Grid { stages, shards }))
+        .filter(|g| g.cells() <= n)
+        .collect();
+    grids.sort_by_key(|g| {
+        (
+            std::cmp::Reverse(g.cells()),
+            g.stages.abs_diff(max.stages),
+            std::cmp::Reverse(g.shards),
+        )
+    });
+    grids
+}
+
 pub fn plan(
     config: &ModelConfig,
     grid: Grid,
@@ -390,6 +408,21 @@ mod tests {
             assert!(p.cells.iter().filter(|c| c.subset.embedding).count() == grid.shards);
             assert!(p.cells.iter().filter(|c| c.subset.head).count() == grid.shards);
         }
+    }
+
+    #[test]
+    fn grids_shrink_and_grow_with_the_workers() {
+        let max: Grid = "2x3".parse().unwrap();
+        let best = |n| grids_for(max, n).first().map(|g| g.to_string());
+        assert_eq!(best(6).as_deref(), Some("2x3"));
+        assert_eq!(best(9).as_deref(), Some("2x3"));
+        // 5 workers: no 5-cell grid within 2x3, so 2x2 (the stages kept) and a spare.
+        assert_eq!(best(5).as_deref(), Some("2x2"));
+        assert_eq!(best(4).as_deref(), Some("2x2"));
+        assert_eq!(best(3).as_deref(), Some("1x3"));
+        assert_eq!(best(1).as_deref(), Some("1x1"));
+        assert_eq!(best(0), None);
+        assert!(grids_for(max, 4).iter().all(|g| g.cells() <= 4));
     }
 
     #[test]

@@ -171,3 +171,165 @@ pub fn http(address: &str, method: &str, path: &str, body: &str) -> (u16, String
         body.to_string(),
     )
 }
+
+/// A real etcd on free loopback ports with its own data directory; killed when dropped.
+/// It can be stopped and started again on the same ports and data (etcd down for a while).
+pub struct EtcdServer {
+    pub url: String,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl EtcdServer {
+    pub fn start() -> EtcdServer {
+        let (client_port, peer_port) = (free_port(), free_port());
+        let mut e = EtcdServer {
+            url: format!("http://127.0.0.1:{client_port}"),
+            dir: tempfile::tempdir().unwrap(),
+            client_port,
+            peer_port,
+            child: None,
+        };
+        e.start_again();
+        e
+    }
+
+    /// Starts the stopped server again, on its ports and data.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "etcd is running");
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &self.url])
+            .args(["--advertise-client-urls", &self.url])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start etcd ({e}); scripts/etcd.sh installs Debian's etcd-server")
+            });
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("ready to serve client requests") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        self.child = Some(child);
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("etcd did not become ready within 30 s");
+        // The server is up; give it a moment to elect itself leader of its one-node raft.
+        let t = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "etcd does not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the server (its data stays).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sends `signal` (e.g. "TERM", "STOP", "CONT", "KILL") to a child.
+pub fn signal(child: &Child, signal: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{signal} failed");
+}
+
+/// Waits up to `limit` for a child to exit; its exit code.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status.code().unwrap_or(-1));
+        }
+        if t.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A worker registered in etcd (`cluster`), with a 2-second lease.
+pub fn etcd_worker(etcd: &str, cluster: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "worker",
+        "--listen",
+        "127.0.0.1:0",
+        "--etcd",
+        etcd,
+        "--cluster",
+        cluster,
+        "--lease-ttl-s",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    start(&args, "worker listening on ")
+}
+
+/// A coordinator of the etcd cluster `cluster` with at most `grid`, 2-second leases and
+/// 2-second step timeouts.
+pub fn etcd_coordinator(
+    model: &Path,
+    etcd: &str,
+    cluster: &str,
+    grid: &str,
+    extra: &[&str],
+) -> Proc {
+    let mut args = vec![
+        "coordinator",
+        "--model",
+        model.to_str().unwrap(),
+        "--etcd",
+        etcd,
+        "--cluster",
+        cluster,
+        "--grid",
+        grid,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--lease-ttl-s",
+        "2",
+        "--step-timeout-s",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    start(&args, "switchyard: listening on ")
+}

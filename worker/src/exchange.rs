@@ -25,6 +25,8 @@ pub struct GrpcExchange {
     /// The shard holding each expert.
     pub expert_shard: Vec<u32>,
     pub metrics: Arc<WorkerMetrics>,
+    /// How long a peer may take to answer.
+    pub timeout: std::time::Duration,
 }
 
 impl ExpertExchange for GrpcExchange {
@@ -74,9 +76,16 @@ impl ExpertExchange for GrpcExchange {
             m.exchange_bytes_sent.add(request.encoded_len() as u64);
             m.exchange_token_shard_pairs.add(tokens.len() as u64);
             let mut client = self.peers[shard].clone();
-            let call = self
-                .handle
-                .spawn(async move { client.run_experts(request).await });
+            let timeout = self.timeout;
+            let call = self.handle.spawn(async move {
+                // A peer that froze must not hold this step forever.
+                match tokio::time::timeout(timeout, client.run_experts(request)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                        "no answer within {timeout:?}"
+                    ))),
+                }
+            });
             calls.push((shard, tokens, call));
         }
         let handle = self.handle.clone();

@@ -2,17 +2,19 @@
 //!
 //! It owns KV memory and runs steps it is handed; it does not decide what runs when (that is
 //! the coordinator's scheduler, or [`engine::Engine`] for one-process generation) and it never
-//! talks to clients.
+//! talks to clients. With etcd it registers itself under a lease ([`registration`]).
 
 pub mod backend;
 pub mod batch;
 pub mod cpu;
 pub mod cuda;
 pub mod engine;
+pub mod etcd;
 pub mod exchange;
 pub mod kv_cache;
 pub mod metrics;
 pub mod model;
+pub mod registration;
 pub mod sampling;
 pub mod scheduler;
 pub mod service;
@@ -25,4 +27,4 @@ pub use cuda::{CudaBackend, Device};
 pub use engine::{Completion, Engine, EngineConfig, EngineError};
 pub use model::{Model, ModelError};
 pub use sampling::SamplingParams;
-pub use scheduler::{FinishReason, Request, Scheduler, SchedulerConfig, Update, Usage};
+pub use scheduler::{Detached, FinishReason, Request, Scheduler, SchedulerConfig, Update, Usage};

@@ -115,6 +115,20 @@ impl Sequence {
     }
 }
 
+/// A sequence between two schedulers (see [`Scheduler::detach_all`]).
+pub struct Detached(Sequence);
+
+impl Detached {
+    pub fn id(&self) -> SeqId {
+        self.0.req.id
+    }
+
+    /// Tokens generated (and sent) so far.
+    pub fn generated(&self) -> usize {
+        self.0.generated().len()
+    }
+}
+
 pub struct Scheduler {
     config: SchedulerConfig,
     model: ModelConfig,
@@ -230,6 +244,31 @@ impl Scheduler {
             finish: (req.params.max_tokens == 0).then_some(FinishReason::Length),
             req,
         });
+    }
+
+    /// Takes every sequence out, to be recomputed elsewhere ([`Scheduler::adopt`]): running
+    /// ones lose their KV as when preempted, and steps in flight are forgotten (results that
+    /// still come back are ignored). What each client has already been sent goes with it.
+    pub fn detach_all(&mut self) -> Vec<Detached> {
+        let mut out = Vec::new();
+        for mut s in self.running.drain(..).chain(self.waiting.drain(..)) {
+            self.blocks.free(s.req.id);
+            if s.cancelled {
+                continue;
+            }
+            s.computed = 0;
+            s.in_flight = false;
+            out.push(Detached(s));
+        }
+        out
+    }
+
+    /// Queues a sequence detached from another scheduler; it is recomputed from its prompt and
+    /// the tokens it already generated, so its client sees no token twice.
+    pub fn adopt(&mut self, d: Detached) -> Result<(), InvalidRequest> {
+        self.check(&d.0.req)?;
+        self.waiting.push_back(d.0);
+        Ok(())
     }
 
     /// Drops a request (its client went away): at once when it is not in a step in flight,
@@ -492,4 +531,86 @@ fn floor_char_boundary(text: &str, at: usize) -> usize {
         .rev()
         .find(|i| text.is_char_boundary(*i))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_model::init::preset;
+
+    fn scheduler() -> Scheduler {
+        let config = SchedulerConfig {
+            block_size: 4,
+            num_blocks: 64,
+            max_step_tokens: 64,
+            max_running: 8,
+        };
+        Scheduler::new(config, preset("tiny-mixtral").unwrap(), None)
+    }
+
+    /// One step with a stand-in model that draws token `10 + index` every time.
+    fn step(s: &mut Scheduler) -> Vec<Update> {
+        let work = s.plan();
+        let results = work
+            .iter()
+            .map(|w| SeqResult {
+                token: w.draw.map(|d| d.index as u32 + 10),
+                ..Default::default()
+            })
+            .collect();
+        s.apply(&work, results).unwrap()
+    }
+
+    #[test]
+    fn a_detached_sequence_resumes_elsewhere_without_repeating_a_token() {
+        let mut a = scheduler();
+        let params = SamplingParams {
+            max_tokens: 6,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        a.add(Request {
+            id: 1,
+            prompt: vec![3, 4, 5],
+            params,
+        });
+        let mut sent = Vec::new();
+        for _ in 0..3 {
+            sent.extend(step(&mut a).into_iter().flat_map(|u| u.token_ids));
+        }
+        assert_eq!(sent, [10, 11, 12]);
+        // A step is in flight when the lane stops: its results never come.
+        assert_eq!(a.plan().len(), 1);
+        let moved = a.detach_all();
+        assert!(a.is_idle());
+        assert_eq!(a.blocks().num_free(), 64);
+        assert_eq!(moved.len(), 1);
+        assert_eq!(moved[0].generated(), 3);
+
+        let mut b = scheduler();
+        b.adopt(moved.into_iter().next().unwrap()).unwrap();
+        let work = b.plan();
+        // Recomputed from the prompt and the tokens already sent, drawing the fourth token.
+        assert_eq!(work[0].input.tokens, [3, 4, 5, 10, 11, 12]);
+        assert_eq!(work[0].input.start_pos, 0);
+        assert_eq!(work[0].draw.unwrap().index, 3);
+        let results = vec![SeqResult {
+            token: Some(13),
+            ..Default::default()
+        }];
+        let mut finish = None;
+        for u in b
+            .apply(&work, results)
+            .unwrap()
+            .into_iter()
+            .chain((0..2).flat_map(|_| step(&mut b)))
+        {
+            sent.extend(u.token_ids);
+            finish = finish.or(u.finish);
+        }
+        assert_eq!(sent, [10, 11, 12, 13, 14, 15]);
+        let (reason, usage) = finish.expect("finished");
+        assert_eq!(reason, FinishReason::Length);
+        assert_eq!(usage.completion_tokens, 6);
+    }
 }

@@ -4,9 +4,13 @@
 //! same lane inside the same call, so the coordinator's one `Step` call to stage 0 returns
 //! what the last stage drew. Workers keep no per-sequence state: block tables, positions and
 //! sampling draws all come with each step.
+//!
+//! A worker being drained (SIGTERM) takes no new assignment and waits for the coordinator to
+//! release it ([`WorkerControl`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -14,6 +18,7 @@ use switchyard_model::{Checkpoint, Subset};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::worker_client::WorkerClient;
 use switchyard_proto::v1::worker_server::{Worker, WorkerServer};
+use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, info_span, Instrument};
@@ -52,7 +57,8 @@ pub fn worker_client(channel: Channel) -> WorkerClient<Channel> {
 /// The part of the model this worker was assigned, loaded, with its KV memory.
 struct Part<B: Backend> {
     assignment: pb::Assignment,
-    model: Model<B>,
+    /// Shared with the next part when only the epoch or the peers change.
+    model: Arc<Model<B>>,
     cache: Mutex<B::KvCache>,
     next: Option<WorkerClient<Channel>>,
     exchange: Option<GrpcExchange>,
@@ -72,6 +78,45 @@ struct WorkerState<B: Backend> {
     backend: B,
     part: RwLock<Option<Arc<Part<B>>>>,
     metrics: Arc<WorkerMetrics>,
+    control: WorkerControl,
+}
+
+/// The worker's life outside the RPCs: draining and release.
+#[derive(Clone, Default)]
+pub struct WorkerControl(Arc<ControlState>);
+
+#[derive(Default)]
+struct ControlState {
+    draining: AtomicBool,
+    holds_part: AtomicBool,
+    released: Notify,
+}
+
+impl WorkerControl {
+    /// From now on the worker refuses new assignments.
+    pub fn start_draining(&self) {
+        self.0.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.0.draining.load(Ordering::SeqCst)
+    }
+
+    /// Whether the worker holds a part of a model (a coordinator relies on it).
+    pub fn holds_part(&self) -> bool {
+        self.0.holds_part.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the worker holds no part (at once when it holds none).
+    pub async fn released(&self) {
+        loop {
+            let notified = self.0.released.notified();
+            if !self.holds_part() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 impl<B: Backend + 'static> WorkerService<B> {
@@ -80,12 +125,17 @@ impl<B: Backend + 'static> WorkerService<B> {
             backend,
             part: RwLock::new(None),
             metrics: Arc::default(),
+            control: WorkerControl::default(),
         }))
     }
 
     /// What this worker measures, for `/metrics`.
     pub fn metrics(&self) -> Arc<WorkerMetrics> {
         self.0.metrics.clone()
+    }
+
+    pub fn control(&self) -> WorkerControl {
+        self.0.control.clone()
     }
 }
 
@@ -106,7 +156,16 @@ impl<B: Backend + 'static> WorkerState<B> {
         Ok(part)
     }
 
-    fn load(&self, a: pb::Assignment) -> Result<Part<B>, Status> {
+    /// Drops the part held, if any.
+    fn release(&self) {
+        *self.part.write().expect("not poisoned") = None;
+        self.control.0.holds_part.store(false, Ordering::SeqCst);
+        self.control.0.released.notify_waiters();
+    }
+
+    /// Loads the part `a` names; `reuse` is the model of the previous part when `a` holds the
+    /// same layers and experts of the same model (a new epoch, other peers): no reload.
+    fn load(&self, a: pb::Assignment, reuse: Option<Arc<Model<B>>>) -> Result<Part<B>, Status> {
         let invalid = |m: String| Status::invalid_argument(m);
         let dir = PathBuf::from(&a.model_dir);
         let checkpoint = Checkpoint::open(&dir).map_err(|e| invalid(e.to_string()))?;
@@ -126,12 +185,18 @@ impl<B: Backend + 'static> WorkerState<B> {
             embedding: a.embedding,
             head: a.head,
         };
-        let mut model =
-            Model::load(&self.backend, &checkpoint, &subset).map_err(|e| invalid(e.to_string()))?;
-        let metrics = self.metrics.clone();
-        model.observe_routes(Arc::new(move |layer, experts| {
-            metrics.count_routes(layer, experts)
-        }));
+        let model = match reuse {
+            Some(m) => m,
+            None => {
+                let mut m = Model::load(&self.backend, &checkpoint, &subset)
+                    .map_err(|e| invalid(e.to_string()))?;
+                let metrics = self.metrics.clone();
+                m.observe_routes(Arc::new(move |layer, experts| {
+                    metrics.count_routes(layer, experts)
+                }));
+                Arc::new(m)
+            }
+        };
         let cache = self
             .backend
             .kv_cache(
@@ -163,6 +228,7 @@ impl<B: Backend + 'static> WorkerState<B> {
                     .collect::<Result<_, _>>()?,
                 expert_shard: a.expert_shard.clone(),
                 metrics: self.metrics.clone(),
+                timeout: peer_timeout(&a),
             }),
             _ => None,
         };
@@ -246,12 +312,16 @@ where
         _: Request<pb::InventoryRequest>,
     ) -> Result<Response<pb::InventoryResponse>, Status> {
         let (total, available) = memory_info();
+        let part = self.0.part.read().expect("not poisoned").clone();
         Ok(Response::new(pb::InventoryResponse {
             device: self.0.backend.name(),
             memory_bytes: total,
-            available_bytes: available,
+            // The part held is dropped before a new one loads: its memory counts as available.
+            available_bytes: available + part.as_ref().map_or(0, |p| p.weight_bytes),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()) as u32,
             version: env!("CARGO_PKG_VERSION").into(),
+            epoch: part.as_ref().map_or(0, |p| p.assignment.epoch),
+            draining: self.0.control.is_draining(),
         }))
     }
 
@@ -260,12 +330,22 @@ where
         request: Request<pb::Assignment>,
     ) -> Result<Response<pb::AssignResponse>, Status> {
         let a = request.into_inner();
+        if self.0.control.is_draining() {
+            return Err(Status::failed_precondition(
+                "this worker is draining (it was asked to stop); assign its part elsewhere",
+            ));
+        }
         let span = info_span!("assign", epoch = a.epoch, stage = a.stage, shard = a.shard);
         let this = self.0.clone();
-        // Drop the old part first: its memory is needed for the new one.
-        *self.0.part.write().expect("not poisoned") = None;
+        // Drop the old part first: its memory is needed for the new one. Its weights are kept
+        // when the new part holds the same ones.
+        let old = self.0.part.write().expect("not poisoned").take();
+        let reuse = old
+            .filter(|p| same_weights(&p.assignment, &a))
+            .map(|p| p.model.clone());
+        self.0.release();
         self.0.metrics.ready.set(0.0);
-        let part = tokio::task::spawn_blocking(move || span.in_scope(|| this.load(a)))
+        let part = tokio::task::spawn_blocking(move || span.in_scope(|| this.load(a, reuse)))
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
         let response = pb::AssignResponse {
@@ -288,6 +368,7 @@ where
         m.epoch.set(part.assignment.epoch as f64);
         m.ready.set(1.0);
         *self.0.part.write().expect("not poisoned") = Some(Arc::new(part));
+        self.0.control.0.holds_part.store(true, Ordering::SeqCst);
         Ok(Response::new(response))
     }
 
@@ -329,9 +410,17 @@ where
                     .clone()
                     .ok_or_else(|| Status::internal("a middle stage without a next stage"))?;
                 request.hidden = Some(hidden);
-                next.step(request)
-                    .instrument(info_span!("forward", stage = part.assignment.stage + 1))
+                let timeout = peer_timeout(&part.assignment);
+                let forward = next
+                    .step(request)
+                    .instrument(info_span!("forward", stage = part.assignment.stage + 1));
+                tokio::time::timeout(timeout, forward)
                     .await
+                    .unwrap_or_else(|_| {
+                        Err(Status::deadline_exceeded(format!(
+                            "the next stage did not answer within {timeout:?}"
+                        )))
+                    })
             }
         }
     }
@@ -382,6 +471,23 @@ where
         Ok(Response::new(pb::ExpertOutput { y: Some(y) }))
     }
 
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let epoch = request.into_inner().epoch;
+        let held = self.0.part.read().expect("not poisoned").clone();
+        // A release for an older epoch than the part held is stale: keep the part.
+        if held.is_some_and(|p| p.assignment.epoch > epoch) {
+            return Err(Status::failed_precondition(format!(
+                "release of epoch {epoch}, but this worker holds a part of a later epoch"
+            )));
+        }
+        self.0.release();
+        info!(epoch, "released");
+        Ok(Response::new(pb::ReleaseResponse {}))
+    }
+
     async fn stats(
         &self,
         _: Request<pb::StatsRequest>,
@@ -411,6 +517,33 @@ where
     }
 }
 
+/// How long a peer (next stage, exchange) may take to answer before the step fails.
+fn peer_timeout(a: &pb::Assignment) -> Duration {
+    match a.exchange_timeout_ms {
+        0 => Duration::from_secs(60),
+        ms => Duration::from_millis(ms as u64),
+    }
+}
+
+/// Whether two assignments name the same weights (same model, layers, experts, ends).
+fn same_weights(a: &pb::Assignment, b: &pb::Assignment) -> bool {
+    (
+        &a.model_dir,
+        a.layer_start,
+        a.layer_end,
+        &a.experts,
+        a.embedding,
+        a.head,
+    ) == (
+        &b.model_dir,
+        b.layer_start,
+        b.layer_end,
+        &b.experts,
+        b.embedding,
+        b.head,
+    )
+}
+
 /// A worker serving on a socket.
 pub struct SpawnedWorker {
     pub address: SocketAddr,
@@ -418,9 +551,9 @@ pub struct SpawnedWorker {
     pub task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
-/// Binds `addr` and serves a worker there until `shutdown`.
+/// Binds `addr` and serves `service` there until `shutdown`.
 pub async fn spawn_worker<B: Backend + 'static>(
-    backend: B,
+    service: WorkerService<B>,
     addr: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<SpawnedWorker>
@@ -429,7 +562,6 @@ where
 {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let address = listener.local_addr()?;
-    let service = WorkerService::new(backend);
     let metrics = service.metrics();
     metrics.registry.set_label("worker", &address.to_string());
     let server = WorkerServer::new(service)
@@ -454,7 +586,7 @@ where
 }
 
 /// Total and available memory of this machine, from `/proc/meminfo` (0 where unknown).
-fn memory_info() -> (u64, u64) {
+pub fn memory_info() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let field = |name: &str| {
         text.lines()

@@ -1,0 +1,268 @@
+//! A small client of etcd's v3 gRPC API: leases, keys, prefix watches and leader election,
+//! the four things cluster membership needs. Every call but a campaign (which waits for
+//! leadership by design) is bounded by [`CALL_TIMEOUT`], so an etcd that is down or
+//! unreachable is an error after a short while, never a hang.
+
+use std::time::Duration;
+
+use switchyard_proto::etcd::etcdserverpb as pb;
+use switchyard_proto::etcd::etcdserverpb::kv_client::KvClient;
+use switchyard_proto::etcd::etcdserverpb::lease_client::LeaseClient;
+use switchyard_proto::etcd::etcdserverpb::watch_client::WatchClient;
+use switchyard_proto::etcd::v3electionpb as election;
+use switchyard_proto::etcd::v3electionpb::election_client::ElectionClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Streaming;
+
+/// The longest any single etcd call (but a campaign) may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd address {url:?}: {reason}; expected e.g. http://127.0.0.1:2379")]
+    Address { url: String, reason: String },
+    #[error("etcd: {}", .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("etcd lease {0:x} has expired")]
+    LeaseExpired(i64),
+    #[error("etcd closed the watch")]
+    WatchClosed,
+}
+
+/// Handles to one etcd endpoint; clones share the connection.
+#[derive(Clone)]
+pub struct Etcd {
+    kv: KvClient<Channel>,
+    lease: LeaseClient<Channel>,
+    watch: WatchClient<Channel>,
+    election: ElectionClient<Channel>,
+}
+
+/// Who holds an election: what [`Etcd::resign`] needs.
+pub type LeaderKey = election::LeaderKey;
+
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, EtcdError> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(r) => Ok(r?.into_inner()),
+        Err(_) => Err(EtcdError::Timeout(CALL_TIMEOUT)),
+    }
+}
+
+/// The end of the key range holding every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+impl Etcd {
+    /// A client of the etcd at `url` (`http://host:port`, or `host:port`), connected on first
+    /// use and reconnected after failures.
+    pub fn connect(url: &str) -> Result<Etcd, EtcdError> {
+        let full = match url.contains("://") {
+            true => url.to_string(),
+            false => format!("http://{url}"),
+        };
+        let channel = Endpoint::from_shared(full)
+            .map_err(|e| EtcdError::Address {
+                url: url.into(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Etcd {
+            kv: KvClient::new(channel.clone()),
+            lease: LeaseClient::new(channel.clone()),
+            watch: WatchClient::new(channel.clone()),
+            election: ElectionClient::new(channel),
+        })
+    }
+
+    /// A new lease that expires `ttl` after its last keep-alive.
+    pub async fn grant(&self, ttl: Duration) -> Result<i64, EtcdError> {
+        let r = bounded(self.lease.clone().lease_grant(pb::LeaseGrantRequest {
+            ttl: ttl.as_secs().max(1) as i64,
+            id: 0,
+        }))
+        .await?;
+        match r.error.is_empty() {
+            true => Ok(r.id),
+            false => Err(EtcdError::Status(tonic::Status::unavailable(r.error))),
+        }
+    }
+
+    /// Renews `lease` once; an error says whether it already expired.
+    pub async fn keep_alive(&self, lease: i64) -> Result<(), EtcdError> {
+        let once = tokio_stream::once(pb::LeaseKeepAliveRequest { id: lease });
+        let mut replies = bounded(self.lease.clone().lease_keep_alive(once)).await?;
+        let reply = tokio::time::timeout(CALL_TIMEOUT, replies.message())
+            .await
+            .map_err(|_| EtcdError::Timeout(CALL_TIMEOUT))??;
+        match reply {
+            Some(r) if r.ttl > 0 => Ok(()),
+            _ => Err(EtcdError::LeaseExpired(lease)),
+        }
+    }
+
+    /// Ends `lease` now, deleting every key attached to it.
+    pub async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {
+        bounded(
+            self.lease
+                .clone()
+                .lease_revoke(pb::LeaseRevokeRequest { id: lease }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sets `key` to `value`, attached to `lease` (0: none).
+    pub async fn put(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<(), EtcdError> {
+        bounded(self.kv.clone().put(pb::PutRequest {
+            key: key.as_bytes().to_vec(),
+            value,
+            lease,
+            ..Default::default()
+        }))
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, EtcdError> {
+        let r = bounded(self.kv.clone().range(pb::RangeRequest {
+            key: key.as_bytes().to_vec(),
+            ..Default::default()
+        }))
+        .await?;
+        Ok(r.kvs.into_iter().next().map(|kv| kv.value))
+    }
+
+    /// Every key under `prefix` with its value, and the store's revision they were read at.
+    pub async fn list(&self, prefix: &str) -> Result<(Vec<(String, Vec<u8>)>, i64), EtcdError> {
+        let r = bounded(self.kv.clone().range(pb::RangeRequest {
+            key: prefix.as_bytes().to_vec(),
+            range_end: prefix_end(prefix.as_bytes()),
+            ..Default::default()
+        }))
+        .await?;
+        let revision = r.header.map_or(0, |h| h.revision);
+        let kvs = r
+            .kvs
+            .into_iter()
+            .map(|kv| (String::from_utf8_lossy(&kv.key).into_owned(), kv.value))
+            .collect();
+        Ok((kvs, revision))
+    }
+
+    /// Watches every key under `prefix` from `revision` (inclusive) on.
+    pub async fn watch(&self, prefix: &str, revision: i64) -> Result<Watch, EtcdError> {
+        // The request side stays open as long as the watch: etcd ends a watch whose client
+        // stream closed.
+        let (tx, rx) = mpsc::channel(1);
+        let create = pb::WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+                pb::WatchCreateRequest {
+                    key: prefix.as_bytes().to_vec(),
+                    range_end: prefix_end(prefix.as_bytes()),
+                    start_revision: revision,
+                    ..Default::default()
+                },
+            )),
+        };
+        tx.send(create).await.map_err(|_| EtcdError::WatchClosed)?;
+        let events = bounded(self.watch.clone().watch(ReceiverStream::new(rx))).await?;
+        Ok(Watch {
+            _requests: tx,
+            events,
+        })
+    }
+
+    /// Waits until this caller leads the election `name` (held by `lease`), proclaiming
+    /// `value`. Unbounded by design: standbys wait here.
+    pub async fn campaign(
+        &self,
+        name: &str,
+        lease: i64,
+        value: Vec<u8>,
+    ) -> Result<LeaderKey, EtcdError> {
+        let r = self
+            .election
+            .clone()
+            .campaign(election::CampaignRequest {
+                name: name.as_bytes().to_vec(),
+                lease,
+                value,
+            })
+            .await?
+            .into_inner();
+        r.leader
+            .ok_or_else(|| EtcdError::Status(tonic::Status::internal("campaign without leader")))
+    }
+
+    /// Gives up leadership so that the next campaigner takes over.
+    pub async fn resign(&self, leader: LeaderKey) -> Result<(), EtcdError> {
+        bounded(self.election.clone().resign(election::ResignRequest {
+            leader: Some(leader),
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// What the current leader of `name` proclaims, if there is one.
+    pub async fn leader(&self, name: &str) -> Result<Option<Vec<u8>>, EtcdError> {
+        match bounded(self.election.clone().leader(election::LeaderRequest {
+            name: name.as_bytes().to_vec(),
+        }))
+        .await
+        {
+            Ok(r) => Ok(r.kv.map(|kv| kv.value)),
+            // etcd answers "election: no leader" when nobody campaigns.
+            Err(EtcdError::Status(s)) if s.message().contains("no leader") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A watch on a key prefix.
+pub struct Watch {
+    _requests: mpsc::Sender<pb::WatchRequest>,
+    events: Streaming<pb::WatchResponse>,
+}
+
+impl Watch {
+    /// Waits for the next change under the prefix; an error ends the watch.
+    pub async fn changed(&mut self) -> Result<(), EtcdError> {
+        loop {
+            let r = self.events.message().await?.ok_or(EtcdError::WatchClosed)?;
+            if r.canceled {
+                return Err(EtcdError::WatchClosed);
+            }
+            if !r.events.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_ends_cover_exactly_the_prefix() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+}

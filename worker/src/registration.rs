@@ -1,0 +1,156 @@
+//! A worker's membership of a cluster kept in etcd: its record under
+//! `/switchyard/<cluster>/workers/<address>`, attached to a lease it renews every third of the
+//! lease's time to live. If the worker dies or freezes the lease runs out and etcd deletes
+//! the record: that is how the coordinator learns, within the time to live. If etcd itself is
+//! down the worker keeps serving and keeps trying; a lease that expired meanwhile is replaced.
+//!
+//! Draining: when asked to stop, the worker marks its record `draining`, refuses new
+//! assignments, and waits until the coordinator releases its part (or the grace period ends)
+//! before it gives up its lease.
+
+use std::future::Future;
+use std::time::Duration;
+
+use prost::Message;
+use switchyard_proto::v1 as pb;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::etcd::{Etcd, EtcdError};
+use crate::service::WorkerControl;
+
+/// Where a cluster's keys live in etcd.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    root: String,
+}
+
+impl Keys {
+    /// The keys of cluster `name` (letters, digits, `-`, `_`, `.`).
+    pub fn new(name: &str) -> Result<Keys, String> {
+        let ok = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+        if name.is_empty() || !name.chars().all(ok) {
+            return Err(format!(
+                "cluster name {name:?}: expected letters, digits, '-', '_' or '.'"
+            ));
+        }
+        Ok(Keys {
+            root: format!("/switchyard/{name}/"),
+        })
+    }
+
+    pub fn workers(&self) -> String {
+        format!("{}workers/", self.root)
+    }
+
+    pub fn worker(&self, address: &str) -> String {
+        format!("{}{address}", self.workers())
+    }
+
+    pub fn placement(&self) -> String {
+        format!("{}placement", self.root)
+    }
+
+    /// The election coordinators campaign in.
+    pub fn leader(&self) -> String {
+        format!("{}leader", self.root)
+    }
+}
+
+/// How a worker registers.
+#[derive(Debug, Clone)]
+pub struct RegistrationConfig {
+    pub keys: Keys,
+    pub record: pb::WorkerRecord,
+    /// The lease's time to live: how long a dead worker stays registered.
+    pub ttl: Duration,
+    /// How long a draining worker waits to be released.
+    pub grace: Duration,
+}
+
+/// Registers the worker and keeps it registered until `stop` resolves, then drains it.
+/// Returns once the worker may exit.
+pub async fn run(
+    etcd: Etcd,
+    config: RegistrationConfig,
+    control: WorkerControl,
+    stop: impl Future<Output = ()>,
+) {
+    let key = config.keys.worker(&config.record.address);
+    let renew = config.ttl / 3;
+    let mut record = config.record.clone();
+    tokio::pin!(stop);
+    let mut lease = None;
+    // Registered and renewing until asked to stop.
+    loop {
+        if lease.is_none() {
+            match register(&etcd, &key, &record, config.ttl).await {
+                Ok(id) => {
+                    info!(key = %key, lease = format!("{id:x}"), "registered in etcd");
+                    lease = Some(id);
+                }
+                Err(e) => warn!("cannot register in etcd (will retry): {e}"),
+            }
+        }
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(renew) => {}
+        }
+        if let Some(id) = lease {
+            match etcd.keep_alive(id).await {
+                Ok(()) => {}
+                Err(EtcdError::LeaseExpired(_)) => {
+                    warn!("the etcd lease expired; registering again");
+                    lease = None;
+                }
+                Err(e) => warn!("cannot renew the etcd lease (will retry): {e}"),
+            }
+        }
+    }
+
+    info!("draining: waiting to be released");
+    control.start_draining();
+    record.draining = true;
+    let deadline = Instant::now() + config.grace;
+    let mut marked = false;
+    let released = control.released();
+    tokio::pin!(released);
+    loop {
+        if !marked {
+            if let Some(id) = lease {
+                marked = etcd.put(&key, record.encode_to_vec(), id).await.is_ok();
+            }
+        }
+        tokio::select! {
+            _ = &mut released => {
+                info!("released");
+                break;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                warn!("not released within the grace period ({:?}); stopping", config.grace);
+                break;
+            }
+            _ = tokio::time::sleep(renew) => {
+                if let Some(id) = lease {
+                    let _ = etcd.keep_alive(id).await;
+                }
+            }
+        }
+    }
+    if let Some(id) = lease {
+        if let Err(e) = etcd.revoke(id).await {
+            warn!("cannot revoke the etcd lease (it will expire): {e}");
+        }
+    }
+}
+
+async fn register(
+    etcd: &Etcd,
+    key: &str,
+    record: &pb::WorkerRecord,
+    ttl: Duration,
+) -> Result<i64, EtcdError> {
+    let id = etcd.grant(ttl).await?;
+    etcd.put(key, record.encode_to_vec(), id).await?;
+    Ok(id)
+}
