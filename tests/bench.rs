@@ -4,13 +4,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{model, start, Proc, BIN};
+use common::{http, http_address, model, Proc, BIN};
 use serde_json::Value;
 
 /// `serve` over a 1×1 grid of `dir`, with `extra` flags, and its gRPC and HTTP addresses.
@@ -21,47 +19,21 @@ struct Server {
 }
 
 fn serve(dir: &Path, extra: &[&str]) -> Server {
-    let mut args = vec![
-        "serve",
-        "--model",
-        dir.to_str().unwrap(),
-        "--grid",
-        "1x1",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--http-addr",
-        "127.0.0.1:0",
-    ];
+    let mut args = vec!["--model", dir.to_str().unwrap(), "--grid", "1x1"];
     args.extend_from_slice(extra);
-    let proc = start(&args, "switchyard: HTTP on ");
-    let http = proc.address.clone();
-    let marker = "switchyard: listening on ";
-    let grpc = loop {
-        let line = proc.lines.recv_timeout(Duration::from_secs(60)).unwrap();
-        if let Some(rest) = line.split(marker).nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
+    let proc = common::serve(&args);
     Server {
+        grpc: format!("grpc://{}", proc.address),
+        http: http_address(&proc),
         _proc: proc,
-        grpc: format!("grpc://{grpc}"),
-        http: http.to_string(),
     }
 }
 
 /// The sum of the samples of Prometheus metric `name` whose labels contain `labels`, from
 /// the server's `/metrics`.
 fn metric(server: &Server, name: &str, labels: &str) -> f64 {
-    let mut socket = TcpStream::connect(&server.http).unwrap();
-    // HTTP/1.0: the body comes whole, not chunked, and the server closes when done.
-    socket.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut response = String::new();
-    socket.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(
-        head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "{head}"
-    );
+    let (status, body) = http(&server.http, "GET", "/metrics", "");
+    assert_eq!(status, 200, "{body}");
     body.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
