@@ -437,7 +437,11 @@ async fn spawn_http(
         "switchyard: HTTP on {} (OpenAI API at /v1, dashboard at /, metrics at /metrics)",
         web.local_addr()?
     );
-    Ok(tokio::spawn(http::serve(web, router, shutdown_signal())))
+    Ok(tokio::spawn(metrics::serve_http(
+        web,
+        router,
+        shutdown_signal(),
+    )))
 }
 
 /// Starts a static cluster, then serves the client APIs until Ctrl-C or SIGTERM (then drains).

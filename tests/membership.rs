@@ -24,6 +24,26 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What every test here starts from: the serial lock, a model (Mixtral, 4 layers, 8 experts)
+/// in a temporary directory, `n` requests with their undisturbed outputs, an etcd and a runtime.
+fn setup(
+    n: usize,
+) -> (
+    std::sync::MutexGuard<'static, ()>,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Arc<Cases>,
+    EtcdServer,
+    tokio::runtime::Runtime,
+) {
+    let serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    model(&dir, "tiny-mixtral", four_layers_eight_experts);
+    let cases = cases(&dir, n);
+    (serial, tmp, dir, cases, EtcdServer::start(), runtime())
+}
+
 fn four_layers_eight_experts(c: &mut ModelConfig) {
     c.num_layers = 4;
     c.moe = Some(MoeConfig {
@@ -328,13 +348,7 @@ fn assert_clean(name: &str, t: &Tally) {
 
 #[test]
 fn workers_register_and_the_placement_grows_under_load() {
-    let _serial = serial();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("m");
-    model(&dir, "tiny-mixtral", four_layers_eight_experts);
-    let cases = cases(&dir, 32);
-    let etcd = EtcdServer::start();
-    let rt = runtime();
+    let (_serial, _tmp, dir, cases, etcd, rt) = setup(32);
 
     // No worker yet: not serving; a request waits (bounded by its deadline), never hangs.
     let c = etcd_coordinator(&dir, &etcd.url, "grow", "2x3", &[]);
@@ -414,13 +428,7 @@ fn workers_register_and_the_placement_grows_under_load() {
 
 #[test]
 fn chaos_workers_killed_frozen_and_replaced_under_load() {
-    let _serial = serial();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("m");
-    model(&dir, "tiny-mixtral", four_layers_eight_experts);
-    let cases = cases(&dir, 64);
-    let etcd = EtcdServer::start();
-    let rt = runtime();
+    let (_serial, _tmp, dir, cases, etcd, rt) = setup(64);
     let mut workers: Vec<Proc> = (0..4)
         .map(|_| etcd_worker(&etcd.url, "chaos", &[]))
         .collect();
@@ -514,13 +522,7 @@ fn chaos_workers_killed_frozen_and_replaced_under_load() {
 
 #[test]
 fn a_standby_coordinator_takes_over_when_the_leader_dies() {
-    let _serial = serial();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("m");
-    model(&dir, "tiny-mixtral", four_layers_eight_experts);
-    let cases = cases(&dir, 16);
-    let etcd = EtcdServer::start();
-    let rt = runtime();
+    let (_serial, _tmp, dir, cases, etcd, rt) = setup(16);
     let _workers: Vec<Proc> = (0..2).map(|_| etcd_worker(&etcd.url, "ha", &[])).collect();
     let mut a = etcd_coordinator(&dir, &etcd.url, "ha", "1x2", &[]);
     wait_status(
@@ -574,13 +576,7 @@ fn a_standby_coordinator_takes_over_when_the_leader_dies() {
 
 #[test]
 fn draining_a_worker_or_the_coordinator_fails_no_request() {
-    let _serial = serial();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("m");
-    model(&dir, "tiny-mixtral", four_layers_eight_experts);
-    let cases = cases(&dir, 32);
-    let etcd = EtcdServer::start();
-    let rt = runtime();
+    let (_serial, _tmp, dir, cases, etcd, rt) = setup(32);
     // Three workers for a 1×2 grid: one spare.
     let mut workers: Vec<Proc> = (0..3)
         .map(|_| etcd_worker(&etcd.url, "drain", &["--drain-grace-s", "30"]))
@@ -644,13 +640,7 @@ fn draining_a_worker_or_the_coordinator_fails_no_request() {
 
 #[test]
 fn serving_continues_while_etcd_is_down() {
-    let _serial = serial();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("m");
-    model(&dir, "tiny-mixtral", four_layers_eight_experts);
-    let cases = cases(&dir, 16);
-    let mut etcd = EtcdServer::start();
-    let rt = runtime();
+    let (_serial, _tmp, dir, cases, mut etcd, rt) = setup(16);
     let mut workers: Vec<Proc> = (0..2)
         .map(|_| etcd_worker(&etcd.url, "down", &[]))
         .collect();

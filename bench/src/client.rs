@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
+use switchyard_proto::code_name;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_client::InferenceClient;
 use tonic::transport::{Channel, Endpoint};
@@ -400,19 +401,6 @@ fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-/// The canonical name of a gRPC status code as gRPC tools print it (`RESOURCE_EXHAUSTED`),
-/// from tonic's variant name (`ResourceExhausted`).
-pub fn code_name(code: tonic::Code) -> String {
-    let mut name = String::new();
-    for (i, ch) in format!("{code:?}").chars().enumerate() {
-        if ch.is_uppercase() && i > 0 {
-            name.push('_');
-        }
-        name.push(ch.to_ascii_uppercase());
-    }
-    name
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,15 +416,6 @@ mod tests {
             assert_eq!(events[2], "[DONE]");
             assert!(events[1].contains("\"usage\""));
         }
-    }
-
-    #[test]
-    fn grpc_code_names() {
-        assert_eq!(
-            code_name(tonic::Code::ResourceExhausted),
-            "RESOURCE_EXHAUSTED"
-        );
-        assert_eq!(code_name(tonic::Code::Ok), "OK");
     }
 
     #[test]

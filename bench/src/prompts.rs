@@ -10,11 +10,12 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use serde_json::Value;
 use switchyard_model::{ChatMessage, Tokenizer};
+use switchyard_proto::code_name;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_client::InferenceClient;
 use tonic::transport::Channel;
 
-use crate::client::{code_name, Prompt};
+use crate::client::Prompt;
 use crate::config::{Api, LenDist};
 use crate::BenchError;
 

@@ -21,7 +21,7 @@ use tonic_health::ServingStatus;
 use tracing::info;
 
 use crate::cluster::Cluster;
-use crate::lane::{code_name, Admitted, Outcome, Work};
+use crate::lane::{code_label, Admitted, Outcome, Work};
 use crate::metrics::RequestTimes;
 
 #[derive(Clone)]
@@ -56,7 +56,7 @@ impl InferenceApi {
     ) -> Result<Started, Status> {
         let arrived = Instant::now();
         self.admit(r, deadline, arrived).inspect_err(|status| {
-            let code = code_name(status.code());
+            let code = code_label(status.code());
             self.cluster.metrics.failure.with(&[&code]).inc();
         })
     }

@@ -86,12 +86,3 @@ async fn not_found() -> Response {
     )
     .into_response()
 }
-
-/// Serves `router` on `listener` until `shutdown`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    metrics::serve_http(listener, router, shutdown).await
-}

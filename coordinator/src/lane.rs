@@ -454,7 +454,7 @@ impl Driver {
                 .map_or("stop", |(reason, _)| reason.as_str())
                 .to_string(),
             Err(status) => {
-                let code = code_name(status.code());
+                let code = code_label(status.code());
                 m.failure.with(&[&code]).inc();
                 code
             }
@@ -534,13 +534,6 @@ impl Driver {
 }
 
 /// A status code as a metric label: `resource_exhausted`, `deadline_exceeded`, …
-pub fn code_name(code: tonic::Code) -> String {
-    let mut name = String::new();
-    for (i, ch) in format!("{code:?}").chars().enumerate() {
-        if ch.is_uppercase() && i > 0 {
-            name.push('_');
-        }
-        name.push(ch.to_ascii_lowercase());
-    }
-    name
+pub fn code_label(code: tonic::Code) -> String {
+    switchyard_proto::code_name(code).to_ascii_lowercase()
 }

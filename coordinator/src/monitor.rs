@@ -2,14 +2,16 @@
 //! it is up), samples the coordinator's counters into a few minutes of history, and keeps the
 //! expert-routing counts of the last minute. The dashboard draws [`Monitor::snapshot`].
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::worker_client::WorkerClient;
 use switchyard_worker::service::{channel, worker_client};
 use tokio::task::JoinSet;
+use tonic::transport::Channel;
 
 use crate::cluster::Cluster;
 
@@ -22,17 +24,28 @@ const HEAT_WINDOW: usize = 60;
 pub struct Monitor {
     cluster: Arc<Cluster>,
     state: Mutex<State>,
+    /// One channel per worker address, reused by every poll.
+    clients: Mutex<HashMap<String, WorkerClient<Channel>>>,
 }
 
 #[derive(Default)]
 struct State {
     /// The epoch `workers` belong to.
     epoch: u64,
-    workers: Vec<Option<pb::WorkerStats>>,
+    workers: Vec<Polled>,
     history: VecDeque<Point>,
     /// Routed-token totals (layer-major, `layers × experts`), one per period, oldest first.
     routed: VecDeque<Vec<u64>>,
     last: Totals,
+}
+
+/// A worker as the last polls saw it.
+#[derive(Clone, Default)]
+struct Polled {
+    /// It answered the last poll.
+    up: bool,
+    /// Its last answer (a worker that missed a poll keeps its last figures).
+    stats: pb::WorkerStats,
 }
 
 /// One second of the cluster, for the dashboard's charts.
@@ -115,6 +128,7 @@ impl Monitor {
     pub fn spawn(cluster: Arc<Cluster>) -> Arc<Monitor> {
         let monitor = Arc::new(Monitor {
             state: Mutex::default(),
+            clients: Mutex::default(),
             cluster,
         });
         let m = monitor.clone();
@@ -135,11 +149,10 @@ impl Monitor {
         let lanes = serving.as_ref().map_or(&[][..], |s| &s.lanes[..]);
         let mut calls = JoinSet::new();
         for (i, cell) in cells.iter().enumerate() {
-            let address = cell.address.clone();
+            let client = self.client(&cell.address);
             calls.spawn(async move {
                 let stats = async {
-                    let mut client = worker_client(channel(&address).ok()?);
-                    let reply = client.stats(pb::StatsRequest {}).await.ok()?;
+                    let reply = client?.stats(pb::StatsRequest {}).await.ok()?;
                     Some(reply.into_inner())
                 };
                 (i, tokio::time::timeout(PERIOD, stats).await.ok().flatten())
@@ -197,17 +210,28 @@ impl Monitor {
             s.routed.pop_front();
         }
         s.routed.push_back(routed);
-        // A worker that missed one poll keeps its last figures on the dashboard.
         let epoch = serving.as_ref().map_or(0, |s| s.placement.epoch);
         if s.epoch != epoch || s.workers.len() != workers.len() {
             s.epoch = epoch;
-            s.workers = vec![None; workers.len()];
+            s.workers = vec![Polled::default(); workers.len()];
         }
         for (kept, new) in s.workers.iter_mut().zip(workers) {
-            if new.is_some() {
-                *kept = new;
+            kept.up = new.is_some();
+            if let Some(stats) = new {
+                kept.stats = stats;
             }
         }
+    }
+
+    /// The channel to `address`, made once.
+    fn client(&self, address: &str) -> Option<WorkerClient<Channel>> {
+        let mut clients = self.clients.lock().expect("not poisoned");
+        if let Some(c) = clients.get(address) {
+            return Some(c.clone());
+        }
+        let c = worker_client(channel(address).ok()?);
+        clients.insert(address.to_string(), c.clone());
+        Some(c)
     }
 
     fn dims(&self) -> (usize, usize) {
@@ -259,29 +283,26 @@ impl Monitor {
             return self.empty(&s);
         };
         let p = &sv.placement;
-        let none = vec![None; p.cells.len()];
+        // Not polled yet since this placement loaded: its workers just answered `Assign`.
+        let fresh = vec![
+            Polled {
+                up: true,
+                ..Polled::default()
+            };
+            p.cells.len()
+        ];
         let polled = if s.epoch == p.epoch {
             &s.workers
         } else {
-            &none
+            &fresh
         };
         let workers = p
             .cells
             .iter()
             .zip(&sv.workers)
             .zip(polled)
-            .map(|((cell, info), stats)| {
-                let up = cluster
-                    .metrics
-                    .worker_up
-                    .with(&[
-                        &cell.address,
-                        &cell.stage.to_string(),
-                        &cell.shard.to_string(),
-                    ])
-                    .get()
-                    == 1.0;
-                let stats = stats.clone().unwrap_or_default();
+            .map(|((cell, info), polled)| {
+                let stats = &polled.stats;
                 WorkerView {
                     address: cell.address.clone(),
                     stage: cell.stage,
@@ -292,7 +313,7 @@ impl Monitor {
                     resident_bytes: info.loaded.resident_bytes,
                     layers: [cell.subset.layers.start, cell.subset.layers.end],
                     experts: p.experts[cell.shard].clone(),
-                    up,
+                    up: polled.up,
                     steps: stats.steps,
                     step_seconds: stats.step_seconds,
                     exchange_bytes: stats.exchange_bytes_sent + stats.exchange_bytes_received,

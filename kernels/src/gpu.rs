@@ -120,6 +120,20 @@ pub struct Sampled {
     pub top_lp: CudaSlice<f32>,
 }
 
+/// Element types `gather_rows` has a kernel for.
+pub trait Gatherable: cudarc::driver::DeviceRepr {
+    const GATHER_KERNEL: &'static str;
+}
+
+impl Gatherable for f32 {
+    const GATHER_KERNEL: &'static str = "gather_rows_f32";
+}
+
+/// bf16, as its bits.
+impl Gatherable for u16 {
+    const GATHER_KERNEL: &'static str = "gather_rows_bf16";
+}
+
 impl Gpu {
     /// Opens GPU `ordinal`, compiles (or loads from the disk cache) every kernel for its
     /// architecture and a model of shape `spec`, and sets up cuBLASLt.
@@ -359,12 +373,12 @@ impl Gpu {
         Ok(())
     }
 
-    /// `out[i, :] = x[rows[i], :]` for an f32 matrix of `cols` columns.
-    pub fn gather_rows_f32(
+    /// `out[i, :] = x[rows[i], :]` for a matrix of `cols` columns (f32, or bf16 bits).
+    pub fn gather_rows<T: Gatherable>(
         &self,
-        x: &CudaSlice<f32>,
+        x: &CudaSlice<T>,
         rows: &CudaSlice<u32>,
-        out: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<T>,
         cols: usize,
     ) -> Result<(), KernelError> {
         if out.len() < rows.len() * cols {
@@ -374,29 +388,7 @@ impl Gpu {
             return Ok(());
         }
         let c = cols as i32;
-        let mut b = self.stream.launch_builder(self.f("gather_rows_f32"));
-        b.arg(x).arg(rows).arg(out).arg(&c);
-        // SAFETY: row indices were checked on the host.
-        unsafe { b.launch(cfg((rows.len(), 1, 1), ROW_THREADS)) }?;
-        Ok(())
-    }
-
-    /// `out[i, :] = x[rows[i], :]` for a bf16 matrix of `cols` columns.
-    pub fn gather_rows_bf16(
-        &self,
-        x: &CudaSlice<u16>,
-        rows: &CudaSlice<u32>,
-        out: &mut CudaSlice<u16>,
-        cols: usize,
-    ) -> Result<(), KernelError> {
-        if out.len() < rows.len() * cols {
-            return Err(launch_err("gather_rows: output too small".into()));
-        }
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let c = cols as i32;
-        let mut b = self.stream.launch_builder(self.f("gather_rows_bf16"));
+        let mut b = self.stream.launch_builder(self.f(T::GATHER_KERNEL));
         b.arg(x).arg(rows).arg(out).arg(&c);
         // SAFETY: row indices were checked on the host.
         unsafe { b.launch(cfg((rows.len(), 1, 1), ROW_THREADS)) }?;

@@ -744,14 +744,14 @@ impl Backend for CudaBackend {
                 CudaData::F32(f) => {
                     let mut out = self.zeros_f32(n)?;
                     self.gpu
-                        .gather_rows_f32(f, &idx_d, &mut out, x.cols)
+                        .gather_rows(f, &idx_d, &mut out, x.cols)
                         .map_err(dev)?;
                     CudaData::F32(out)
                 }
                 CudaData::Bf16(b) => {
                     let mut out = self.zeros_bf16(n)?;
                     self.gpu
-                        .gather_rows_bf16(b, &idx_d, &mut out, x.cols)
+                        .gather_rows(b, &idx_d, &mut out, x.cols)
                         .map_err(dev)?;
                     CudaData::Bf16(out)
                 }
