@@ -14,4 +14,4 @@ source scripts/system-deps.sh
 source scripts/etcd.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast

@@ -1,5 +1,7 @@
 //! `switchyard`: the command line. It parses flags and calls the crates; nothing else lives here.
 
+mod telemetry;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use switchyard_worker::stats::WorkerMetrics;
 use switchyard_worker::{
     Backend, CpuBackend, CudaBackend, Device, Engine, EngineConfig, Request, SamplingParams,
 };
+use telemetry::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -34,14 +37,13 @@ struct Cli {
     /// request id) for log collectors.
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Export spans (requests, steps, stage forwards, expert exchanges) over OTLP/gRPC to this
+    /// collector, e.g. http://127.0.0.1:4317. Trace context travels between processes as W3C
+    /// `traceparent` in gRPC metadata and is taken from clients' HTTP and gRPC headers.
+    #[arg(long, global = true, value_name = "URL")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -316,18 +318,21 @@ struct BenchArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .init(),
-    }
-    match cli.command {
+    let runtime = runtime()?;
+    let service = match &cli.command {
+        Command::Worker(_) => "switchyard-worker",
+        Command::Coordinator(_) => "switchyard-coordinator",
+        _ => "switchyard",
+    };
+    let _telemetry = {
+        let _in_runtime = runtime.enter();
+        telemetry::init(cli.log_format, cli.otlp_endpoint.as_deref(), service)?
+    };
+    run(cli.command, &runtime)
+}
+
+fn run(command: Command, runtime: &tokio::runtime::Runtime) -> Result<()> {
+    match command {
         Command::Model(ModelCommand::Init {
             preset,
             out,
@@ -347,13 +352,13 @@ fn main() -> Result<()> {
             );
         }
         Command::Model(ModelCommand::Inspect { dir, json }) => inspect(&dir, json)?,
-        Command::Generate(args) if args.server.is_some() => runtime()?.block_on(remote(args))?,
+        Command::Generate(args) if args.server.is_some() => runtime.block_on(remote(args))?,
         Command::Generate(args) => generate(args)?,
-        Command::Serve(args) => runtime()?.block_on(serve(args))?,
-        Command::Worker(args) => runtime()?.block_on(worker(args))?,
-        Command::Coordinator(args) => runtime()?.block_on(coordinator(args))?,
-        Command::Bench(args) => runtime()?.block_on(bench(*args))?,
-        Command::Status { server } => runtime()?.block_on(status(&server))?,
+        Command::Serve(args) => runtime.block_on(serve(args))?,
+        Command::Worker(args) => runtime.block_on(worker(args))?,
+        Command::Coordinator(args) => runtime.block_on(coordinator(args))?,
+        Command::Bench(args) => runtime.block_on(bench(*args))?,
+        Command::Status { server } => runtime.block_on(status(&server))?,
     }
     Ok(())
 }

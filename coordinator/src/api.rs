@@ -10,15 +10,16 @@ use std::time::{Duration, Instant};
 use switchyard_model::ChatMessage;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_server::{Inference, InferenceServer};
-use switchyard_worker::{wire, Request, SamplingParams, Update};
+use switchyard_worker::{trace_context, wire, Request, SamplingParams, Update};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::codegen::http::HeaderMap;
 use tonic::server::NamedService;
 use tonic::transport::Server;
 use tonic::{Response, Status};
 use tonic_health::ServingStatus;
-use tracing::info;
+use tracing::{field, info, info_span};
 
 use crate::cluster::Cluster;
 use crate::lane::{code_label, Admitted, Outcome, Work};
@@ -48,17 +49,20 @@ impl InferenceApi {
     }
 
     /// Checks a request, queues it and returns its stream; every API (gRPC, HTTP) goes
-    /// through here. A refusal is counted in the failure metric.
+    /// through here. A refusal is counted in the failure metric. `caller` holds the client's
+    /// headers: its trace context, if any, becomes the request span's parent.
     pub fn start(
         &self,
         r: &pb::GenerateRequest,
         deadline: Option<Instant>,
+        caller: &HeaderMap,
     ) -> Result<Started, Status> {
         let arrived = Instant::now();
-        self.admit(r, deadline, arrived).inspect_err(|status| {
-            let code = code_label(status.code());
-            self.cluster.metrics.failure.with(&[&code]).inc();
-        })
+        self.admit(r, deadline, arrived, caller)
+            .inspect_err(|status| {
+                let code = code_label(status.code());
+                self.cluster.metrics.failure.with(&[&code]).inc();
+            })
     }
 
     fn admit(
@@ -66,6 +70,7 @@ impl InferenceApi {
         r: &pb::GenerateRequest,
         deadline: Option<Instant>,
         arrived: Instant,
+        caller: &HeaderMap,
     ) -> Result<Started, Status> {
         let cluster = &self.cluster;
         let id = cluster.next_seq.fetch_add(1, Ordering::Relaxed);
@@ -87,11 +92,25 @@ impl InferenceApi {
                 cluster.config.max_queue
             )));
         }
-        info!(request_id = %request_id, prompt_tokens = req.prompt.len(), "generate");
+        // The request's whole life, from here to its last outcome (see `lane::Driver::end`);
+        // the steps that serve it link to it.
+        let span = info_span!(
+            "request",
+            request_id = %request_id,
+            prompt_tokens = req.prompt.len(),
+            completion_tokens = field::Empty,
+            outcome = field::Empty,
+            otel.status_code = field::Empty,
+        );
+        trace_context::adopt(&span, caller);
+        span.in_scope(
+            || info!(request_id = %request_id, prompt_tokens = req.prompt.len(), "generate"),
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         cluster.submit(Admitted {
             work: Work::New(req),
             request_id: request_id.clone(),
+            span,
             deadline,
             out: tx,
             moves: 0,
@@ -239,17 +258,13 @@ impl Inference for InferenceApi {
         request: tonic::Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let deadline = deadline(request.metadata(), self.cluster.config.request_timeout);
+        let (metadata, _, mut r) = request.into_parts();
         // A request id may also come as `x-request-id` metadata (set by proxies and tracers).
-        let header_id = request
-            .metadata()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let mut r = request.into_inner();
+        let header_id = metadata.get("x-request-id").and_then(|v| v.to_str().ok());
         if let (true, Some(id)) = (r.request_id.is_empty(), header_id) {
-            r.request_id = id;
+            r.request_id = id.to_string();
         }
-        let started = self.start(&r, deadline)?;
+        let started = self.start(&r, deadline, metadata.as_ref())?;
         let request_id = started.request_id;
         let stream = UnboundedReceiverStream::new(started.updates)
             .map(move |outcome| outcome.map(|u| response(&request_id, u)));

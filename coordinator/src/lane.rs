@@ -18,12 +18,12 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::worker_client::WorkerClient;
 use switchyard_worker::batch::SeqWork;
 use switchyard_worker::kv_cache::SeqId;
-use switchyard_worker::{wire, Detached, Request, Scheduler, Update};
+use switchyard_worker::{trace_context, wire, Detached, Request, Scheduler, Update};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-use tracing::{debug, warn};
+use tracing::{debug, info_span, warn, Instrument, Span};
 
 use crate::metrics::{Metrics, RequestRecord, RequestTimes};
 
@@ -38,6 +38,8 @@ pub const MAX_MOVES: u32 = 5;
 pub struct Admitted {
     pub work: Work,
     pub request_id: String,
+    /// The request's span: open until its last outcome; every step serving it links to it.
+    pub span: Span,
     pub deadline: Option<Instant>,
     pub out: mpsc::UnboundedSender<Outcome>,
     /// Placements it was moved off so far.
@@ -200,6 +202,7 @@ impl Lane {
 
 struct Client {
     request_id: String,
+    span: Span,
     deadline: Option<Instant>,
     out: mpsc::UnboundedSender<Outcome>,
     moves: u32,
@@ -302,6 +305,7 @@ impl Driver {
                 out.push(Admitted {
                     work: Work::Moved(d),
                     request_id: c.request_id,
+                    span: c.span,
                     deadline: c.deadline,
                     out: c.out,
                     moves: c.moves + 1,
@@ -322,6 +326,7 @@ impl Driver {
         debug!(request_id = %a.request_id, seq = id, moves = a.moves, "admitted");
         let client = Client {
             request_id: a.request_id,
+            span: a.span,
             deadline: a.deadline,
             out: a.out,
             moves: a.moves,
@@ -369,16 +374,30 @@ impl Driver {
             if work.is_empty() {
                 return;
             }
+            let clients: Vec<&Client> = work
+                .iter()
+                .filter_map(|w| self.clients.get(&w.id))
+                .collect();
             let request = pb::StepRequest {
                 epoch: self.config.epoch,
                 step_id: self.next_step,
                 seqs: work.iter().map(wire::seq_work).collect(),
                 hidden: None,
-                request_ids: work
-                    .iter()
-                    .filter_map(|w| self.clients.get(&w.id).map(|c| c.request_id.clone()))
-                    .collect(),
+                request_ids: clients.iter().map(|c| c.request_id.clone()).collect(),
             };
+            // A step serves many requests: it is its own trace (through every worker it
+            // passes), linked to each request's span.
+            let span = info_span!(
+                "step",
+                lane = self.config.lane,
+                epoch = self.config.epoch,
+                id = request.step_id,
+                requests = ?request.request_ids,
+            );
+            for c in clients {
+                span.follows_from(&c.span);
+            }
+            let request = trace_context::request(&span, request);
             self.next_step += 1;
             let now = Instant::now();
             for w in &work {
@@ -388,15 +407,18 @@ impl Driver {
             }
             let mut stage0 = self.stage0.clone();
             let timeout = self.config.step_timeout;
-            self.in_flight.spawn(async move {
-                let result = match tokio::time::timeout(timeout, stage0.step(request)).await {
-                    Ok(r) => r.map(|r| r.into_inner()),
-                    Err(_) => Err(Status::deadline_exceeded(format!(
-                        "a step got no answer within {timeout:?}"
-                    ))),
-                };
-                (work, now, result)
-            });
+            self.in_flight.spawn(
+                async move {
+                    let result = match tokio::time::timeout(timeout, stage0.step(request)).await {
+                        Ok(r) => r.map(|r| r.into_inner()),
+                        Err(_) => Err(Status::deadline_exceeded(format!(
+                            "a step got no answer within {timeout:?}"
+                        ))),
+                    };
+                    (work, now, result)
+                }
+                .instrument(span),
+            );
         }
     }
 
@@ -459,6 +481,11 @@ impl Driver {
                 code
             }
         };
+        c.span.record("outcome", outcome.as_str());
+        c.span.record("completion_tokens", c.completion_tokens);
+        if last.is_err() {
+            c.span.record("otel.status_code", "error");
+        }
         let e2e = c.times.arrived.elapsed().as_secs_f64();
         if last.is_ok() {
             m.e2e.observe(e2e);

@@ -302,8 +302,9 @@ type Choices = Vec<(Choice, mpsc::UnboundedReceiver<Outcome>)>;
 fn start_all(
     api: &InferenceApi,
     requests: Vec<(pb::GenerateRequest, bool)>,
-    id: Option<String>,
+    caller: &HeaderMap,
 ) -> ApiResult<Choices> {
+    let id = request_id(caller);
     let several = requests.len() > 1;
     let deadline = api
         .cluster()
@@ -346,7 +347,7 @@ fn start_all(
                 false => id.clone(),
             };
         }
-        let started = api.start(&request, deadline)?;
+        let started = api.start(&request, deadline, caller)?;
         let choice = Choice {
             index: index as u32,
             request_id: started.request_id,
@@ -683,7 +684,7 @@ pub async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match start_completions(&api, &body, request_id(&headers)) {
+    match start_completions(&api, &body, &headers) {
         Ok((meta, choices)) => respond(api, meta, choices, Kind::Completion).await,
         Err(e) => e.into_response(),
     }
@@ -694,7 +695,7 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match start_chat(&api, &body, request_id(&headers)) {
+    match start_chat(&api, &body, &headers) {
         Ok((meta, choices)) => respond(api, meta, choices, Kind::Chat).await,
         Err(e) => e.into_response(),
     }
@@ -716,7 +717,7 @@ async fn respond(api: InferenceApi, meta: Meta, choices: Choices, kind: Kind) ->
 fn start_completions(
     api: &InferenceApi,
     body: &[u8],
-    id: Option<String>,
+    caller: &HeaderMap,
 ) -> ApiResult<(Meta, Choices)> {
     let r: CompletionRequest = parse(body)?;
     r.common.check(api)?;
@@ -766,7 +767,7 @@ fn start_completions(
             requests.push((req, r.echo));
         }
     }
-    let choices = start_all(api, requests, id)?;
+    let choices = start_all(api, requests, caller)?;
     let meta = Meta {
         id: format!("cmpl-{}", choices[0].0.request_id),
         object: "text_completion",
@@ -780,7 +781,7 @@ fn start_completions(
     Ok((meta, choices))
 }
 
-fn start_chat(api: &InferenceApi, body: &[u8], id: Option<String>) -> ApiResult<(Meta, Choices)> {
+fn start_chat(api: &InferenceApi, body: &[u8], caller: &HeaderMap) -> ApiResult<(Meta, Choices)> {
     let r: ChatRequest = parse(body)?;
     r.common.check(api)?;
     if r.tools.as_ref().is_some_and(|t| !t.is_empty()) {
@@ -844,7 +845,7 @@ fn start_chat(api: &InferenceApi, body: &[u8], id: Option<String>) -> ApiResult<
         }
         requests.push((req, false));
     }
-    let choices = start_all(api, requests, id)?;
+    let choices = start_all(api, requests, caller)?;
     let meta = Meta {
         id: format!("chatcmpl-{}", choices[0].0.request_id),
         object: if r.common.stream {

@@ -1,5 +1,6 @@
 //! Tokenizer and chat-format tests against Mistral's own reference ids
-//! (`shared/data/mistral-v1-tokenizer/vectors.json`, produced by mistral-common), the Mixtral
+//! (`tests/data/mistral-v1-tokenizer/vectors.json`, produced by mistral-common; a copy of the
+//! team's shared data set, kept in the repository so a fresh clone tests alone), the Mixtral
 //! Instruct Jinja template, streaming detokenization, the synthetic tokenizer, and bad input.
 
 use std::fs;
@@ -47,7 +48,7 @@ const MIXTRAL_TEMPLATE_2023: &str = "{{ bos_token }}{% for message in messages %
 fn data_dir() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/data/mistral-v1-tokenizer"
+        "/tests/data/mistral-v1-tokenizer"
     ))
 }
 

@@ -156,10 +156,25 @@ pub fn model(dir: &Path, name: &str, change: impl FnOnce(&mut ModelConfig)) {
 
 /// One HTTP/1.1 request on a fresh connection; returns the status code and the body.
 pub fn http(address: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_with_headers(address, method, path, &[], body)
+}
+
+/// [`http`] with extra header lines (`("traceparent", "00-…")`).
+pub fn http_with_headers(
+    address: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     let mut s = TcpStream::connect(address).unwrap();
+    let headers: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();

@@ -10,11 +10,12 @@ use prost::Message;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::worker_client::WorkerClient;
 use tonic::transport::Channel;
+use tracing::{info_span, Instrument};
 
 use crate::backend::Routes;
 use crate::model::{ExpertExchange, ModelError, PendingExperts};
 use crate::stats::WorkerMetrics;
-use crate::wire;
+use crate::{trace_context, wire};
 
 pub struct GrpcExchange {
     pub handle: tokio::runtime::Handle,
@@ -77,15 +78,20 @@ impl ExpertExchange for GrpcExchange {
             m.exchange_token_shard_pairs.add(tokens.len() as u64);
             let mut client = self.peers[shard].clone();
             let timeout = self.timeout;
-            let call = self.handle.spawn(async move {
-                // A peer that froze must not hold this step forever.
-                match tokio::time::timeout(timeout, client.run_experts(request)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-                        "no answer within {timeout:?}"
-                    ))),
+            let span = info_span!("exchange", layer, shard, tokens = tokens.len());
+            let request = trace_context::request(&span, request);
+            let call = self.handle.spawn(
+                async move {
+                    // A peer that froze must not hold this step forever.
+                    match tokio::time::timeout(timeout, client.run_experts(request)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                            "no answer within {timeout:?}"
+                        ))),
+                    }
                 }
-            });
+                .instrument(span),
+            );
             calls.push((shard, tokens, call));
         }
         let handle = self.handle.clone();

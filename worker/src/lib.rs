@@ -19,6 +19,7 @@ pub mod sampling;
 pub mod scheduler;
 pub mod service;
 pub mod stats;
+pub mod trace_context;
 pub mod wire;
 
 pub use backend::{Backend, BackendError};

@@ -28,7 +28,7 @@ use crate::batch::{sample_step, AttentionBatch, SeqInput};
 use crate::exchange::GrpcExchange;
 use crate::model::{ExpertExchange, Model, ModelError};
 use crate::stats::WorkerMetrics;
-use crate::wire;
+use crate::{trace_context, wire};
 
 /// Messages between workers carry activations of whole prefill chunks: far above tonic's
 /// 4 MiB default.
@@ -376,7 +376,7 @@ where
         &self,
         request: Request<pb::StepRequest>,
     ) -> Result<Response<pb::StepResponse>, Status> {
-        let request = request.into_inner();
+        let (caller, _, request) = request.into_parts();
         let part = self.0.part(request.epoch)?;
         let span = info_span!(
             "step",
@@ -385,11 +385,12 @@ where
             shard = part.assignment.shard,
             requests = ?request.request_ids,
         );
+        trace_context::adopt(&span, caller.as_ref());
         let tokens: u64 = request.seqs.iter().map(|s| s.tokens.len() as u64).sum();
-        let (this, p) = (self.0.clone(), part.clone());
+        let (this, p, in_step) = (self.0.clone(), part.clone(), span.clone());
         let started = Instant::now();
         let (out, mut request) = tokio::task::spawn_blocking(move || {
-            let out = span.in_scope(|| {
+            let out = in_step.in_scope(|| {
                 let out = run_step(&this.backend, &p, &request);
                 debug!(tokens, ok = out.is_ok(), "step ran");
                 out
@@ -411,9 +412,11 @@ where
                     .ok_or_else(|| Status::internal("a middle stage without a next stage"))?;
                 request.hidden = Some(hidden);
                 let timeout = peer_timeout(&part.assignment);
+                let forward_span =
+                    info_span!(parent: &span, "forward", stage = part.assignment.stage + 1);
                 let forward = next
-                    .step(request)
-                    .instrument(info_span!("forward", stage = part.assignment.stage + 1));
+                    .step(trace_context::request(&forward_span, request))
+                    .instrument(forward_span);
                 tokio::time::timeout(timeout, forward)
                     .await
                     .unwrap_or_else(|_| {
@@ -429,10 +432,13 @@ where
         &self,
         request: Request<pb::ExpertBatch>,
     ) -> Result<Response<pb::ExpertOutput>, Status> {
-        let b = request.into_inner();
+        let (caller, _, b) = request.into_parts();
         let part = self.0.part(b.epoch)?;
+        let span = info_span!("run_experts", layer = b.layer, experts = b.experts.len());
+        trace_context::adopt(&span, caller.as_ref());
         let this = self.0.clone();
         let y = tokio::task::spawn_blocking(move || -> Result<pb::Tensor, Status> {
+            let _in_span = span.enter();
             let backend = &this.backend;
             let invalid = |m: String| Status::invalid_argument(m);
             let x =
