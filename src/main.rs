@@ -22,7 +22,8 @@ use switchyard_worker::registration::{self, Keys, RegistrationConfig};
 use switchyard_worker::service::{spawn_worker, WorkerService};
 use switchyard_worker::stats::WorkerMetrics;
 use switchyard_worker::{
-    Backend, CpuBackend, CudaBackend, Device, Engine, EngineConfig, Request, SamplingParams,
+    Backend, CpuBackend, CudaBackend, CudaDevice, Device, Engine, EngineConfig, Hardware, Request,
+    SamplingParams,
 };
 use telemetry::LogFormat;
 
@@ -134,17 +135,46 @@ struct ServeArgs {
     /// Model directory; without it, a demo tiny-mixtral made once into ~/.cache/switchyard.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Where the workers run: cpu; cuda:N (all on GPU N); or cuda (worker i on GPU i, as
+    /// many GPUs as grid cells).
+    #[arg(long, default_value = "cpu")]
+    device: ServeDevices,
     #[command(flatten)]
     cluster: ClusterArgs,
+}
+
+/// Where `serve` puts its workers.
+#[derive(Clone, Copy)]
+enum ServeDevices {
+    Cpu,
+    /// Worker i on GPU i.
+    EachGpu,
+    /// Every worker on this GPU.
+    Gpu(usize),
+}
+
+impl std::str::FromStr for ServeDevices {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cuda" => Ok(ServeDevices::EachGpu),
+            _ => match s.parse::<Device>()? {
+                Device::Cpu => Ok(ServeDevices::Cpu),
+                Device::Cuda(n) => Ok(ServeDevices::Gpu(n)),
+            },
+        }
+    }
 }
 
 #[derive(Args)]
 struct WorkerArgs {
     #[arg(long, default_value = "127.0.0.1:50061")]
     listen: SocketAddr,
-    /// Only `cpu` for now.
+    /// Where to run: cpu, or cuda:N (GPU N; kernels compile for the assigned model's shapes
+    /// and are cached on disk).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: Device,
     /// Serve Prometheus metrics on this address (`/metrics`).
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
@@ -540,13 +570,18 @@ async fn serve(a: ServeArgs) -> Result<()> {
         None => demo_model()?,
     };
     let (mut workers, mut metrics) = (Vec::new(), Vec::new());
-    for _ in 0..a.cluster.grid.cells() {
-        let w = spawn_worker(
-            WorkerService::new(CpuBackend),
-            "127.0.0.1:0".parse()?,
-            std::future::pending(),
-        )
-        .await?;
+    let any = "127.0.0.1:0".parse()?;
+    for i in 0..a.cluster.grid.cells() {
+        let forever = std::future::pending();
+        let gpu = match a.device {
+            ServeDevices::Cpu => None,
+            ServeDevices::EachGpu => Some(i),
+            ServeDevices::Gpu(n) => Some(n),
+        };
+        let w = match gpu {
+            None => spawn_worker(WorkerService::new(CpuBackend), any, forever).await?,
+            Some(n) => spawn_worker(WorkerService::new(open_gpu(n)?), any, forever).await?,
+        };
         workers.push(w.address.to_string());
         metrics.push(w.metrics);
     }
@@ -555,11 +590,24 @@ async fn serve(a: ServeArgs) -> Result<()> {
 }
 
 async fn worker(a: WorkerArgs) -> Result<()> {
-    if a.device != "cpu" {
-        bail!("--device {:?}: expected cpu", a.device);
+    match a.device {
+        Device::Cpu => run_worker(WorkerService::new(CpuBackend), a).await,
+        Device::Cuda(n) => run_worker(WorkerService::new(open_gpu(n)?), a).await,
     }
-    let service = WorkerService::new(CpuBackend);
+}
+
+/// GPU `ordinal`, or an error saying why it cannot be used (no driver, no such GPU, too old).
+fn open_gpu(ordinal: usize) -> Result<CudaDevice> {
+    CudaDevice::open(ordinal)
+        .with_context(|| format!("--device cuda:{ordinal}: cannot use this GPU"))
+}
+
+async fn run_worker<H: Hardware>(service: WorkerService<H>, a: WorkerArgs) -> Result<()>
+where
+    <H::Backend as Backend>::KvCache: Sync,
+{
     let control = service.control();
+    let (device, (memory_bytes, _)) = (service.hardware().describe(), service.hardware().memory());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let w = spawn_worker(service, a.listen, async {
         let _ = stop_rx.await;
@@ -586,8 +634,8 @@ async fn worker(a: WorkerArgs) -> Result<()> {
                 keys: Keys::new(&a.etcd.cluster).map_err(anyhow::Error::msg)?,
                 record: pb::WorkerRecord {
                     address,
-                    device: a.device.clone(),
-                    memory_bytes: switchyard_worker::service::memory_info().0,
+                    device,
+                    memory_bytes,
                     draining: false,
                 },
                 ttl: Duration::from_secs(a.etcd.lease_ttl_s.max(1)),

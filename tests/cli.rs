@@ -211,3 +211,38 @@ fn bad_input_gets_clear_errors() {
     let e = fails(&["generate", "--model", d, "--prompt-ids", "1,x"]);
     assert!(e.contains("invalid"), "{e}");
 }
+
+/// A GPU that cannot be used is refused at start, saying why, by every command that takes
+/// `--device` (cuda:99 exists nowhere: without a driver the message says so, with one it
+/// counts the GPUs).
+#[test]
+fn an_unusable_gpu_is_refused_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    init(&dir, "tiny-mixtral");
+    let d = dir.to_str().unwrap();
+    let no_gpu = |e: &str| {
+        e.contains("cuda:99")
+            && (e.contains("CUDA driver (libcuda) was not found") || e.contains("GPU(s)"))
+    };
+    let e = fails(&["worker", "--device", "cuda:99", "--listen", "127.0.0.1:0"]);
+    assert!(no_gpu(&e), "{e}");
+    let e = fails(&[
+        "serve",
+        "--device",
+        "cuda:99",
+        "--model",
+        d,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ]);
+    assert!(no_gpu(&e), "{e}");
+    let e = fails(&[
+        "generate", "--device", "cuda:99", "--model", d, "--prompt", "x",
+    ]);
+    assert!(no_gpu(&e), "{e}");
+    let e = fails(&["worker", "--device", "tpu"]);
+    assert!(e.contains("expected cpu, cuda or cuda:N"), "{e}");
+}

@@ -24,10 +24,9 @@ use crate::KernelError;
 const ROW_THREADS: u32 = 256;
 
 pub struct Gpu {
-    ctx: Arc<CudaContext>,
+    device: Device,
     stream: Arc<CudaStream>,
     spec: Spec,
-    arch: u32,
     sm_count: usize,
     functions: HashMap<&'static str, CudaFunction>,
     blas: Blas,
@@ -134,10 +133,17 @@ impl Gatherable for u16 {
     const GATHER_KERNEL: &'static str = "gather_rows_bf16";
 }
 
-impl Gpu {
-    /// Opens GPU `ordinal`, compiles (or loads from the disk cache) every kernel for its
-    /// architecture and a model of shape `spec`, and sets up cuBLASLt.
-    pub fn new(ordinal: usize, spec: Spec) -> Result<Gpu, KernelError> {
+/// A GPU the driver sees and the kernels can run on (compute capability 8.0 or newer).
+#[derive(Clone)]
+pub struct Device {
+    ctx: Arc<CudaContext>,
+    arch: u32,
+}
+
+impl Device {
+    /// Opens GPU `ordinal`; says plainly why not when there is no driver, no such GPU, or an
+    /// older one.
+    pub fn open(ordinal: usize) -> Result<Device, KernelError> {
         // SAFETY: only probes whether the shared library can be opened.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(KernelError::Missing(
@@ -160,7 +166,35 @@ impl Gpu {
                  (Ampere) or newer (bf16 mma.sync, cp.async)"
             )));
         }
-        let arch = (major * 10 + minor) as u32;
+        Ok(Device {
+            ctx,
+            arch: (major * 10 + minor) as u32,
+        })
+    }
+
+    /// "NVIDIA H100 80GB HBM3 (sm_90)".
+    pub fn describe(&self) -> String {
+        let name = self.ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        format!("{name} (sm_{})", self.arch)
+    }
+
+    /// Total and free device memory in bytes.
+    pub fn memory(&self) -> Result<(u64, u64), KernelError> {
+        let (free, total) = self.ctx.mem_get_info()?;
+        Ok((total as u64, free as u64))
+    }
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal` and sets it up for a model of shape `spec` (see [`Gpu::on`]).
+    pub fn new(ordinal: usize, spec: Spec) -> Result<Gpu, KernelError> {
+        Gpu::on(&Device::open(ordinal)?, spec)
+    }
+
+    /// Compiles (or loads from the disk cache) every kernel for `device`'s architecture and a
+    /// model of shape `spec`, and sets up cuBLASLt.
+    pub fn on(device: &Device, spec: Spec) -> Result<Gpu, KernelError> {
+        let (ctx, arch) = (device.ctx.clone(), device.arch);
         let sm_count =
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let stream = ctx.default_stream();
@@ -174,12 +208,11 @@ impl Gpu {
                 functions.insert(name, loaded.load_function(name)?);
             }
         }
-        let blas = Blas::new(stream.clone(), major)?;
+        let blas = Blas::new(stream.clone(), (arch / 10) as i32)?;
         Ok(Gpu {
-            ctx,
+            device: device.clone(),
             stream,
             spec,
-            arch,
             sm_count,
             functions,
             blas,
@@ -198,10 +231,8 @@ impl Gpu {
         self.sm_count
     }
 
-    /// "NVIDIA H100 80GB HBM3 (sm_90)".
-    pub fn describe(&self) -> String {
-        let name = self.ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        format!("{name} (sm_{})", self.arch)
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     fn f(&self, name: &str) -> &CudaFunction {

@@ -22,7 +22,7 @@ pub use cudarc;
 
 pub use cache::DiskCache;
 pub use compile::{Nvrtc, Target};
-pub use gpu::Gpu;
+pub use gpu::{Device, Gpu};
 pub use source::{Module, Spec, SpecError};
 
 #[derive(Debug, thiserror::Error)]

@@ -2,6 +2,8 @@
 //! written once over it ([`crate::model`]); the CPU backend is the reference, the CUDA backend
 //! must match it op by op.
 
+use switchyard_model::ModelConfig;
+
 use crate::batch::AttentionBatch;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,19 @@ pub struct Qkv<T> {
     pub v: T,
 }
 
+/// What a worker runs on: the memory it reports to the planner, and a backend for the model it
+/// is assigned (a GPU's kernels are compiled for the model's attention shapes, so the backend
+/// is made once the model is known).
+pub trait Hardware: Send + Sync + 'static {
+    type Backend: Backend + 'static;
+
+    /// "cpu (16 threads)", "cuda:0 NVIDIA H100 80GB HBM3 (sm_90)".
+    fn describe(&self) -> String;
+    /// Total and available bytes for weights and KV cache (0 where unknown).
+    fn memory(&self) -> (u64, u64);
+    fn backend(&self, model: &ModelConfig) -> Result<Self::Backend, BackendError>;
+}
+
 pub trait Backend: Send + Sync {
     /// Activations: a row-major `[rows, cols]` matrix on the device.
     type Tensor: Send + Sync;
@@ -43,6 +58,9 @@ pub trait Backend: Send + Sync {
     type Weight: Send + Sync;
     /// The paged K/V memory of the layers one worker holds.
     type KvCache: Send;
+
+    /// Bytes one stored weight value takes (f32 on the CPU, bf16 on a GPU).
+    const WEIGHT_BYTES: u64;
 
     fn name(&self) -> String;
 

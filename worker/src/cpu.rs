@@ -4,8 +4,9 @@
 //! checked against, so clarity wins over cleverness everywhere but the two hot loops.
 
 use rayon::prelude::*;
+use switchyard_model::ModelConfig;
 
-use crate::backend::{Backend, BackendError, FfnWeights, Qkv, Routes};
+use crate::backend::{Backend, BackendError, FfnWeights, Hardware, Qkv, Routes};
 use crate::batch::AttentionBatch;
 use crate::kv_cache::FREED;
 
@@ -251,10 +252,28 @@ impl CpuBackend {
     }
 }
 
+/// The CPU backend serves any model, in the machine's memory.
+impl Hardware for CpuBackend {
+    type Backend = CpuBackend;
+
+    fn describe(&self) -> String {
+        self.name()
+    }
+
+    fn memory(&self) -> (u64, u64) {
+        crate::service::memory_info()
+    }
+
+    fn backend(&self, _: &ModelConfig) -> Result<CpuBackend, BackendError> {
+        Ok(CpuBackend)
+    }
+}
+
 impl Backend for CpuBackend {
     type Tensor = Mat;
     type Weight = Mat;
     type KvCache = CpuKvCache;
+    const WEIGHT_BYTES: u64 = 4;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())

@@ -20,9 +20,10 @@ use switchyard_kernels::blas::Out;
 use switchyard_kernels::cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use switchyard_kernels::geometry::{decode_split, prefill_tiles};
 use switchyard_kernels::gpu::{DecodeArgs, ExpertTables, PrefillArgs};
-use switchyard_kernels::{Gpu, KernelError, Spec};
+use switchyard_kernels::{Device as OpenGpu, Gpu, KernelError, Spec};
+use switchyard_model::ModelConfig;
 
-use crate::backend::{Backend, BackendError, FfnWeights, Qkv, Routes};
+use crate::backend::{Backend, BackendError, FfnWeights, Hardware, Qkv, Routes};
 use crate::batch::AttentionBatch;
 use crate::kv_cache::FREED;
 
@@ -62,6 +63,38 @@ pub struct CudaKvCache {
     block_size: usize,
     kv_heads: usize,
     head_dim: usize,
+}
+
+/// GPU `ordinal`, opened: a worker on it reports its memory and makes a [`CudaBackend`] for
+/// each model it is assigned.
+pub struct CudaDevice {
+    ordinal: usize,
+    device: OpenGpu,
+}
+
+impl CudaDevice {
+    pub fn open(ordinal: usize) -> Result<CudaDevice, BackendError> {
+        Ok(CudaDevice {
+            ordinal,
+            device: OpenGpu::open(ordinal).map_err(dev)?,
+        })
+    }
+}
+
+impl Hardware for CudaDevice {
+    type Backend = CudaBackend;
+
+    fn describe(&self) -> String {
+        format!("cuda:{} {}", self.ordinal, self.device.describe())
+    }
+
+    fn memory(&self) -> (u64, u64) {
+        self.device.memory().unwrap_or((0, 0))
+    }
+
+    fn backend(&self, c: &ModelConfig) -> Result<CudaBackend, BackendError> {
+        CudaBackend::on(self, c.head_dim, c.num_heads, c.num_kv_heads)
+    }
 }
 
 pub struct CudaBackend {
@@ -131,11 +164,21 @@ impl CudaBackend {
         heads: usize,
         kv_heads: usize,
     ) -> Result<Self, BackendError> {
+        CudaBackend::on(&CudaDevice::open(ordinal)?, head_dim, heads, kv_heads)
+    }
+
+    /// Compiles the kernels on an opened GPU for a model with these attention shapes.
+    pub fn on(
+        device: &CudaDevice,
+        head_dim: usize,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Result<Self, BackendError> {
         let spec = Spec::new(head_dim, heads, kv_heads).map_err(|e| dev(e.into()))?;
-        let gpu = Gpu::new(ordinal, spec).map_err(dev)?;
+        let gpu = Gpu::on(&device.device, spec).map_err(dev)?;
         Ok(CudaBackend {
             gpu,
-            ordinal,
+            ordinal: device.ordinal,
             poison: false,
         })
     }
@@ -283,9 +326,10 @@ impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
     type KvCache = CudaKvCache;
+    const WEIGHT_BYTES: u64 = 2;
 
     fn name(&self) -> String {
-        format!("cuda:{} {}", self.ordinal, self.gpu.describe())
+        format!("cuda:{} {}", self.ordinal, self.gpu.device().describe())
     }
 
     fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<CudaWeight, BackendError> {

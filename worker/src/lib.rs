@@ -22,9 +22,9 @@ pub mod stats;
 pub mod trace_context;
 pub mod wire;
 
-pub use backend::{Backend, BackendError};
+pub use backend::{Backend, BackendError, Hardware};
 pub use cpu::CpuBackend;
-pub use cuda::{CudaBackend, Device};
+pub use cuda::{CudaBackend, CudaDevice, Device};
 pub use engine::{Completion, Engine, EngineConfig, EngineError};
 pub use model::{Model, ModelError};
 pub use sampling::SamplingParams;

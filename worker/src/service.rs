@@ -23,7 +23,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, info_span, Instrument};
 
-use crate::backend::{Backend, Routes};
+use crate::backend::{Backend, Hardware, Routes};
 use crate::batch::{sample_step, AttentionBatch, SeqInput};
 use crate::exchange::GrpcExchange;
 use crate::model::{ExpertExchange, Model, ModelError};
@@ -57,7 +57,8 @@ pub fn worker_client(channel: Channel) -> WorkerClient<Channel> {
 /// The part of the model this worker was assigned, loaded, with its KV memory.
 struct Part<B: Backend> {
     assignment: pb::Assignment,
-    /// Shared with the next part when only the epoch or the peers change.
+    /// Both shared with the next part when only the epoch or the peers change.
+    backend: Arc<B>,
     model: Arc<Model<B>>,
     cache: Mutex<B::KvCache>,
     next: Option<WorkerClient<Channel>>,
@@ -65,18 +66,21 @@ struct Part<B: Backend> {
     weight_bytes: u64,
 }
 
-/// The service; clones share one worker.
-pub struct WorkerService<B: Backend>(Arc<WorkerState<B>>);
+/// A loaded part's backend and model, kept for the next assignment of the same weights.
+type Reused<B> = (Arc<B>, Arc<Model<B>>);
 
-impl<B: Backend> Clone for WorkerService<B> {
+/// The service; clones share one worker.
+pub struct WorkerService<H: Hardware>(Arc<WorkerState<H>>);
+
+impl<H: Hardware> Clone for WorkerService<H> {
     fn clone(&self) -> Self {
         WorkerService(self.0.clone())
     }
 }
 
-struct WorkerState<B: Backend> {
-    backend: B,
-    part: RwLock<Option<Arc<Part<B>>>>,
+struct WorkerState<H: Hardware> {
+    hardware: H,
+    part: RwLock<Option<Arc<Part<H::Backend>>>>,
     metrics: Arc<WorkerMetrics>,
     control: WorkerControl,
 }
@@ -119,10 +123,10 @@ impl WorkerControl {
     }
 }
 
-impl<B: Backend + 'static> WorkerService<B> {
-    pub fn new(backend: B) -> Self {
+impl<H: Hardware> WorkerService<H> {
+    pub fn new(hardware: H) -> Self {
         WorkerService(Arc::new(WorkerState {
-            backend,
+            hardware,
             part: RwLock::new(None),
             metrics: Arc::default(),
             control: WorkerControl::default(),
@@ -137,10 +141,14 @@ impl<B: Backend + 'static> WorkerService<B> {
     pub fn control(&self) -> WorkerControl {
         self.0.control.clone()
     }
+
+    pub fn hardware(&self) -> &H {
+        &self.0.hardware
+    }
 }
 
-impl<B: Backend + 'static> WorkerState<B> {
-    fn part(&self, epoch: u64) -> Result<Arc<Part<B>>, Status> {
+impl<H: Hardware> WorkerState<H> {
+    fn part(&self, epoch: u64) -> Result<Arc<Part<H::Backend>>, Status> {
         let part = self
             .part
             .read()
@@ -163,9 +171,14 @@ impl<B: Backend + 'static> WorkerState<B> {
         self.control.0.released.notify_waiters();
     }
 
-    /// Loads the part `a` names; `reuse` is the model of the previous part when `a` holds the
-    /// same layers and experts of the same model (a new epoch, other peers): no reload.
-    fn load(&self, a: pb::Assignment, reuse: Option<Arc<Model<B>>>) -> Result<Part<B>, Status> {
+    /// Loads the part `a` names; `reuse` is the backend and model of the previous part when `a`
+    /// holds the same layers and experts of the same model (a new epoch, other peers): no
+    /// reload.
+    fn load(
+        &self,
+        a: pb::Assignment,
+        reuse: Option<Reused<H::Backend>>,
+    ) -> Result<Part<H::Backend>, Status> {
         let invalid = |m: String| Status::invalid_argument(m);
         let dir = PathBuf::from(&a.model_dir);
         let checkpoint = Checkpoint::open(&dir).map_err(|e| invalid(e.to_string()))?;
@@ -185,20 +198,25 @@ impl<B: Backend + 'static> WorkerState<B> {
             embedding: a.embedding,
             head: a.head,
         };
-        let model = match reuse {
-            Some(m) => m,
+        let (backend, model) = match reuse {
+            Some(r) => r,
             None => {
-                let mut m = Model::load(&self.backend, &checkpoint, &subset)
+                let backend = self.hardware.backend(&c).map_err(|e| {
+                    Status::failed_precondition(format!(
+                        "{}: cannot run this model: {e}",
+                        self.hardware.describe()
+                    ))
+                })?;
+                let mut m = Model::load(&backend, &checkpoint, &subset)
                     .map_err(|e| invalid(e.to_string()))?;
                 let metrics = self.metrics.clone();
                 m.observe_routes(Arc::new(move |layer, experts| {
                     metrics.count_routes(layer, experts)
                 }));
-                Arc::new(m)
+                (Arc::new(backend), Arc::new(m))
             }
         };
-        let cache = self
-            .backend
+        let cache = backend
             .kv_cache(
                 model.num_layers(),
                 a.kv_blocks as usize,
@@ -233,8 +251,9 @@ impl<B: Backend + 'static> WorkerState<B> {
             _ => None,
         };
         Ok(Part {
-            weight_bytes: c.subset_params(&subset) * 4,
+            weight_bytes: c.subset_params(&subset) * H::Backend::WEIGHT_BYTES,
             assignment: a,
+            backend,
             model,
             cache: Mutex::new(cache),
             next,
@@ -245,10 +264,10 @@ impl<B: Backend + 'static> WorkerState<B> {
 
 /// What the worker runs a step's layers with: its model part, its KV memory, its exchange.
 fn run_step<B: Backend>(
-    backend: &B,
     part: &Part<B>,
     request: &pb::StepRequest,
 ) -> Result<Result<pb::StepResponse, pb::Tensor>, Status> {
+    let backend = &*part.backend;
     let work = request
         .seqs
         .iter()
@@ -303,18 +322,18 @@ fn run_step<B: Backend>(
 }
 
 #[tonic::async_trait]
-impl<B: Backend + 'static> Worker for WorkerService<B>
+impl<H: Hardware> Worker for WorkerService<H>
 where
-    B::KvCache: Sync,
+    <H::Backend as Backend>::KvCache: Sync,
 {
     async fn inventory(
         &self,
         _: Request<pb::InventoryRequest>,
     ) -> Result<Response<pb::InventoryResponse>, Status> {
-        let (total, available) = memory_info();
+        let (total, available) = self.0.hardware.memory();
         let part = self.0.part.read().expect("not poisoned").clone();
         Ok(Response::new(pb::InventoryResponse {
-            device: self.0.backend.name(),
+            device: self.0.hardware.describe(),
             memory_bytes: total,
             // The part held is dropped before a new one loads: its memory counts as available.
             available_bytes: available + part.as_ref().map_or(0, |p| p.weight_bytes),
@@ -342,7 +361,7 @@ where
         let old = self.0.part.write().expect("not poisoned").take();
         let reuse = old
             .filter(|p| same_weights(&p.assignment, &a))
-            .map(|p| p.model.clone());
+            .map(|p| (p.backend.clone(), p.model.clone()));
         self.0.release();
         self.0.metrics.ready.set(0.0);
         let part = tokio::task::spawn_blocking(move || span.in_scope(|| this.load(a, reuse)))
@@ -387,11 +406,11 @@ where
         );
         trace_context::adopt(&span, caller.as_ref());
         let tokens: u64 = request.seqs.iter().map(|s| s.tokens.len() as u64).sum();
-        let (this, p, in_step) = (self.0.clone(), part.clone(), span.clone());
+        let (p, in_step) = (part.clone(), span.clone());
         let started = Instant::now();
         let (out, mut request) = tokio::task::spawn_blocking(move || {
             let out = in_step.in_scope(|| {
-                let out = run_step(&this.backend, &p, &request);
+                let out = run_step(&p, &request);
                 debug!(tokens, ok = out.is_ok(), "step ran");
                 out
             });
@@ -439,7 +458,7 @@ where
         let this = self.0.clone();
         let y = tokio::task::spawn_blocking(move || -> Result<pb::Tensor, Status> {
             let _in_span = span.enter();
-            let backend = &this.backend;
+            let backend = &*part.backend;
             let invalid = |m: String| Status::invalid_argument(m);
             let x =
                 b.x.as_ref()
@@ -558,13 +577,13 @@ pub struct SpawnedWorker {
 }
 
 /// Binds `addr` and serves `service` there until `shutdown`.
-pub async fn spawn_worker<B: Backend + 'static>(
-    service: WorkerService<B>,
+pub async fn spawn_worker<H: Hardware>(
+    service: WorkerService<H>,
     addr: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<SpawnedWorker>
 where
-    B::KvCache: Sync,
+    <H::Backend as Backend>::KvCache: Sync,
 {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let address = listener.local_addr()?;
