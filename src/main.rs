@@ -433,7 +433,6 @@ fn cluster_config(model: PathBuf, workers: Vec<String>, a: &ClusterArgs) -> Clus
         plan: PlanOptions {
             kv_bytes_per_worker: a.kv_cache_mb << 20,
             block_size: a.block_size,
-            ..PlanOptions::default()
         },
         max_step_tokens: a.max_step_tokens,
         max_running: a.max_running,

@@ -554,6 +554,11 @@ async fn probe(
             device: reply.device.clone(),
             memory_bytes: reply.memory_bytes,
             available_bytes: reply.available_bytes,
+            // A worker that does not say stores f32.
+            value_bytes: match reply.value_bytes {
+                0 => 4,
+                n => n.into(),
+            },
         },
         reply,
     ))

@@ -54,6 +54,8 @@ pub struct Inventory {
     pub device: String,
     pub memory_bytes: u64,
     pub available_bytes: u64,
+    /// Bytes of one stored weight or KV value on its device: 4 (f32, CPU), 2 (bf16, GPU).
+    pub value_bytes: u64,
 }
 
 /// One worker's part.
@@ -177,21 +179,15 @@ pub enum PlanError {
 /// Sizes the planner works with.
 #[derive(Debug, Clone, Copy)]
 pub struct PlanOptions {
-    /// Bytes per parameter once loaded (the CPU backend computes in f32).
-    pub bytes_per_param: u64,
     /// Bytes of KV cache per worker.
     pub kv_bytes_per_worker: u64,
-    /// Bytes per cached K or V element.
-    pub kv_bytes_per_value: u64,
     pub block_size: usize,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
         PlanOptions {
-            bytes_per_param: 4,
             kv_bytes_per_worker: 256 << 20,
-            kv_bytes_per_value: 4,
             block_size: 16,
         }
     }
@@ -264,20 +260,20 @@ pub fn plan(
     let widest = (0..grid.shards)
         .max_by_key(|e| experts[*e].len())
         .unwrap_or(0);
+    // Stages are balanced, and KV blocks counted, at the widest storage among the workers, so
+    // that every cell fits whatever its device.
+    let value_bytes = workers.iter().map(|w| w.value_bytes).max().unwrap_or(4);
     let bytes = |layers: Range<usize>, stage: usize| {
-        config.subset_params(&subset(layers, widest, stage)) * options.bytes_per_param
+        config.subset_params(&subset(layers, widest, stage)) * value_bytes
     };
     let stages = balance(config.num_layers, grid.stages, bytes);
 
-    let kv_block = |layers: usize| {
-        2 * layers as u64
-            * config.kv_dim() as u64
-            * options.block_size as u64
-            * options.kv_bytes_per_value
+    let kv_block = |layers: usize, value_bytes: u64| {
+        2 * layers as u64 * config.kv_dim() as u64 * options.block_size as u64 * value_bytes
     };
     let mut kv_blocks = usize::MAX;
     for (stage, layers) in stages.iter().enumerate() {
-        let block_bytes = kv_block(layers.len());
+        let block_bytes = kv_block(layers.len(), value_bytes);
         let blocks = (options.kv_bytes_per_worker / block_bytes) as usize;
         if blocks == 0 {
             return Err(PlanError::NoKvBlock {
@@ -295,8 +291,8 @@ pub fn plan(
         for shard in 0..grid.shards {
             let w = &workers[stage * grid.shards + shard];
             let subset = subset(layers.clone(), shard, stage);
-            let weight_bytes = config.subset_params(&subset) * options.bytes_per_param;
-            let kv_bytes = kv_blocks as u64 * kv_block(layers.len());
+            let weight_bytes = config.subset_params(&subset) * w.value_bytes;
+            let kv_bytes = kv_blocks as u64 * kv_block(layers.len(), w.value_bytes);
             let needed = weight_bytes + kv_bytes;
             if needed > w.available_bytes {
                 return Err(PlanError::DoesNotFit {
@@ -380,6 +376,7 @@ mod tests {
                 device: "cpu".into(),
                 memory_bytes: available,
                 available_bytes: available,
+                value_bytes: 4,
             })
             .collect()
     }

@@ -59,8 +59,8 @@ pub trait Backend: Send + Sync {
     /// The paged K/V memory of the layers one worker holds.
     type KvCache: Send;
 
-    /// Bytes one stored weight value takes (f32 on the CPU, bf16 on a GPU).
-    const WEIGHT_BYTES: u64;
+    /// Bytes one stored weight or KV cache value takes (f32 on the CPU, bf16 on a GPU).
+    const VALUE_BYTES: u64;
 
     fn name(&self) -> String;
 

@@ -273,7 +273,7 @@ impl Backend for CpuBackend {
     type Tensor = Mat;
     type Weight = Mat;
     type KvCache = CpuKvCache;
-    const WEIGHT_BYTES: u64 = 4;
+    const VALUE_BYTES: u64 = 4;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())

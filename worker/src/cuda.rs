@@ -326,7 +326,7 @@ impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
     type KvCache = CudaKvCache;
-    const WEIGHT_BYTES: u64 = 2;
+    const VALUE_BYTES: u64 = 2;
 
     fn name(&self) -> String {
         format!("cuda:{} {}", self.ordinal, self.gpu.device().describe())

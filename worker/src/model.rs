@@ -180,9 +180,9 @@ impl<B: Backend> Model<B> {
         &self.subset
     }
 
-    /// Bytes of one KV block of `block_size` tokens over the layers this part holds (f32).
+    /// Bytes of one KV block of `block_size` tokens over the layers this part holds.
     pub fn kv_block_bytes(&self, block_size: usize) -> usize {
-        2 * self.num_layers() * self.config.kv_dim() * block_size * std::mem::size_of::<f32>()
+        2 * self.num_layers() * self.config.kv_dim() * block_size * B::VALUE_BYTES as usize
     }
 
     /// Layers held (the KV cache of this part has this many layers).

@@ -251,7 +251,7 @@ impl<H: Hardware> WorkerState<H> {
             _ => None,
         };
         Ok(Part {
-            weight_bytes: c.subset_params(&subset) * H::Backend::WEIGHT_BYTES,
+            weight_bytes: c.subset_params(&subset) * H::Backend::VALUE_BYTES,
             assignment: a,
             backend,
             model,
@@ -341,6 +341,7 @@ where
             version: env!("CARGO_PKG_VERSION").into(),
             epoch: part.as_ref().map_or(0, |p| p.assignment.epoch),
             draining: self.0.control.is_draining(),
+            value_bytes: H::Backend::VALUE_BYTES as u32,
         }))
     }
 
