@@ -415,8 +415,8 @@ pub fn update(m: pb::GenerateResponse) -> Update {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_standby_forwards_once_never_to_itself_and_names_the_leader() {
+    #[tokio::test]
+    async fn a_standby_forwards_once_never_to_itself_and_names_the_leader() {
         let relay = Relay::default();
         relay.set_me("10.0.0.2:50051");
 
