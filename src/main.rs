@@ -125,7 +125,9 @@ struct EtcdArgs {
     /// Time to live of the etcd lease: how long a dead process stays registered (or leader).
     #[arg(long, default_value_t = 3)]
     lease_ttl_s: u64,
-    /// The address others reach this process at, when not the one it listens on.
+    /// The address others reach this process at, when not the one it listens on (a
+    /// coordinator's: its gRPC API, where standbys forward to while it leads; required when
+    /// --grpc-addr is 0.0.0.0 or [::]).
     #[arg(long)]
     advertise: Option<String>,
 }
@@ -541,10 +543,19 @@ async fn run_etcd_coordinator(config: ClusterConfig, a: &ClusterArgs, e: &EtcdAr
     let listener = tokio::net::TcpListener::bind(a.grpc_addr)
         .await
         .with_context(|| format!("cannot listen on {}", a.grpc_addr))?;
+    // Proclaimed in the election: standbys forward their clients' calls to it.
     let address = match &e.advertise {
         Some(a) => a.clone(),
+        None if a.grpc_addr.ip().is_unspecified() => bail!(
+            "--grpc-addr {} listens on every interface: give --advertise HOST:PORT, the \
+             address other coordinators reach this one's gRPC API at (standbys forward \
+             their clients' calls to the leader's)",
+            a.grpc_addr
+        ),
         None => listener.local_addr()?.to_string(),
     };
+    // The HTTP port first: its line comes before the one that says the coordinator is up.
+    let _web = spawn_http(&cluster, a, Vec::new()).await?;
     eprintln!(
         "switchyard: listening on {address} (gRPC), serving {} in cluster {:?} (etcd {url})",
         cluster.model_name, e.cluster
@@ -556,7 +567,6 @@ async fn run_etcd_coordinator(config: ClusterConfig, a: &ClusterArgs, e: &EtcdAr
         address,
         ttl: Duration::from_secs(e.lease_ttl_s.max(1)),
     };
-    let _web = spawn_http(&cluster, a, Vec::new()).await?;
     let leader = tokio::spawn(membership::run_etcd(cluster.clone(), m, stop_rx));
     serve_until_drained(cluster, listener, grace, stop_tx).await?;
     let _ = leader.await;

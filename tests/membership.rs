@@ -520,8 +520,34 @@ fn chaos_workers_killed_frozen_and_replaced_under_load() {
     );
 }
 
+/// One generation through `address` with `x-request-id` metadata: the tokens, the request id
+/// the replies carried, and who served it (the leader's address when it was forwarded).
+async fn generate_with_id(
+    address: &str,
+    r: pb::GenerateRequest,
+    id: &str,
+) -> Result<(Vec<u32>, String, Option<String>), tonic::Status> {
+    let mut client = common::client(address).await;
+    let mut call = tonic::Request::new(r);
+    call.metadata_mut()
+        .insert("x-request-id", id.parse().unwrap());
+    call.set_timeout(Duration::from_secs(30));
+    let reply = client.generate(call).await?;
+    let served_by = reply
+        .metadata()
+        .get(switchyard_coordinator::forward::SERVED_BY)
+        .map(|v| v.to_str().unwrap().to_string());
+    let mut stream = reply.into_inner();
+    let (mut tokens, mut ids) = (Vec::new(), String::new());
+    while let Some(m) = stream.message().await? {
+        tokens.extend(m.token_ids);
+        ids = m.request_id;
+    }
+    Ok((tokens, ids, served_by))
+}
+
 #[test]
-fn a_standby_coordinator_takes_over_when_the_leader_dies() {
+fn a_standby_coordinator_forwards_then_takes_over_when_the_leader_dies() {
     let (_serial, _tmp, dir, cases, etcd, rt) = setup(16);
     let _workers: Vec<Proc> = (0..2).map(|_| etcd_worker(&etcd.url, "ha", &[])).collect();
     let mut a = etcd_coordinator(&dir, &etcd.url, "ha", "1x2", &[]);
@@ -533,45 +559,234 @@ fn a_standby_coordinator_takes_over_when_the_leader_dies() {
         serving_grid("1x2"),
     );
     let b = etcd_coordinator(&dir, &etcd.url, "ha", "1x2", &[]);
-    std::thread::sleep(Duration::from_millis(500));
-    // The standby is not serving and says so.
+    // The standby is not ready (it leads no placement) but answers: ClusterStatus and
+    // Generate are the leader's, forwarded, with the client's request id.
+    wait_status(
+        &rt,
+        &b.address,
+        Duration::from_secs(10),
+        "forwarded",
+        serving_grid("1x2"),
+    );
     assert_eq!(
         rt.block_on(health(&b.address)),
         Some(ServingStatus::NotServing)
     );
-    match rt.block_on(attempt(&b.address, request(&[5, 6], 2))) {
-        End::Failed(s, 0) => {
-            assert_eq!(s.code(), Code::Unavailable);
-            assert!(s.message().contains("standby"), "{}", s.message());
-        }
-        _ => panic!("a standby served a request"),
-    }
+    let (prompt, max) = &cases.requests[3];
+    let (tokens, id, served_by) = rt
+        .block_on(generate_with_id(
+            &b.address,
+            request(prompt, *max),
+            "via-standby-1",
+        ))
+        .unwrap();
+    assert_eq!(tokens, cases.outputs[3]);
+    assert_eq!(
+        id, "via-standby-1",
+        "the leader saw the client's x-request-id"
+    );
+    assert_eq!(served_by.as_deref(), Some(a.address.as_str()));
+    // The HTTP API of the standby forwards too: the same completion as the leader's.
+    let body = r#"{"prompt": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0, "ignore_eos": true}"#;
+    let (code_a, via_a) = common::http(&common::http_address(&a), "POST", "/v1/completions", body);
+    let (code_b, via_b) = common::http(&common::http_address(&b), "POST", "/v1/completions", body);
+    assert_eq!((code_a, code_b), (200, 200), "{via_a} / {via_b}");
+    let text = |s: &str| {
+        serde_json::from_str::<serde_json::Value>(s).unwrap()["choices"][0]["text"].clone()
+    };
+    assert_eq!(text(&via_a), text(&via_b));
+    // A request already forwarded once is refused, not forwarded again.
+    let e = rt.block_on(async {
+        let mut cl = common::client(&b.address).await;
+        let mut r = tonic::Request::new(pb::ListModelsRequest {});
+        r.metadata_mut().insert(
+            switchyard_coordinator::forward::FORWARDED,
+            "10.9.9.9:1".parse().unwrap(),
+        );
+        cl.list_models(r).await.unwrap_err()
+    });
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(e.message().contains("already forwarded"), "{}", e.message());
 
+    // Clients of the standby only: forwarded while the leader lives; when it dies, streams
+    // it carried end with UNAVAILABLE and are asked again, then the standby serves itself.
     let load = Load::start(
         &rt,
-        vec![a.address.clone(), b.address.clone()],
-        cases,
+        vec![b.address.clone()],
+        cases.clone(),
         8,
         Retry::Always,
     );
     std::thread::sleep(Duration::from_secs(3));
+    let before = load.tally.lock().unwrap().completed;
+    assert!(before > 0, "nothing completed through the standby");
     signal(&a.child, "KILL");
     let killed = Instant::now();
     let _ = a.child.wait();
-    // A client reconnecting to the standby succeeds once it leads.
+    // A client of the standby succeeds once it leads; until then it is told why not.
+    let mut refusals = Vec::new();
     let failover = loop {
-        if let End::Done(_) = rt.block_on(attempt(&b.address, request(&[5, 6], 2))) {
-            break killed.elapsed();
+        match rt.block_on(attempt(&b.address, request(&[5, 6], 2))) {
+            End::Done(_) => break killed.elapsed(),
+            End::Failed(s, _) => refusals.push(format!("{:?}: {}", s.code(), s.message())),
+            End::Hung => panic!("a request to the standby hung"),
         }
         assert!(killed.elapsed() < Duration::from_secs(20), "no failover");
         std::thread::sleep(Duration::from_millis(50));
     };
     println!("leader killed → the standby serves after {failover:?}");
+    assert!(
+        refusals.iter().any(|r| r.contains(&a.address)),
+        "no refusal names the dead leader: {refusals:?}"
+    );
+    for r in &refusals {
+        assert!(r.starts_with("Unavailable"), "{r}");
+    }
+    let (tokens, id, served_by) = rt
+        .block_on(generate_with_id(
+            &b.address,
+            request(prompt, *max),
+            "via-standby-2",
+        ))
+        .unwrap();
+    assert_eq!(tokens, cases.outputs[3]);
+    assert_eq!(id, "via-standby-2");
+    assert_eq!(served_by, None, "the ex-standby serves itself");
+    assert_eq!(
+        rt.block_on(health(&b.address)),
+        Some(ServingStatus::Serving)
+    );
     std::thread::sleep(Duration::from_secs(3));
     let t = load.finish(&rt);
+    println!("through the standby: {before} completed before the leader died");
     assert_clean("failover", &t);
+    assert!(t.completed > before, "nothing completed after the failover");
     assert!(t.unavailable.is_empty(), "{:?}", t.unavailable);
     assert!(failover < Duration::from_secs(10), "{failover:?}");
+}
+
+/// One step of one token at `epoch` through the worker (a warm-up step).
+fn one_step(epoch: u64) -> pb::StepRequest {
+    pb::StepRequest {
+        epoch,
+        step_id: 1,
+        seqs: vec![pb::SeqWork {
+            seq_id: 0,
+            tokens: vec![3],
+            start_pos: 0,
+            block_table: vec![0],
+            logits: pb::LogitsWanted::LogitsLast as i32,
+            draw: Some(pb::Draw::default()),
+            ..Default::default()
+        }],
+        hidden: None,
+        request_ids: vec!["fence-test".into()],
+    }
+}
+
+#[test]
+fn a_published_placement_fences_older_epochs_and_releases_workers_left_out() {
+    let (_serial, _tmp, dir, _cases, etcd, rt) = setup(1);
+    let w = etcd_worker(&etcd.url, "fence", &[]);
+    let assign = |epoch: u64| pb::Assignment {
+        epoch,
+        model_dir: dir.display().to_string(),
+        stage: 0,
+        shard: 0,
+        layer_start: 0,
+        layer_end: 4,
+        experts: (0..8).collect(),
+        embedding: true,
+        head: true,
+        kv_blocks: 8,
+        block_size: 16,
+        stage_peers: vec![w.address.clone()],
+        expert_shard: vec![0; 8],
+        next_stage: String::new(),
+        exchange_timeout_ms: 0,
+    };
+    let url = etcd.url.clone();
+    let publish = |epoch: u64, workers: Vec<String>| {
+        let url = url.clone();
+        async move {
+            let etcd = switchyard_worker::etcd::Etcd::connect(&url).unwrap();
+            let record = pb::PlacementRecord {
+                epoch,
+                stages: 1,
+                shards: 1,
+                workers,
+                model: "m".into(),
+                leader: "127.0.0.1:1".into(),
+            };
+            etcd.put("/switchyard/fence/placement", record.encode_to_vec(), 0)
+                .await
+                .unwrap();
+        }
+    };
+    rt.block_on(async {
+        let mut c = pb::worker_client::WorkerClient::connect(format!("http://{}", w.address))
+            .await
+            .unwrap();
+        c.assign(assign(3)).await.unwrap();
+        c.step(one_step(3)).await.unwrap();
+        let inventory = |mut c: pb::worker_client::WorkerClient<_>| async move {
+            c.inventory(pb::InventoryRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        };
+        let probe = c.clone();
+        let wait_for = move |what: &'static str, f: fn(&pb::InventoryResponse) -> bool| {
+            let c = probe.clone();
+            async move {
+                let t = Instant::now();
+                loop {
+                    let r = inventory(c.clone()).await;
+                    if f(&r) {
+                        return t.elapsed();
+                    }
+                    assert!(t.elapsed() < Duration::from_secs(10), "not {what}: {r:?}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+
+        // A newer placement that includes the worker: steps of epoch 3 are refused at once,
+        // before any assignment of epoch 4 arrives; the part stays.
+        publish(4, vec![w.address.clone()]).await;
+        let took = wait_for("fenced at 4", |r| r.fence == 4).await;
+        println!("placement 4 published → the worker fences epoch 3 off after {took:?}");
+        let e = c.step(one_step(3)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Aborted, "{e}");
+        assert!(
+            e.message().contains("epoch 3") && e.message().contains("epoch 4"),
+            "{e}"
+        );
+        assert_eq!(
+            inventory(c.clone()).await.epoch,
+            3,
+            "a worker included keeps its part"
+        );
+        // A stale leader's assignment is refused too.
+        let e = c.assign(assign(2)).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+        assert!(
+            e.message().contains("epoch 2") && e.message().contains("epoch 4"),
+            "{e}"
+        );
+
+        // A placement that leaves it out: its part is dropped, it reports not ready.
+        publish(5, vec!["127.0.0.1:9".into()]).await;
+        let took = wait_for("released", |r| r.epoch == 0 && r.fence == 5).await;
+        println!("placement 5 leaves the worker out → released after {took:?}");
+        let e = c.step(one_step(3)).await.unwrap_err();
+        assert!(e.message().contains("epoch 5"), "{e}");
+        let e = c.step(one_step(5)).await.unwrap_err();
+        assert!(e.message().contains("no assignment"), "{e}");
+        // Assigned again (epoch 6), it serves.
+        c.assign(assign(6)).await.unwrap();
+        c.step(one_step(6)).await.unwrap();
+    });
 }
 
 #[test]

@@ -22,6 +22,7 @@ use tonic_health::ServingStatus;
 use tracing::{field, info, info_span};
 
 use crate::cluster::Cluster;
+use crate::forward::Forwarding;
 use crate::lane::{code_label, Admitted, Outcome, Work};
 use crate::metrics::RequestTimes;
 
@@ -391,7 +392,7 @@ pub async fn serve(
     Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(InferenceServer::new(InferenceApi::new(cluster)))
+        .add_service(InferenceServer::new(Forwarding::new(cluster)))
         .serve_with_incoming_shutdown(
             // Replies must not wait for Nagle's algorithm: an exchange is many small
             // round trips.

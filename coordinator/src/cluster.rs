@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tonic::Status;
 use tracing::{info, warn};
 
+use crate::forward::Relay;
 use crate::lane::{Admitted, Lane, LaneConfig, LaneFailure, Work, MAX_MOVES};
 use crate::metrics::Metrics;
 use crate::placement::{grids_for, plan, Grid, Inventory, Placement, PlanError, PlanOptions};
@@ -144,8 +145,11 @@ pub struct Cluster {
     ready: watch::Sender<bool>,
     /// Cleared when the coordinator shuts down: new requests are refused.
     admitting: AtomicBool,
-    /// Set while this coordinator is a standby: requests are refused, naming the reason.
+    /// Set while this coordinator is a standby: its APIs forward to the leader
+    /// ([`crate::forward`]); what reaches the cluster itself is refused, naming the reason.
     standby: Mutex<Option<String>>,
+    /// The election as this coordinator sees it, and its channel to the leader.
+    pub relay: Relay,
     failures: mpsc::UnboundedSender<LaneFailure>,
     /// Held by the membership loop that handles them.
     failures_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<LaneFailure>>>,
@@ -196,6 +200,7 @@ impl Cluster {
             ready: watch::Sender::new(false),
             admitting: AtomicBool::new(true),
             standby: Mutex::new(None),
+            relay: Relay::default(),
             failures,
             failures_rx: Arc::new(tokio::sync::Mutex::new(failures_rx)),
             loose_checker,
@@ -238,6 +243,11 @@ impl Cluster {
     /// Marks this coordinator a standby (`Some(why)`) or the leader (`None`).
     pub fn set_standby(&self, why: Option<String>) {
         *self.standby.lock().expect("not poisoned") = why;
+    }
+
+    /// Whether this coordinator stands by (another one leads).
+    pub fn is_standby(&self) -> bool {
+        self.standby.lock().expect("not poisoned").is_some()
     }
 
     /// Checks a request before it is queued.

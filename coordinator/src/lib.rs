@@ -3,11 +3,13 @@
 //! serves clients ([`api`]). It holds no weights and no KV memory: workers do; it owns the
 //! decisions (what runs when, which KV blocks a sequence holds) and the client streams.
 //! Which workers it has, and when the placement changes, is [`membership`]'s: a static list,
-//! or workers registered in etcd, with coordinators electing a leader there.
+//! or workers registered in etcd, with coordinators electing a leader there; a standby forwards
+//! its clients' calls to the leader ([`forward`]).
 
 pub mod api;
 pub mod client;
 pub mod cluster;
+pub mod forward;
 pub mod http;
 pub mod lane;
 pub mod membership;

@@ -12,11 +12,13 @@
 //!   a grid with more cells;
 //! - nothing served: re-plan as soon as workers are there.
 //!
-//! With etcd several coordinators campaign for leadership ([`run_etcd`]); the winner reads
-//! the last published placement (its epoch, its workers, so an unchanged worker keeps its
-//! weights), re-plans with a higher epoch (which fences off a previous leader's steps) and
-//! publishes each new placement. If etcd goes down the leader serves on: nothing it does
-//! between changes needs etcd.
+//! With etcd several coordinators campaign for leadership ([`run_etcd`]), each proclaiming its
+//! client API address; the winner reads the last published placement (its epoch, its workers,
+//! so an unchanged worker keeps its weights), re-plans with a higher epoch (which fences off a
+//! previous leader's steps: workers watch the published placement and refuse older epochs)
+//! and publishes each new placement. The others stand by and follow who leads, forwarding
+//! their clients' calls there ([`crate::forward`]). If etcd goes down the leader serves on:
+//! nothing it does between changes needs etcd.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -254,7 +256,13 @@ impl Leader {
         let probes = probe_all(&healthy, PROBE_TIMEOUT).await;
         let mut inventories = Vec::new();
         let mut holding = Vec::new();
+        // The highest epoch any worker saw: workers refuse anything older (a placement
+        // record lost with etcd's data, or a leader that never read it).
+        let mut seen = 0;
         for (address, probe) in healthy.iter().zip(probes) {
+            if let Ok((_, r)) = &probe {
+                seen = seen.max(r.fence).max(r.epoch);
+            }
             match probe {
                 Ok((_, r)) if r.draining => {}
                 Ok((inventory, r)) => {
@@ -269,7 +277,7 @@ impl Leader {
                 }
             }
         }
-        let epoch = self.epoch + 1;
+        let epoch = self.epoch.max(seen) + 1;
         self.not_before = Instant::now() + RETRY;
         if inventories.is_empty() {
             let why = format!("{reason}; no healthy worker is registered");
@@ -379,10 +387,19 @@ pub struct EtcdMembership {
 pub async fn run_etcd(cluster: Arc<Cluster>, m: EtcdMembership, mut stop: watch::Receiver<bool>) {
     let (tx, members) = watch::channel(None);
     let watcher = tokio::spawn(watch_workers(m.etcd.clone(), m.keys.clone(), tx));
+    // Who leads, for a standby to forward its clients' calls to.
+    cluster.relay.set_me(&m.address);
+    let elected = tokio::spawn(watch_leader(
+        m.etcd.clone(),
+        m.keys.clone(),
+        cluster.clone(),
+    ));
     let stopped = |s: &watch::Receiver<bool>| *s.borrow();
     while !stopped(&stop) {
         cluster.set_standby(Some(
-            "this coordinator is a standby: another one leads the cluster; retry there".into(),
+            "this coordinator is a standby: another one leads the cluster (its calls are \
+             forwarded there); retry"
+                .into(),
         ));
         let lease = match m.etcd.grant(m.ttl).await {
             Ok(l) => l,
@@ -471,6 +488,51 @@ pub async fn run_etcd(cluster: Arc<Cluster>, m: EtcdMembership, mut stop: watch:
         break;
     }
     watcher.abort();
+    elected.abort();
+}
+
+/// Keeps `cluster.relay` told who leads the election: a read, then a watch on the
+/// election's keys; any change, error or 5 s of quiet reads again.
+async fn watch_leader(etcd: Etcd, keys: Keys, cluster: Arc<Cluster>) {
+    let election = keys.leader();
+    let prefix = format!("{election}/");
+    loop {
+        // The revision first: a change after it is seen by the watch.
+        let read = async {
+            let (_, revision) = etcd.list(&prefix).await?;
+            let leader = etcd.leader(&election).await?;
+            Ok::<_, EtcdError>((leader, revision))
+        };
+        let revision = match read.await {
+            Ok((leader, revision)) => {
+                let leader = leader.map(|v| String::from_utf8_lossy(&v).into_owned());
+                cluster.relay.set_leader(leader, None);
+                revision
+            }
+            Err(e) => {
+                // The last leader known stays the one to try.
+                let last = cluster.relay.leader();
+                cluster
+                    .relay
+                    .set_leader(last, Some(format!("etcd cannot be read: {e}")));
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        };
+        match etcd.watch(&prefix, revision + 1).await {
+            Ok(mut w) => {
+                if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), w.changed()).await
+                {
+                    warn!("the etcd watch on the election ended (will read again): {e}");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+            Err(e) => {
+                warn!("cannot watch the election in etcd (will retry): {e}");
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
 }
 
 /// Renews `lease` until it is found expired (then `lost` turns true). While etcd cannot be

@@ -1,7 +1,8 @@
 //! The OpenAI-compatible HTTP API: `/v1/models`, `/v1/completions`, `/v1/chat/completions`,
 //! with SSE streaming. Each choice becomes one `switchyard.v1.GenerateRequest` started through
 //! [`InferenceApi::start`], the path gRPC clients take too, so both APIs share checks, queue,
-//! scheduling and metrics. Field names and shapes follow OpenAI's API and vLLM's extensions
+//! scheduling and metrics; on a standby coordinator both go on to the leader
+//! ([`crate::forward::start`]). Field names and shapes follow OpenAI's API and vLLM's extensions
 //! (`top_k`, `ignore_eos`), what lm-eval-harness and the `openai` package send and read.
 
 use std::convert::Infallible;
@@ -347,7 +348,8 @@ fn start_all(
                 false => id.clone(),
             };
         }
-        let started = api.start(&request, deadline, caller)?;
+        // A standby sends it on to the leader.
+        let started = crate::forward::start(api, &request, deadline, caller)?;
         let choice = Choice {
             index: index as u32,
             request_id: started.request_id,

@@ -7,6 +7,12 @@
 //! Draining: when asked to stop, the worker marks its record `draining`, refuses new
 //! assignments, and waits until the coordinator releases its part (or the grace period ends)
 //! before it gives up its lease.
+//!
+//! The worker also watches the placement the leader publishes (`/switchyard/<cluster>/placement`);
+//! its parts still come by `Assign` from the leader. A published epoch fences off older ones
+//! at once (steps and assignments of older placements are refused, whoever sends them), and a
+//! placement that leaves this worker out makes it drop a part of an older placement: its
+//! memory is freed and it reports not ready until it is assigned again.
 
 use std::future::Future;
 use std::time::Duration;
@@ -78,6 +84,12 @@ pub async fn run(
 ) {
     let key = config.keys.worker(&config.record.address);
     let renew = config.ttl / 3;
+    let placement = tokio::spawn(watch_placement(
+        etcd.clone(),
+        config.keys.clone(),
+        config.record.address.clone(),
+        control.clone(),
+    ));
     let mut record = config.record.clone();
     tokio::pin!(stop);
     let mut lease = None;
@@ -137,10 +149,71 @@ pub async fn run(
             }
         }
     }
+    placement.abort();
     if let Some(id) = lease {
         if let Err(e) = etcd.revoke(id).await {
             warn!("cannot revoke the etcd lease (it will expire): {e}");
         }
+    }
+}
+
+/// Follows the published placement: a read, then a watch from that revision; a change, an
+/// error or 5 s of quiet reads it again. While etcd is down nothing changes.
+pub async fn watch_placement(etcd: Etcd, keys: Keys, address: String, control: WorkerControl) {
+    let key = keys.placement();
+    let retry = Duration::from_millis(500);
+    loop {
+        let revision = match etcd.list(&key).await {
+            Ok((kvs, revision)) => {
+                let record = kvs
+                    .into_iter()
+                    .find(|(k, _)| *k == key)
+                    .and_then(|(_, v)| pb::PlacementRecord::decode(v.as_slice()).ok());
+                if let Some(r) = record {
+                    apply_placement(&r, &address, &control);
+                }
+                revision
+            }
+            Err(e) => {
+                warn!("cannot read the placement from etcd (will retry): {e}");
+                tokio::time::sleep(retry).await;
+                continue;
+            }
+        };
+        match etcd.watch(&key, revision + 1).await {
+            Ok(mut w) => {
+                if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), w.changed()).await
+                {
+                    warn!("the etcd watch on the placement ended (will read again): {e}");
+                    tokio::time::sleep(retry).await;
+                }
+            }
+            Err(e) => {
+                warn!("cannot watch the placement in etcd (will retry): {e}");
+                tokio::time::sleep(retry).await;
+            }
+        }
+    }
+}
+
+/// What a published placement means for the worker at `address`.
+pub fn apply_placement(r: &pb::PlacementRecord, address: &str, control: &WorkerControl) {
+    let before = control.fence();
+    let included = r.workers.iter().any(|w| w == address);
+    if let Some(held) = control.placement_published(r.epoch, included) {
+        info!(
+            held,
+            published = r.epoch,
+            leader = %r.leader,
+            "released: placement {} leaves this worker out; its part of placement {held} is dropped, not ready until assigned again",
+            r.epoch
+        );
+    }
+    if r.epoch > before {
+        info!(
+            fence = r.epoch,
+            "placement {} published: steps of older placements are refused", r.epoch
+        );
     }
 }
 

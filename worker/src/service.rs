@@ -7,11 +7,15 @@
 //!
 //! A worker being drained (SIGTERM) takes no new assignment and waits for the coordinator to
 //! release it ([`WorkerControl`]).
+//!
+//! Fencing: the worker keeps the highest placement epoch it has seen (assigned, or published
+//! in etcd: [`crate::registration`] watches the placement) and refuses steps, exchanges and
+//! assignments of older epochs, so a coordinator that lost its leadership cannot drive it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use switchyard_model::{Checkpoint, Subset};
@@ -94,6 +98,10 @@ struct ControlState {
     draining: AtomicBool,
     holds_part: AtomicBool,
     released: Notify,
+    /// The highest placement epoch seen: older ones are refused.
+    fence: AtomicU64,
+    /// Drops the part held if its epoch is older than the one given; its epoch if it did.
+    release_older: OnceLock<Box<dyn Fn(u64) -> Option<u64> + Send + Sync>>,
 }
 
 impl WorkerControl {
@@ -111,6 +119,22 @@ impl WorkerControl {
         self.0.holds_part.load(Ordering::SeqCst)
     }
 
+    /// The highest placement epoch seen; steps of older placements are refused.
+    pub fn fence(&self) -> u64 {
+        self.0.fence.load(Ordering::SeqCst)
+    }
+
+    /// A placement of `epoch` was published: older epochs are fenced off from now on. When it
+    /// leaves this worker out (`includes_me` false), a part of an older placement is dropped;
+    /// returns that part's epoch if one was.
+    pub fn placement_published(&self, epoch: u64, includes_me: bool) -> Option<u64> {
+        self.0.fence.fetch_max(epoch, Ordering::SeqCst);
+        match includes_me {
+            true => None,
+            false => self.0.release_older.get().and_then(|f| f(epoch)),
+        }
+    }
+
     /// Waits until the worker holds no part (at once when it holds none).
     pub async fn released(&self) {
         loop {
@@ -125,12 +149,16 @@ impl WorkerControl {
 
 impl<H: Hardware> WorkerService<H> {
     pub fn new(hardware: H) -> Self {
-        WorkerService(Arc::new(WorkerState {
+        let state = Arc::new(WorkerState {
             hardware,
             part: RwLock::new(None),
             metrics: Arc::default(),
             control: WorkerControl::default(),
-        }))
+        });
+        let weak: Weak<WorkerState<H>> = Arc::downgrade(&state);
+        let release = move |epoch: u64| weak.upgrade().and_then(|s| s.release_older(epoch));
+        let _ = state.control.0.release_older.set(Box::new(release));
+        WorkerService(state)
     }
 
     /// What this worker measures, for `/metrics`.
@@ -149,6 +177,13 @@ impl<H: Hardware> WorkerService<H> {
 
 impl<H: Hardware> WorkerState<H> {
     fn part(&self, epoch: u64) -> Result<Arc<Part<H::Backend>>, Status> {
+        let fence = self.control.fence();
+        if epoch < fence {
+            return Err(Status::aborted(format!(
+                "placement epoch {epoch} is fenced off: placement epoch {fence} has been \
+                 published or assigned since; this worker serves no older placement"
+            )));
+        }
         let part = self
             .part
             .read()
@@ -168,7 +203,21 @@ impl<H: Hardware> WorkerState<H> {
     fn release(&self) {
         *self.part.write().expect("not poisoned") = None;
         self.control.0.holds_part.store(false, Ordering::SeqCst);
+        self.metrics.ready.set(0.0);
         self.control.0.released.notify_waiters();
+    }
+
+    /// Drops the part held if it belongs to a placement older than `epoch`; its epoch if so.
+    fn release_older(&self, epoch: u64) -> Option<u64> {
+        let mut part = self.part.write().expect("not poisoned");
+        let held = part.as_ref()?.assignment.epoch;
+        if held >= epoch {
+            return None;
+        }
+        *part = None;
+        drop(part);
+        self.release();
+        Some(held)
     }
 
     /// Loads the part `a` names; `reuse` is the backend and model of the previous part when `a`
@@ -341,6 +390,7 @@ where
             version: env!("CARGO_PKG_VERSION").into(),
             epoch: part.as_ref().map_or(0, |p| p.assignment.epoch),
             draining: self.0.control.is_draining(),
+            fence: self.0.control.fence(),
             value_bytes: H::Backend::VALUE_BYTES as u32,
         }))
     }
@@ -354,6 +404,14 @@ where
             return Err(Status::failed_precondition(
                 "this worker is draining (it was asked to stop); assign its part elsewhere",
             ));
+        }
+        let fence = self.0.control.0.fence.fetch_max(a.epoch, Ordering::SeqCst);
+        if a.epoch < fence {
+            return Err(Status::failed_precondition(format!(
+                "assignment of placement epoch {} refused: placement epoch {fence} has been \
+                 published or assigned since (is this coordinator still the leader?)",
+                a.epoch
+            )));
         }
         let span = info_span!("assign", epoch = a.epoch, stage = a.stage, shard = a.shard);
         let this = self.0.clone();
