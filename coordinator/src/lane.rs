@@ -126,8 +126,11 @@ impl Lane {
             stats: Arc::default(),
             draining: Arc::default(),
         };
+        let label = config.lane.to_string();
+        // The lane's series exist from its start, so a rate over them sees its first steps.
+        metrics.step_seconds.with(&[&label]);
         let driver = Driver {
-            label: config.lane.to_string(),
+            label,
             metrics,
             preemptions_seen: 0,
             scheduler,

@@ -164,6 +164,8 @@ impl CudaBackend {
         heads: usize,
         kv_heads: usize,
     ) -> Result<Self, BackendError> {
+        // Shapes the kernels cannot serve are refused before the driver is touched.
+        Spec::new(head_dim, heads, kv_heads).map_err(|e| dev(e.into()))?;
         CudaBackend::on(&CudaDevice::open(ordinal)?, head_dim, heads, kv_heads)
     }
 
