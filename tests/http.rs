@@ -145,6 +145,19 @@ fn health_ready_and_errors_over_plain_http() {
             "tools",
         ),
         ("/v1/embeddings", "{}", 404, "no such endpoint"),
+        ("/tokenize", "{}", 400, "no input"),
+        (
+            "/tokenize",
+            r#"{"prompt": "x", "messages": [{"role": "user", "content": "y"}]}"#,
+            400,
+            "conflicting inputs",
+        ),
+        (
+            "/detokenize",
+            r#"{"tokens": [999999]}"#,
+            400,
+            "not in the vocabulary",
+        ),
     ];
     for (path, body, status, needle) in cases {
         let (got, text) = http(&addr, "POST", path, body);
@@ -154,6 +167,32 @@ fn health_ready_and_errors_over_plain_http() {
         assert!(message.contains(needle), "{body}: {message}");
         assert_eq!(v["error"]["code"], status);
     }
+    // vLLM's /tokenize and /detokenize agree with what generation counts and sees.
+    let post = |path: &str, body: &str| -> Value {
+        let (status, text) = http(&addr, "POST", path, body);
+        assert_eq!(status, 200, "{path} {body}: {text}");
+        serde_json::from_str(&text).unwrap()
+    };
+    let text = "tokens of a sentence";
+    let t = post("/tokenize", &format!(r#"{{"prompt": "{text}"}}"#));
+    let tokens = t["tokens"].as_array().unwrap();
+    assert_eq!(t["count"], tokens.len());
+    assert!(t["max_model_len"].as_u64().unwrap() > 0);
+    let c = post(
+        "/v1/completions",
+        &format!(r#"{{"prompt": "{text}", "max_tokens": 1}}"#),
+    );
+    assert_eq!(c["usage"]["prompt_tokens"], t["count"]);
+    let d = post("/detokenize", &format!(r#"{{"tokens": {}}}"#, t["tokens"]));
+    assert_eq!(d["prompt"], text);
+    let messages = r#"[{"role": "user", "content": "a question"}]"#;
+    let t = post("/tokenize", &format!(r#"{{"messages": {messages}}}"#));
+    let c = post(
+        "/v1/chat/completions",
+        &format!(r#"{{"messages": {messages}, "max_tokens": 1}}"#),
+    );
+    assert_eq!(c["usage"]["prompt_tokens"], t["count"]);
+
     // A dense model has no expert routing, and says so on the dashboard's data.
     let (status, body) = http(&addr, "GET", "/api/dashboard", "");
     assert_eq!(status, 200);

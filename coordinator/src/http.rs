@@ -41,9 +41,14 @@ pub fn router(cluster: Arc<Cluster>, local_workers: Vec<Arc<WorkerMetrics>>) -> 
         .route("/completions", post(openai::completions))
         .route("/chat/completions", post(openai::chat_completions))
         .fallback(not_found)
-        .with_state(api);
+        .with_state(api.clone());
+    let tokens = Router::new()
+        .route("/tokenize", post(openai::tokenize))
+        .route("/detokenize", post(openai::detokenize))
+        .with_state(api.clone());
     Router::new()
         .nest("/v1", v1)
+        .merge(tokens)
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(prometheus))

@@ -288,6 +288,62 @@ pub async fn models(State(api): State<InferenceApi>) -> Json<Value> {
     }))
 }
 
+#[derive(Deserialize)]
+struct TokenizeRequest {
+    /// Accepted and ignored, as on `/v1/*`: one model per server.
+    #[serde(rename = "model")]
+    _model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<ChatMessage>>,
+}
+
+#[derive(Deserialize)]
+struct DetokenizeRequest {
+    #[serde(rename = "model")]
+    _model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+/// vLLM's `POST /tokenize`: a prompt (with BOS) or chat messages (through the chat template)
+/// as the server would feed them to the model.
+pub async fn tokenize(State(api): State<InferenceApi>, body: Bytes) -> Response {
+    let result = parse::<TokenizeRequest>(&body).and_then(|r| {
+        let messages = r
+            .messages
+            .map(chat_messages)
+            .transpose()?
+            .unwrap_or_default();
+        Ok(api.prompt_ids(r.prompt.as_deref(), &[], &messages)?)
+    });
+    match result {
+        Ok(tokens) => Json(json!({
+            "count": tokens.len(),
+            "max_model_len": api.cluster().model.max_position_embeddings,
+            "tokens": tokens,
+        }))
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// vLLM's `POST /detokenize`: token ids back to text.
+pub async fn detokenize(State(api): State<InferenceApi>, body: Bytes) -> Response {
+    let result = parse::<DetokenizeRequest>(&body).and_then(|r| {
+        let vocab = api.cluster().model.vocab_size;
+        if let Some(bad) = r.tokens.iter().find(|t| **t as usize >= vocab) {
+            return Err(ApiError::bad_request(format!(
+                "token {bad} is not in the vocabulary of {vocab} tokens"
+            )));
+        }
+        api.tokenizer()?;
+        decode(&api, &r.tokens)
+    });
+    match result {
+        Ok(prompt) => Json(json!({ "prompt": prompt })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 /// One choice under way: its index and the stream of its request's outcomes.
 struct Choice {
     index: u32,
@@ -783,31 +839,15 @@ fn start_completions(
     Ok((meta, choices))
 }
 
-fn start_chat(api: &InferenceApi, body: &[u8], caller: &HeaderMap) -> ApiResult<(Meta, Choices)> {
-    let r: ChatRequest = parse(body)?;
-    r.common.check(api)?;
-    if r.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::bad_request("tools are not supported"));
-    }
-    if let Some(format) = &r.response_format {
-        if format.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::bad_request(
-                "response_format other than {\"type\": \"text\"} is not supported",
-            ));
-        }
-    }
-    if let Some(k) = r.top_logprobs.filter(|k| *k > MAX_LOGPROBS) {
-        return Err(ApiError::bad_request(format!(
-            "top_logprobs is {k}; expected 0 to {MAX_LOGPROBS}"
-        )));
-    }
-    if r.messages.is_empty() {
+/// OpenAI chat messages as the chat template takes them: text only.
+fn chat_messages(given: Vec<ChatMessage>) -> ApiResult<Vec<pb::ChatMessage>> {
+    if given.is_empty() {
         return Err(ApiError::bad_request(
             "messages is empty; expected at least one",
         ));
     }
-    let mut messages = Vec::with_capacity(r.messages.len());
-    for (i, m) in r.messages.into_iter().enumerate() {
+    let mut messages = Vec::with_capacity(given.len());
+    for (i, m) in given.into_iter().enumerate() {
         let content = match m.content {
             None => String::new(),
             Some(Content::Text(t)) => t,
@@ -831,6 +871,28 @@ fn start_chat(api: &InferenceApi, body: &[u8], caller: &HeaderMap) -> ApiResult<
             content,
         });
     }
+    Ok(messages)
+}
+
+fn start_chat(api: &InferenceApi, body: &[u8], caller: &HeaderMap) -> ApiResult<(Meta, Choices)> {
+    let r: ChatRequest = parse(body)?;
+    r.common.check(api)?;
+    if r.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::bad_request("tools are not supported"));
+    }
+    if let Some(format) = &r.response_format {
+        if format.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(ApiError::bad_request(
+                "response_format other than {\"type\": \"text\"} is not supported",
+            ));
+        }
+    }
+    if let Some(k) = r.top_logprobs.filter(|k| *k > MAX_LOGPROBS) {
+        return Err(ApiError::bad_request(format!(
+            "top_logprobs is {k}; expected 0 to {MAX_LOGPROBS}"
+        )));
+    }
+    let messages = chat_messages(r.messages)?;
     let n = r.common.n.unwrap_or(1);
     let max_tokens = r.max_completion_tokens.or(r.max_tokens);
     if max_tokens == Some(0) {
