@@ -23,14 +23,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// The crates whose spans are exported.
-const TRACED: [&str; 4] = [
-    "switchyard",
-    "switchyard_coordinator",
-    "switchyard_worker",
-    "switchyard_bench",
-];
-
 /// Flushes the spans not yet exported when dropped.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
@@ -81,9 +73,8 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>, service: &str) -> Re
         .with_resource(resource)
         .build();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let traced = TRACED.iter().fold(Targets::new(), |t, target| {
-        t.with_target(*target, LevelFilter::INFO)
-    });
+    // A target prefix: `switchyard` covers `switchyard_worker`, `switchyard_coordinator`, ….
+    let traced = Targets::new().with_target("switchyard", LevelFilter::INFO);
     let spans = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("switchyard"))
         .with_filter(traced);

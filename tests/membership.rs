@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::{etcd_coordinator, etcd_worker, model, signal, wait_exit, EtcdServer, Proc};
 use prost::Message;
 use switchyard_model::{ModelConfig, MoeConfig};
+use switchyard_coordinator::cluster::warm_up_step;
 use switchyard_proto::v1 as pb;
 use switchyard_worker::{CpuBackend, Engine, EngineConfig, Request, SamplingParams};
 use tonic::Code;
@@ -665,25 +666,6 @@ fn a_standby_coordinator_forwards_then_takes_over_when_the_leader_dies() {
     assert!(failover < Duration::from_secs(10), "{failover:?}");
 }
 
-/// One step of one token at `epoch` through the worker (a warm-up step).
-fn one_step(epoch: u64) -> pb::StepRequest {
-    pb::StepRequest {
-        epoch,
-        step_id: 1,
-        seqs: vec![pb::SeqWork {
-            seq_id: 0,
-            tokens: vec![3],
-            start_pos: 0,
-            block_table: vec![0],
-            logits: pb::LogitsWanted::LogitsLast as i32,
-            draw: Some(pb::Draw::default()),
-            ..Default::default()
-        }],
-        hidden: None,
-        request_ids: vec!["fence-test".into()],
-    }
-}
-
 #[test]
 fn a_published_placement_fences_older_epochs_and_releases_workers_left_out() {
     let (_serial, _tmp, dir, _cases, etcd, rt) = setup(1);
@@ -728,7 +710,7 @@ fn a_published_placement_fences_older_epochs_and_releases_workers_left_out() {
             .await
             .unwrap();
         c.assign(assign(3)).await.unwrap();
-        c.step(one_step(3)).await.unwrap();
+        c.step(warm_up_step(3)).await.unwrap();
         let inventory = |mut c: pb::worker_client::WorkerClient<_>| async move {
             c.inventory(pb::InventoryRequest {})
                 .await
@@ -756,7 +738,7 @@ fn a_published_placement_fences_older_epochs_and_releases_workers_left_out() {
         publish(4, vec![w.address.clone()]).await;
         let took = wait_for("fenced at 4", |r| r.fence == 4).await;
         println!("placement 4 published → the worker fences epoch 3 off after {took:?}");
-        let e = c.step(one_step(3)).await.unwrap_err();
+        let e = c.step(warm_up_step(3)).await.unwrap_err();
         assert_eq!(e.code(), Code::Aborted, "{e}");
         assert!(
             e.message().contains("epoch 3") && e.message().contains("epoch 4"),
@@ -779,13 +761,13 @@ fn a_published_placement_fences_older_epochs_and_releases_workers_left_out() {
         publish(5, vec!["127.0.0.1:9".into()]).await;
         let took = wait_for("released", |r| r.epoch == 0 && r.fence == 5).await;
         println!("placement 5 leaves the worker out → released after {took:?}");
-        let e = c.step(one_step(3)).await.unwrap_err();
+        let e = c.step(warm_up_step(3)).await.unwrap_err();
         assert!(e.message().contains("epoch 5"), "{e}");
-        let e = c.step(one_step(5)).await.unwrap_err();
+        let e = c.step(warm_up_step(5)).await.unwrap_err();
         assert!(e.message().contains("no assignment"), "{e}");
         // Assigned again (epoch 6), it serves.
         c.assign(assign(6)).await.unwrap();
-        c.step(one_step(6)).await.unwrap();
+        c.step(warm_up_step(6)).await.unwrap();
     });
 }
 

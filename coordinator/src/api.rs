@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use switchyard_model::ChatMessage;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_server::{Inference, InferenceServer};
-use switchyard_worker::{trace_context, wire, Request, SamplingParams, Update};
+use switchyard_worker::{trace_context, wire, Request, SamplingParams};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -23,7 +23,7 @@ use tracing::{field, info, info_span};
 
 use crate::cluster::Cluster;
 use crate::forward::Forwarding;
-use crate::lane::{code_label, Admitted, Outcome, Work};
+use crate::lane::{code_label, Admitted, Client, Outcome, Work};
 use crate::metrics::RequestTimes;
 
 #[derive(Clone)]
@@ -38,7 +38,16 @@ pub struct Started {
     pub updates: mpsc::UnboundedReceiver<Outcome>,
 }
 
-type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+/// The client's `x-request-id` header (set by proxies and tracers), if it sent one: it names
+/// the request in logs and spans.
+pub(crate) fn header_request_id(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+}
+
+pub(crate) type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
 impl InferenceApi {
     pub fn new(cluster: Arc<Cluster>) -> Self {
@@ -104,20 +113,20 @@ impl InferenceApi {
             otel.status_code = field::Empty,
         );
         trace_context::adopt(&span, caller);
-        span.in_scope(
-            || info!(request_id = %request_id, prompt_tokens = req.prompt.len(), "generate"),
-        );
+        span.in_scope(|| info!("generate"));
         let (tx, rx) = mpsc::unbounded_channel();
         cluster.submit(Admitted {
             work: Work::New(req),
-            request_id: request_id.clone(),
-            span,
-            deadline,
-            out: tx,
-            moves: 0,
-            times: RequestTimes::new(arrived),
-            prompt_tokens: prompt.len(),
-            completion_tokens: 0,
+            client: Client {
+                request_id: request_id.clone(),
+                span,
+                deadline,
+                out: tx,
+                moves: 0,
+                times: RequestTimes::new(arrived),
+                prompt_tokens: prompt.len(),
+                completion_tokens: 0,
+            },
         })?;
         Ok(Started {
             request_id,
@@ -221,35 +230,6 @@ fn deadline(metadata: &tonic::metadata::MetadataMap, default: Option<Duration>) 
     from_header.or(default).map(|d| Instant::now() + d)
 }
 
-pub fn response(request_id: &str, u: Update) -> pb::GenerateResponse {
-    let (finish_reason, usage) = match u.finish {
-        Some((reason, usage)) => (
-            reason.as_str().to_string(),
-            Some(pb::Usage {
-                prompt_tokens: usage.prompt_tokens as u32,
-                completion_tokens: usage.completion_tokens as u32,
-            }),
-        ),
-        None => (String::new(), None),
-    };
-    pb::GenerateResponse {
-        request_id: request_id.to_string(),
-        token_ids: u.token_ids,
-        text: u.text,
-        logprobs: u.logprobs.iter().map(wire::token_logprob).collect(),
-        prompt_logprobs: u
-            .prompt_logprobs
-            .unwrap_or_default()
-            .iter()
-            .map(|p| pb::PromptLogprob {
-                logprob: p.as_ref().map(wire::token_logprob),
-            })
-            .collect(),
-        finish_reason,
-        usage,
-    }
-}
-
 #[tonic::async_trait]
 impl Inference for InferenceApi {
     type GenerateStream = GenerateStream;
@@ -260,15 +240,13 @@ impl Inference for InferenceApi {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let deadline = deadline(request.metadata(), self.cluster.config.request_timeout);
         let (metadata, _, mut r) = request.into_parts();
-        // A request id may also come as `x-request-id` metadata (set by proxies and tracers).
-        let header_id = metadata.get("x-request-id").and_then(|v| v.to_str().ok());
-        if let (true, Some(id)) = (r.request_id.is_empty(), header_id) {
+        if let (true, Some(id)) = (r.request_id.is_empty(), header_request_id(metadata.as_ref())) {
             r.request_id = id.to_string();
         }
         let started = self.start(&r, deadline, metadata.as_ref())?;
         let request_id = started.request_id;
         let stream = UnboundedReceiverStream::new(started.updates)
-            .map(move |outcome| outcome.map(|u| response(&request_id, u)));
+            .map(move |outcome| outcome.map(|u| wire::generate_response(&request_id, u)));
         Ok(Response::new(Box::pin(stream)))
     }
 

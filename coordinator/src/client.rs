@@ -4,6 +4,7 @@
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_client::InferenceClient;
 use switchyard_worker::service::{channel, MAX_MESSAGE_BYTES};
+use tonic::transport::Channel;
 use switchyard_worker::{wire, Completion, FinishReason, Usage};
 
 #[derive(Debug, thiserror::Error)]
@@ -16,12 +17,18 @@ pub enum ClientError {
     Unfinished,
 }
 
-fn connect(address: &str) -> Result<InferenceClient<tonic::transport::Channel>, ClientError> {
+fn connect(address: &str) -> Result<InferenceClient<Channel>, ClientError> {
     let channel = channel(address).map_err(|e| ClientError::Address {
         address: address.into(),
         reason: e.to_string(),
     })?;
-    Ok(InferenceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES))
+    Ok(inference_client(channel))
+}
+
+/// A client of the `Inference` API on `channel`, taking replies as large as the API sends
+/// (prompt logprobs of a long prompt exceed tonic's 4 MiB default).
+pub(crate) fn inference_client(channel: Channel) -> InferenceClient<Channel> {
+    InferenceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// The cluster's grid, workers, placement epoch and lanes.
@@ -57,30 +64,19 @@ pub async fn generate(
     let mut finished = false;
     while let Some(m) = stream.message().await? {
         on_message(&m);
-        out.token_ids.extend(&m.token_ids);
-        out.text.push_str(&m.text);
+        let u = wire::update(m);
+        out.token_ids.extend(&u.token_ids);
+        out.text.push_str(&u.text);
         if let Some(l) = &mut out.logprobs {
-            l.extend(m.logprobs.iter().map(wire::from_token_logprob));
+            l.extend(u.logprobs);
         }
-        if !m.prompt_logprobs.is_empty() {
-            out.prompt_logprobs = Some(
-                m.prompt_logprobs
-                    .iter()
-                    .map(|p| p.logprob.as_ref().map(wire::from_token_logprob))
-                    .collect(),
-            );
+        if u.prompt_logprobs.is_some() {
+            out.prompt_logprobs = u.prompt_logprobs;
         }
-        if !m.finish_reason.is_empty() {
+        if let Some((reason, usage)) = u.finish {
             finished = true;
-            out.finish_reason = match m.finish_reason.as_str() {
-                "stop" => FinishReason::Stop,
-                _ => FinishReason::Length,
-            };
-            let usage = m.usage.unwrap_or_default();
-            out.usage = Usage {
-                prompt_tokens: usage.prompt_tokens as usize,
-                completion_tokens: usage.completion_tokens as usize,
-            };
+            out.finish_reason = reason;
+            out.usage = usage;
         }
     }
     match finished {

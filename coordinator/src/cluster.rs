@@ -90,6 +90,9 @@ pub enum StartError {
     Plan(#[from] PlanError),
     #[error("worker {address} could not load its part: {reason}")]
     Assign { address: String, reason: String },
+    /// No worker is named: any of them may be the slow one.
+    #[error("the placement was not loaded within {0:?}")]
+    LoadTimeout(Duration),
     #[error("the warm-up step through lane {lane} failed: {reason}")]
     WarmUp { lane: usize, reason: String },
 }
@@ -318,19 +321,19 @@ impl Cluster {
         let now = Instant::now();
         for p in parked {
             let a = &p.admitted;
-            if a.out.is_closed() {
+            if a.client.out.is_closed() {
                 continue;
             }
-            if a.deadline.is_some_and(|d| d <= now) {
-                let _ = a.out.send(Err(Status::deadline_exceeded(
+            if a.client.deadline.is_some_and(|d| d <= now) {
+                let _ = a.client.out.send(Err(Status::deadline_exceeded(
                     "the request's deadline passed while it waited for a placement",
                 )));
-            } else if a.moves > MAX_MOVES {
-                let _ = a.out.send(Err(Status::unavailable(format!(
+            } else if a.client.moves > MAX_MOVES {
+                let _ = a.client.out.send(Err(Status::unavailable(format!(
                     "the request was recomputed on {MAX_MOVES} placements and failed each time; last trouble: {why}"
                 ))));
             } else if now - p.since >= self.config.recovery_timeout {
-                let _ = a.out.send(Err(Status::unavailable(format!(
+                let _ = a.client.out.send(Err(Status::unavailable(format!(
                     "no placement could serve the request within {:?}: {why}",
                     self.config.recovery_timeout
                 ))));
@@ -371,7 +374,7 @@ impl Cluster {
         let status = Status::unavailable(why);
         self.stop_serving(why).await;
         for p in std::mem::take(&mut *self.parked.lock().expect("not poisoned")) {
-            let _ = p.admitted.out.send(Err(status.clone()));
+            let _ = p.admitted.client.out.send(Err(status.clone()));
         }
     }
 
@@ -408,12 +411,7 @@ impl Cluster {
         .await
         {
             Ok(r) => r?,
-            Err(_) => {
-                return Err(StartError::Assign {
-                    address: "(some worker)".into(),
-                    reason: format!("not loaded within {:?}", self.config.load_timeout),
-                })
-            }
+            Err(_) => return Err(StartError::LoadTimeout(self.config.load_timeout)),
         };
         let mut lanes_clients = Vec::new();
         for shard in 0..placement.grid.shards {
@@ -588,6 +586,27 @@ pub async fn release(addresses: &[String], epoch: u64, timeout: Duration) {
     }
 }
 
+/// One step of one token through a lane at `epoch`: the warm-up step.
+pub fn warm_up_step(epoch: u64) -> pb::StepRequest {
+    pb::StepRequest {
+        epoch,
+        step_id: u64::MAX,
+        seqs: vec![pb::SeqWork {
+            seq_id: 0,
+            tokens: vec![0],
+            start_pos: 0,
+            // Block 0 holds garbage afterwards; a sequence that gets it overwrites it before
+            // reading it.
+            block_table: vec![0],
+            logits: pb::LogitsWanted::LogitsLast as i32,
+            draw: Some(pb::Draw::default()),
+            ..Default::default()
+        }],
+        hidden: None,
+        request_ids: vec!["warm-up".into()],
+    }
+}
+
 /// One step of one token through every lane: every worker has then run its part (weights,
 /// attention, exchange, head) once before real requests come.
 async fn warm_up(
@@ -598,23 +617,7 @@ async fn warm_up(
     let mut calls = JoinSet::new();
     for (lane, client) in lanes.iter().enumerate() {
         let mut client = client.clone();
-        let request = pb::StepRequest {
-            epoch,
-            step_id: u64::MAX,
-            seqs: vec![pb::SeqWork {
-                seq_id: 0,
-                tokens: vec![0],
-                start_pos: 0,
-                // Block 0 holds garbage afterwards; a sequence that gets it overwrites it
-                // before reading it.
-                block_table: vec![0],
-                logits: pb::LogitsWanted::LogitsLast as i32,
-                draw: Some(pb::Draw::default()),
-                ..Default::default()
-            }],
-            hidden: None,
-            request_ids: vec!["warm-up".into()],
-        };
+        let request = warm_up_step(epoch);
         calls.spawn(async move {
             let r = tokio::time::timeout(timeout, client.step(request)).await;
             let reason = match r {

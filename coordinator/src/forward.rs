@@ -15,7 +15,6 @@
 //! The OpenAI HTTP API takes the same road: [`start`] relays a checked, tokenized request to
 //! the leader's gRPC API and turns its replies back into the updates the HTTP layer streams.
 
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,16 +22,18 @@ use std::time::{Duration, Instant};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_client::InferenceClient;
 use switchyard_proto::v1::inference_server::Inference;
-use switchyard_worker::{wire, FinishReason, Update, Usage};
+use switchyard_worker::service::endpoint;
+use switchyard_worker::wire;
 use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::StreamExt;
 use tonic::codegen::http::HeaderMap;
 use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 
-use crate::api::{InferenceApi, Started};
+use crate::api::{GenerateStream, InferenceApi, Started};
+use crate::client::inference_client;
 use crate::cluster::Cluster;
 
 /// Set on a forwarded request: the forwarding coordinator's address. A coordinator that is
@@ -135,13 +136,8 @@ impl Relay {
 }
 
 fn leader_channel(address: &str) -> Result<Channel, tonic::transport::Error> {
-    let url = match address.contains("://") {
-        true => address.to_string(),
-        false => format!("http://{address}"),
-    };
-    Ok(Endpoint::from_shared(url)?
+    Ok(endpoint(address)?
         .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
         // A leader that vanishes without closing its connections is found out.
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
@@ -151,11 +147,22 @@ fn leader_channel(address: &str) -> Result<Channel, tonic::transport::Error> {
 /// Where one call goes.
 enum Route {
     Here,
-    Leader {
-        me: String,
-        leader: String,
-        client: Box<InferenceClient<Channel>>,
-    },
+    Leader(Box<Hop>),
+}
+
+/// A call a standby sends on to the leader.
+struct Hop {
+    me: String,
+    leader: String,
+    client: InferenceClient<Channel>,
+}
+
+impl Hop {
+    /// The leader's answer as this coordinator gives it back.
+    fn reply<T>(&self, r: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+        r.map(|r| back(r, &self.leader, |m| m))
+            .map_err(|s| from_leader(s, &self.me, &self.leader))
+    }
 }
 
 fn route(cluster: &Cluster, metadata: &MetadataMap) -> Result<Route, Status> {
@@ -166,11 +173,11 @@ fn route(cluster: &Cluster, metadata: &MetadataMap) -> Result<Route, Status> {
         .get(FORWARDED)
         .map(|v| format!("by {}", v.to_str().unwrap_or("(unreadable)")));
     let (me, leader, channel) = cluster.relay.target(from.as_deref())?;
-    Ok(Route::Leader {
+    Ok(Route::Leader(Box::new(Hop {
         me,
         leader,
-        client: Box::new(InferenceClient::new(channel)),
-    })
+        client: inference_client(channel),
+    })))
 }
 
 /// The request as sent on to the leader: the client's metadata (deadline, request id, trace
@@ -209,8 +216,6 @@ fn back<T, U>(reply: Response<T>, leader: &str, f: impl FnOnce(T) -> U) -> Respo
     Response::from_parts(metadata, f(message), extensions)
 }
 
-type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
-
 /// The `Inference` service a coordinator serves: its own API while it leads (or without
 /// etcd), the leader's through it while it stands by.
 #[derive(Clone)]
@@ -235,17 +240,13 @@ impl Inference for Forwarding {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
         match route(self.api.cluster(), request.metadata())? {
-            Route::Here => {
-                let reply = self.api.generate(request).await?;
-                let (metadata, stream, extensions) = reply.into_parts();
-                let stream: GenerateStream = Box::pin(stream);
-                Ok(Response::from_parts(metadata, stream, extensions))
-            }
-            Route::Leader {
-                me,
-                leader,
-                mut client,
-            } => {
+            Route::Here => self.api.generate(request).await,
+            Route::Leader(hop) => {
+                let Hop {
+                    me,
+                    leader,
+                    mut client,
+                } = *hop;
                 debug!(%leader, "forwarding a generate request");
                 let reply = client
                     .generate(onward(request, &me))
@@ -266,15 +267,10 @@ impl Inference for Forwarding {
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
         match route(self.api.cluster(), request.metadata())? {
             Route::Here => self.api.tokenize(request).await,
-            Route::Leader {
-                me,
-                leader,
-                mut client,
-            } => client
-                .tokenize(onward(request, &me))
-                .await
-                .map(|r| back(r, &leader, |m| m))
-                .map_err(|s| from_leader(s, &me, &leader)),
+            Route::Leader(mut hop) => {
+                let r = hop.client.tokenize(onward(request, &hop.me)).await;
+                hop.reply(r)
+            }
         }
     }
 
@@ -284,15 +280,10 @@ impl Inference for Forwarding {
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         match route(self.api.cluster(), request.metadata())? {
             Route::Here => self.api.list_models(request).await,
-            Route::Leader {
-                me,
-                leader,
-                mut client,
-            } => client
-                .list_models(onward(request, &me))
-                .await
-                .map(|r| back(r, &leader, |m| m))
-                .map_err(|s| from_leader(s, &me, &leader)),
+            Route::Leader(mut hop) => {
+                let r = hop.client.list_models(onward(request, &hop.me)).await;
+                hop.reply(r)
+            }
         }
     }
 
@@ -302,15 +293,10 @@ impl Inference for Forwarding {
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         match route(self.api.cluster(), request.metadata())? {
             Route::Here => self.api.cluster_status(request).await,
-            Route::Leader {
-                me,
-                leader,
-                mut client,
-            } => client
-                .cluster_status(onward(request, &me))
-                .await
-                .map(|r| back(r, &leader, |m| m))
-                .map_err(|s| from_leader(s, &me, &leader)),
+            Route::Leader(mut hop) => {
+                let r = hop.client.cluster_status(onward(request, &hop.me)).await;
+                hop.reply(r)
+            }
         }
     }
 }
@@ -325,14 +311,14 @@ pub fn start(
     caller: &HeaderMap,
 ) -> Result<Started, Status> {
     let cluster = api.cluster();
-    let Route::Leader {
+    let Route::Leader(hop) = route(cluster, &MetadataMap::new())? else {
+        return api.start(request, deadline, caller);
+    };
+    let Hop {
         me,
         leader,
         mut client,
-    } = route(cluster, &MetadataMap::new())?
-    else {
-        return api.start(request, deadline, caller);
-    };
+    } = *hop;
     let prompt = request.prompt_token_ids.clone();
     let mut r = request.clone();
     if r.request_id.is_empty() {
@@ -373,7 +359,9 @@ pub fn start(
                 _ = tx.closed() => return,
             };
             let Some(m) = next else { return };
-            let outcome = m.map(update).map_err(|s| from_leader(s, &me, &leader));
+            let outcome = m
+                .map(wire::update)
+                .map_err(|s| from_leader(s, &me, &leader));
             let end = outcome.is_err();
             if tx.send(outcome).is_err() || end {
                 return;
@@ -385,41 +373,6 @@ pub fn start(
         prompt,
         updates: rx,
     })
-}
-
-/// One reply of the leader's gRPC API as the update the HTTP API renders.
-pub fn update(m: pb::GenerateResponse) -> Update {
-    let finish = match m.finish_reason.as_str() {
-        "" => None,
-        reason => {
-            let reason = match reason {
-                "length" => FinishReason::Length,
-                _ => FinishReason::Stop,
-            };
-            let usage = m.usage.unwrap_or_default();
-            Some((
-                reason,
-                Usage {
-                    prompt_tokens: usage.prompt_tokens as usize,
-                    completion_tokens: usage.completion_tokens as usize,
-                },
-            ))
-        }
-    };
-    let prompt_logprobs = (!m.prompt_logprobs.is_empty()).then(|| {
-        m.prompt_logprobs
-            .iter()
-            .map(|p| p.logprob.as_ref().map(wire::from_token_logprob))
-            .collect()
-    });
-    Update {
-        id: 0,
-        token_ids: m.token_ids,
-        logprobs: m.logprobs.iter().map(wire::from_token_logprob).collect(),
-        text: m.text,
-        prompt_logprobs,
-        finish,
-    }
 }
 
 #[cfg(test)]
@@ -494,33 +447,5 @@ mod tests {
         let out = from_leader(s, "b:1", "a:1");
         assert_eq!(out.code(), tonic::Code::Unavailable);
         assert!(out.message().contains("leader a:1"), "{out}");
-    }
-
-    #[test]
-    fn a_reply_becomes_the_update_the_http_api_renders() {
-        let u = update(pb::GenerateResponse {
-            request_id: "r".into(),
-            token_ids: vec![5, 6],
-            text: "hi".into(),
-            finish_reason: "length".into(),
-            usage: Some(pb::Usage {
-                prompt_tokens: 3,
-                completion_tokens: 2,
-            }),
-            ..Default::default()
-        });
-        assert_eq!(u.token_ids, vec![5, 6]);
-        assert_eq!(u.text, "hi");
-        assert_eq!(u.prompt_logprobs, None);
-        assert_eq!(
-            u.finish,
-            Some((
-                FinishReason::Length,
-                Usage {
-                    prompt_tokens: 3,
-                    completion_tokens: 2
-                }
-            ))
-        );
     }
 }

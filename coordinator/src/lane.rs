@@ -37,6 +37,11 @@ pub const MAX_MOVES: u32 = 5;
 /// A request handed to a lane: new, or moved from a lane that stopped.
 pub struct Admitted {
     pub work: Work,
+    pub client: Client,
+}
+
+/// Who a request is for and its life so far; it goes with the request from lane to lane.
+pub struct Client {
     pub request_id: String,
     /// The request's span: open until its last outcome; every step serving it links to it.
     pub span: Span,
@@ -203,17 +208,6 @@ impl Lane {
     }
 }
 
-struct Client {
-    request_id: String,
-    span: Span,
-    deadline: Option<Instant>,
-    out: mpsc::UnboundedSender<Outcome>,
-    moves: u32,
-    times: RequestTimes,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-}
-
 type StepOutcome = (Vec<SeqWork>, Instant, Result<pb::StepResponse, Status>);
 
 struct Driver {
@@ -307,14 +301,10 @@ impl Driver {
             if let Some(c) = self.clients.remove(&d.id()) {
                 out.push(Admitted {
                     work: Work::Moved(d),
-                    request_id: c.request_id,
-                    span: c.span,
-                    deadline: c.deadline,
-                    out: c.out,
-                    moves: c.moves + 1,
-                    times: c.times,
-                    prompt_tokens: c.prompt_tokens,
-                    completion_tokens: c.completion_tokens,
+                    client: Client {
+                        moves: c.moves + 1,
+                        ..c
+                    },
                 });
             }
         }
@@ -326,29 +316,23 @@ impl Driver {
     fn admit(&mut self, a: Admitted) {
         self.pending.fetch_sub(1, Ordering::SeqCst);
         let id = a.id();
-        debug!(request_id = %a.request_id, seq = id, moves = a.moves, "admitted");
-        let client = Client {
-            request_id: a.request_id,
-            span: a.span,
-            deadline: a.deadline,
-            out: a.out,
-            moves: a.moves,
-            times: a.times,
-            prompt_tokens: a.prompt_tokens,
-            completion_tokens: a.completion_tokens,
-        };
+        let c = &a.client;
+        debug!(request_id = %c.request_id, seq = id, moves = c.moves, "admitted");
+        self.clients.insert(id, a.client);
         match a.work {
             Work::New(r) => self.scheduler.add(r),
             Work::Moved(d) => {
                 if let Err(e) = self.scheduler.adopt(d) {
-                    let _ = client.out.send(Err(Status::unavailable(format!(
-                        "the placement changed and the new one cannot hold this request: {e}"
-                    ))));
-                    return;
+                    // Ended like any other request: counted, recorded, its span closed.
+                    self.end(
+                        id,
+                        Err(Status::unavailable(format!(
+                            "the placement changed and the new one cannot hold this request: {e}"
+                        ))),
+                    );
                 }
             }
         }
-        self.clients.insert(id, client);
     }
 
     fn drop_gone_clients(&mut self) {

@@ -25,7 +25,7 @@ use tokio_stream::{StreamExt, StreamMap};
 use tonic::{Code, Status};
 use tracing::{info_span, Instrument};
 
-use crate::api::InferenceApi;
+use crate::api::{header_request_id, InferenceApi};
 use crate::lane::Outcome;
 
 /// vLLM's limit on alternatives per token.
@@ -361,7 +361,7 @@ fn start_all(
     requests: Vec<(pb::GenerateRequest, bool)>,
     caller: &HeaderMap,
 ) -> ApiResult<Choices> {
-    let id = request_id(caller);
+    let id = header_request_id(caller).map(str::to_string);
     let several = requests.len() > 1;
     let deadline = api
         .cluster()
@@ -726,15 +726,6 @@ fn streamed(api: InferenceApi, meta: Meta, choices: Choices, kind: Kind) -> Resp
     Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response()
-}
-
-/// The client's `X-Request-Id`, if it sent one: it names the request in logs and spans.
-fn request_id(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-        .map(str::to_string)
 }
 
 pub async fn completions(

@@ -256,18 +256,18 @@ pub fn plan(
         embedding: stage == 0,
         head: stage + 1 == grid.stages,
     };
-    // Balance stages by the bytes of the fullest shard.
+    // Balance stages by the parameters of the fullest shard.
     let widest = (0..grid.shards)
         .max_by_key(|e| experts[*e].len())
         .unwrap_or(0);
-    // Stages are balanced, and KV blocks counted, at the widest storage among the workers, so
-    // that every cell fits whatever its device.
-    let value_bytes = workers.iter().map(|w| w.value_bytes).max().unwrap_or(4);
-    let bytes = |layers: Range<usize>, stage: usize| {
-        config.subset_params(&subset(layers, widest, stage)) * value_bytes
+    let params = |layers: Range<usize>, stage: usize| {
+        config.subset_params(&subset(layers, widest, stage))
     };
-    let stages = balance(config.num_layers, grid.stages, bytes);
+    let stages = balance(config.num_layers, grid.stages, params);
 
+    // KV blocks are counted at the widest storage among the workers, so that every cell holds
+    // them whatever its device.
+    let value_bytes = workers.iter().map(|w| w.value_bytes).max().unwrap_or(4);
     let kv_block = |layers: usize, value_bytes: u64| {
         2 * layers as u64 * config.kv_dim() as u64 * options.block_size as u64 * value_bytes
     };

@@ -24,7 +24,6 @@ use crate::KernelError;
 const ROW_THREADS: u32 = 256;
 
 pub struct Gpu {
-    device: Device,
     stream: Arc<CudaStream>,
     spec: Spec,
     sm_count: usize,
@@ -210,7 +209,6 @@ impl Gpu {
         }
         let blas = Blas::new(stream.clone(), (arch / 10) as i32)?;
         Ok(Gpu {
-            device: device.clone(),
             stream,
             spec,
             sm_count,
@@ -229,10 +227,6 @@ impl Gpu {
 
     pub fn sm_count(&self) -> usize {
         self.sm_count
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
     }
 
     fn f(&self, name: &str) -> &CudaFunction {

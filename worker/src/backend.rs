@@ -62,8 +62,6 @@ pub trait Backend: Send + Sync {
     /// Bytes one stored weight or KV cache value takes (f32 on the CPU, bf16 on a GPU).
     const VALUE_BYTES: u64;
 
-    fn name(&self) -> String;
-
     /// Moves a host matrix `[rows, cols]` of f32 onto the device (converting to its storage type).
     fn weight(
         &self,

@@ -257,11 +257,20 @@ impl Hardware for CpuBackend {
     type Backend = CpuBackend;
 
     fn describe(&self) -> String {
-        self.name()
+        format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
+    /// Total and available memory of this machine, from `/proc/meminfo` (0 where unknown).
     fn memory(&self) -> (u64, u64) {
-        crate::service::memory_info()
+        let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let field = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+                .map_or(0, |kb| kb * 1024)
+        };
+        (field("MemTotal:"), field("MemAvailable:"))
     }
 
     fn backend(&self, _: &ModelConfig) -> Result<CpuBackend, BackendError> {
@@ -274,10 +283,6 @@ impl Backend for CpuBackend {
     type Weight = Mat;
     type KvCache = CpuKvCache;
     const VALUE_BYTES: u64 = 4;
-
-    fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
-    }
 
     fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Mat, BackendError> {
         Mat::new(data, rows, cols)

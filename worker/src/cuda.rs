@@ -99,7 +99,6 @@ impl Hardware for CudaDevice {
 
 pub struct CudaBackend {
     gpu: Gpu,
-    ordinal: usize,
     /// Fill fresh output buffers with NaN instead of zeros (the on-GPU check does, so an element
     /// a kernel forgot to write cannot pass for a correct zero).
     poison: bool,
@@ -178,11 +177,7 @@ impl CudaBackend {
     ) -> Result<Self, BackendError> {
         let spec = Spec::new(head_dim, heads, kv_heads).map_err(|e| dev(e.into()))?;
         let gpu = Gpu::on(&device.device, spec).map_err(dev)?;
-        Ok(CudaBackend {
-            gpu,
-            ordinal: device.ordinal,
-            poison: false,
-        })
+        Ok(CudaBackend { gpu, poison: false })
     }
 
     /// Fresh outputs (and KV caches) start as NaN rather than zeros; for checks, not serving.
@@ -329,10 +324,6 @@ impl Backend for CudaBackend {
     type Weight = CudaWeight;
     type KvCache = CudaKvCache;
     const VALUE_BYTES: u64 = 2;
-
-    fn name(&self) -> String {
-        format!("cuda:{} {}", self.ordinal, self.gpu.device().describe())
-    }
 
     fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<CudaWeight, BackendError> {
         if data.len() != rows * cols {

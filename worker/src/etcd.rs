@@ -13,7 +13,7 @@ use switchyard_proto::etcd::v3electionpb as election;
 use switchyard_proto::etcd::v3electionpb::election_client::ElectionClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Streaming;
 
 /// The longest any single etcd call (but a campaign) may take.
@@ -70,17 +70,12 @@ impl Etcd {
     /// A client of the etcd at `url` (`http://host:port`, or `host:port`), connected on first
     /// use and reconnected after failures.
     pub fn connect(url: &str) -> Result<Etcd, EtcdError> {
-        let full = match url.contains("://") {
-            true => url.to_string(),
-            false => format!("http://{url}"),
-        };
-        let channel = Endpoint::from_shared(full)
+        let channel = crate::service::endpoint(url)
             .map_err(|e| EtcdError::Address {
                 url: url.into(),
                 reason: e.to_string(),
             })?
             .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
             .connect_lazy();
         Ok(Etcd {
             kv: KvClient::new(channel.clone()),

@@ -59,6 +59,15 @@ impl FinishReason {
             FinishReason::Length => "length",
         }
     }
+
+    /// The inverse of [`FinishReason::as_str`].
+    pub fn parse(s: &str) -> Option<FinishReason> {
+        match s {
+            "stop" => Some(FinishReason::Stop),
+            "length" => Some(FinishReason::Length),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]

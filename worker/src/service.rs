@@ -38,9 +38,8 @@ use crate::{trace_context, wire};
 /// 4 MiB default.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
 
-/// A channel to a worker or coordinator at `addr` (`host:port` or a URL), connected on first
-/// use, with the message limits the data plane needs.
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+/// An endpoint at `addr` (`host:port` or a URL): 5 s to connect, no Nagle delay.
+pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
     let url = if addr.contains("://") {
         addr.to_string()
     } else {
@@ -48,8 +47,12 @@ pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
     };
     Ok(Endpoint::from_shared(url)?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect_lazy())
+        .tcp_nodelay(true))
+}
+
+/// A channel to a worker or coordinator at `addr`, connected on first use.
+pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(endpoint(addr)?.connect_lazy())
 }
 
 pub fn worker_client(channel: Channel) -> WorkerClient<Channel> {
@@ -667,19 +670,6 @@ where
         metrics,
         task,
     })
-}
-
-/// Total and available memory of this machine, from `/proc/meminfo` (0 where unknown).
-pub fn memory_info() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("MemTotal:"), field("MemAvailable:"))
 }
 
 /// This process's resident memory, from `/proc/self/status` (0 where unknown).

@@ -4,6 +4,7 @@ use switchyard_proto::v1 as pb;
 
 use crate::batch::{LogitsWanted, SeqInput, SeqResult, SeqWork};
 use crate::sampling::{Draw, TokenLogprob, TopLogprob};
+use crate::scheduler::{FinishReason, Update, Usage};
 
 /// A message that does not say what it must: which field, and what was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -138,5 +139,95 @@ pub fn from_seq_result(r: &pb::SeqResult) -> SeqResult {
         prompt_logprobs: r.prompt_logprobs.iter().map(from_token_logprob).collect(),
         token: r.token,
         logprob: r.logprob.as_ref().map(from_token_logprob),
+    }
+}
+
+/// One update of a request as the `Inference` API streams it.
+pub fn generate_response(request_id: &str, u: Update) -> pb::GenerateResponse {
+    let (finish_reason, usage) = match u.finish {
+        Some((reason, usage)) => (
+            reason.as_str().to_string(),
+            Some(pb::Usage {
+                prompt_tokens: usage.prompt_tokens as u32,
+                completion_tokens: usage.completion_tokens as u32,
+            }),
+        ),
+        None => (String::new(), None),
+    };
+    pb::GenerateResponse {
+        request_id: request_id.to_string(),
+        token_ids: u.token_ids,
+        text: u.text,
+        logprobs: u.logprobs.iter().map(token_logprob).collect(),
+        prompt_logprobs: u
+            .prompt_logprobs
+            .unwrap_or_default()
+            .iter()
+            .map(|p| pb::PromptLogprob {
+                logprob: p.as_ref().map(token_logprob),
+            })
+            .collect(),
+        finish_reason,
+        usage,
+    }
+}
+
+/// The inverse of [`generate_response`]: what a client of the `Inference` API got, as the
+/// update it was made from (without the sequence id, which stays on the server).
+pub fn update(m: pb::GenerateResponse) -> Update {
+    let finish = FinishReason::parse(&m.finish_reason).map(|reason| {
+        let usage = m.usage.unwrap_or_default();
+        let usage = Usage {
+            prompt_tokens: usage.prompt_tokens as usize,
+            completion_tokens: usage.completion_tokens as usize,
+        };
+        (reason, usage)
+    });
+    let prompt_logprobs = (!m.prompt_logprobs.is_empty()).then(|| {
+        m.prompt_logprobs
+            .iter()
+            .map(|p| p.logprob.as_ref().map(from_token_logprob))
+            .collect()
+    });
+    Update {
+        id: 0,
+        token_ids: m.token_ids,
+        logprobs: m.logprobs.iter().map(from_token_logprob).collect(),
+        text: m.text,
+        prompt_logprobs,
+        finish,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generate_response_becomes_the_update_it_was_made_from() {
+        let u = update(pb::GenerateResponse {
+            request_id: "r".into(),
+            token_ids: vec![5, 6],
+            text: "hi".into(),
+            finish_reason: "length".into(),
+            usage: Some(pb::Usage {
+                prompt_tokens: 3,
+                completion_tokens: 2,
+            }),
+            ..Default::default()
+        });
+        assert_eq!(u.token_ids, vec![5, 6]);
+        assert_eq!(u.text, "hi");
+        assert_eq!(u.prompt_logprobs, None);
+        assert_eq!(
+            u.finish,
+            Some((
+                FinishReason::Length,
+                Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 2
+                }
+            ))
+        );
     }
 }
