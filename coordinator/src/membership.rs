@@ -519,36 +519,15 @@ async fn watch_leader(etcd: Etcd, keys: Keys, cluster: Arc<Cluster>) {
                 continue;
             }
         };
-        match etcd.watch(&prefix, revision + 1).await {
-            Ok(mut w) => {
-                if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), w.changed()).await
-                {
-                    warn!("the etcd watch on the election ended (will read again): {e}");
-                    tokio::time::sleep(RETRY).await;
-                }
-            }
-            Err(e) => {
-                warn!("cannot watch the election in etcd (will retry): {e}");
-                tokio::time::sleep(RETRY).await;
-            }
-        }
+        etcd.wait_for_change(&prefix, revision, "the election").await;
     }
 }
 
 /// Renews `lease` until it is found expired (then `lost` turns true). While etcd cannot be
 /// reached the lease is assumed alive: serving goes on.
 async fn keep_lease(etcd: Etcd, lease: i64, ttl: Duration, lost: watch::Sender<bool>) {
-    loop {
-        tokio::time::sleep(ttl / 3).await;
-        match etcd.keep_alive(lease).await {
-            Ok(()) => {}
-            Err(EtcdError::LeaseExpired(_)) => {
-                let _ = lost.send(true);
-                return;
-            }
-            Err(e) => warn!("cannot renew the leadership lease (will retry): {e}"),
-        }
-    }
+    etcd.hold(lease, ttl).await;
+    let _ = lost.send(true);
 }
 
 /// Keeps `members` equal to the worker records in etcd: a full read, then a watch from that
@@ -574,19 +553,6 @@ async fn watch_workers(etcd: Etcd, keys: Keys, members: watch::Sender<Members>) 
             *m = Some(view);
             changed
         });
-        match etcd.watch(&prefix, revision + 1).await {
-            Ok(mut w) => {
-                // Read again on a change, or now and then in case a watch went quiet.
-                if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), w.changed()).await
-                {
-                    warn!("the etcd watch ended (will read again): {e}");
-                    tokio::time::sleep(RETRY).await;
-                }
-            }
-            Err(e) => {
-                warn!("cannot watch the workers in etcd (will retry): {e}");
-                tokio::time::sleep(RETRY).await;
-            }
-        }
+        etcd.wait_for_change(&prefix, revision, "the workers").await;
     }
 }

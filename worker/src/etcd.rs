@@ -15,9 +15,16 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Streaming;
+use tracing::warn;
 
 /// The longest any single etcd call (but a campaign) may take.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long to wait before asking etcd again after a failure.
+pub const RETRY: Duration = Duration::from_millis(500);
+
+/// A watch that saw nothing for this long is read again anyway (a watch can go quiet).
+const WATCH_QUIET: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
@@ -111,6 +118,19 @@ impl Etcd {
         }
     }
 
+    /// Renews `lease` every `ttl`/3 and returns once it is found expired. While etcd cannot
+    /// be reached the lease is assumed alive (errors are logged): what holds it goes on.
+    pub async fn hold(&self, lease: i64, ttl: Duration) {
+        loop {
+            tokio::time::sleep(ttl / 3).await;
+            match self.keep_alive(lease).await {
+                Ok(()) => {}
+                Err(EtcdError::LeaseExpired(_)) => return,
+                Err(e) => warn!("cannot renew etcd lease {lease:x} (will retry): {e}"),
+            }
+        }
+    }
+
     /// Ends `lease` now, deleting every key attached to it.
     pub async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {
         bounded(
@@ -160,8 +180,23 @@ impl Etcd {
         Ok((kvs, revision))
     }
 
+    /// Returns once a key under `prefix` changed after `revision` (a read's revision), or
+    /// after a few quiet seconds: the caller reads again either way. A failed watch is logged,
+    /// naming `what`, and waited out.
+    pub async fn wait_for_change(&self, prefix: &str, revision: i64, what: &str) {
+        let error = match self.watch(prefix, revision + 1).await {
+            Ok(mut w) => match tokio::time::timeout(WATCH_QUIET, w.changed()).await {
+                Ok(Err(e)) => e,
+                _ => return,
+            },
+            Err(e) => e,
+        };
+        warn!("the etcd watch on {what} failed (will read again): {error}");
+        tokio::time::sleep(RETRY).await;
+    }
+
     /// Watches every key under `prefix` from `revision` (inclusive) on.
-    pub async fn watch(&self, prefix: &str, revision: i64) -> Result<Watch, EtcdError> {
+    async fn watch(&self, prefix: &str, revision: i64) -> Result<Watch, EtcdError> {
         // The request side stays open as long as the watch: etcd ends a watch whose client
         // stream closed.
         let (tx, rx) = mpsc::channel(1);

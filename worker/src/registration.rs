@@ -22,7 +22,7 @@ use switchyard_proto::v1 as pb;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::etcd::{Etcd, EtcdError};
+use crate::etcd::{Etcd, EtcdError, RETRY};
 use crate::service::WorkerControl;
 
 /// Where a cluster's keys live in etcd.
@@ -92,33 +92,24 @@ pub async fn run(
     ));
     let mut record = config.record.clone();
     tokio::pin!(stop);
-    let mut lease = None;
     // Registered and renewing until asked to stop.
-    loop {
-        if lease.is_none() {
-            match register(&etcd, &key, &record, config.ttl).await {
-                Ok(id) => {
-                    info!(key = %key, lease = format!("{id:x}"), "registered in etcd");
-                    lease = Some(id);
+    let lease = loop {
+        let id = match register(&etcd, &key, &record, config.ttl).await {
+            Ok(id) => id,
+            Err(e) => {
+                warn!("cannot register in etcd (will retry): {e}");
+                tokio::select! {
+                    _ = &mut stop => break None,
+                    _ = tokio::time::sleep(renew) => continue,
                 }
-                Err(e) => warn!("cannot register in etcd (will retry): {e}"),
             }
-        }
+        };
+        info!(key = %key, lease = format!("{id:x}"), "registered in etcd");
         tokio::select! {
-            _ = &mut stop => break,
-            _ = tokio::time::sleep(renew) => {}
+            _ = &mut stop => break Some(id),
+            _ = etcd.hold(id, config.ttl) => warn!("the etcd lease expired; registering again"),
         }
-        if let Some(id) = lease {
-            match etcd.keep_alive(id).await {
-                Ok(()) => {}
-                Err(EtcdError::LeaseExpired(_)) => {
-                    warn!("the etcd lease expired; registering again");
-                    lease = None;
-                }
-                Err(e) => warn!("cannot renew the etcd lease (will retry): {e}"),
-            }
-        }
-    }
+    };
 
     info!("draining: waiting to be released");
     control.start_draining();
@@ -161,7 +152,6 @@ pub async fn run(
 /// error or 5 s of quiet reads it again. While etcd is down nothing changes.
 pub async fn watch_placement(etcd: Etcd, keys: Keys, address: String, control: WorkerControl) {
     let key = keys.placement();
-    let retry = Duration::from_millis(500);
     loop {
         let revision = match etcd.list(&key).await {
             Ok((kvs, revision)) => {
@@ -176,23 +166,11 @@ pub async fn watch_placement(etcd: Etcd, keys: Keys, address: String, control: W
             }
             Err(e) => {
                 warn!("cannot read the placement from etcd (will retry): {e}");
-                tokio::time::sleep(retry).await;
+                tokio::time::sleep(RETRY).await;
                 continue;
             }
         };
-        match etcd.watch(&key, revision + 1).await {
-            Ok(mut w) => {
-                if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), w.changed()).await
-                {
-                    warn!("the etcd watch on the placement ended (will read again): {e}");
-                    tokio::time::sleep(retry).await;
-                }
-            }
-            Err(e) => {
-                warn!("cannot watch the placement in etcd (will retry): {e}");
-                tokio::time::sleep(retry).await;
-            }
-        }
+        etcd.wait_for_change(&key, revision, "the placement").await;
     }
 }
 

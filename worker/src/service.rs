@@ -15,7 +15,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use switchyard_model::{Checkpoint, Subset};
@@ -89,60 +89,60 @@ struct WorkerState<H: Hardware> {
     hardware: H,
     part: RwLock<Option<Arc<Part<H::Backend>>>>,
     metrics: Arc<WorkerMetrics>,
-    control: WorkerControl,
+    control: ControlState,
 }
-
-/// The worker's life outside the RPCs: draining and release.
-#[derive(Clone, Default)]
-pub struct WorkerControl(Arc<ControlState>);
 
 #[derive(Default)]
 struct ControlState {
     draining: AtomicBool,
-    holds_part: AtomicBool,
     released: Notify,
     /// The highest placement epoch seen: older ones are refused.
     fence: AtomicU64,
-    /// Drops the part held if its epoch is older than the one given; its epoch if it did.
-    release_older: OnceLock<Box<dyn Fn(u64) -> Option<u64> + Send + Sync>>,
 }
+
+/// What [`WorkerControl`] needs of a worker, whatever its hardware.
+trait PartSlot: Send + Sync {
+    fn control(&self) -> &ControlState;
+    fn held_epoch(&self) -> Option<u64>;
+    /// Drops the part held if `drop_it(its epoch)`, in one locked step; its epoch if it did.
+    fn release_if(&self, drop_it: &dyn Fn(u64) -> bool) -> Option<u64>;
+}
+
+/// The worker's life outside the RPCs: draining, the placement fence, and release.
+#[derive(Clone)]
+pub struct WorkerControl(Arc<dyn PartSlot>);
 
 impl WorkerControl {
     /// From now on the worker refuses new assignments.
     pub fn start_draining(&self) {
-        self.0.draining.store(true, Ordering::SeqCst);
+        self.0.control().draining.store(true, Ordering::SeqCst);
     }
 
     pub fn is_draining(&self) -> bool {
-        self.0.draining.load(Ordering::SeqCst)
-    }
-
-    /// Whether the worker holds a part of a model (a coordinator relies on it).
-    pub fn holds_part(&self) -> bool {
-        self.0.holds_part.load(Ordering::SeqCst)
+        self.0.control().draining.load(Ordering::SeqCst)
     }
 
     /// The highest placement epoch seen; steps of older placements are refused.
     pub fn fence(&self) -> u64 {
-        self.0.fence.load(Ordering::SeqCst)
+        self.0.control().fence.load(Ordering::SeqCst)
     }
 
     /// A placement of `epoch` was published: older epochs are fenced off from now on. When it
     /// leaves this worker out (`includes_me` false), a part of an older placement is dropped;
     /// returns that part's epoch if one was.
     pub fn placement_published(&self, epoch: u64, includes_me: bool) -> Option<u64> {
-        self.0.fence.fetch_max(epoch, Ordering::SeqCst);
+        self.0.control().fence.fetch_max(epoch, Ordering::SeqCst);
         match includes_me {
             true => None,
-            false => self.0.release_older.get().and_then(|f| f(epoch)),
+            false => self.0.release_if(&|held| held < epoch),
         }
     }
 
     /// Waits until the worker holds no part (at once when it holds none).
     pub async fn released(&self) {
         loop {
-            let notified = self.0.released.notified();
-            if !self.holds_part() {
+            let notified = self.0.control().released.notified();
+            if self.0.held_epoch().is_none() {
                 return;
             }
             notified.await;
@@ -150,18 +150,38 @@ impl WorkerControl {
     }
 }
 
+impl<H: Hardware> PartSlot for WorkerState<H> {
+    fn control(&self) -> &ControlState {
+        &self.control
+    }
+
+    fn held_epoch(&self) -> Option<u64> {
+        let part = self.part.read().expect("not poisoned");
+        part.as_ref().map(|p| p.assignment.epoch)
+    }
+
+    fn release_if(&self, drop_it: &dyn Fn(u64) -> bool) -> Option<u64> {
+        let mut part = self.part.write().expect("not poisoned");
+        let held = part.as_ref()?.assignment.epoch;
+        if !drop_it(held) {
+            return None;
+        }
+        *part = None;
+        drop(part);
+        self.metrics.ready.set(0.0);
+        self.control.released.notify_waiters();
+        Some(held)
+    }
+}
+
 impl<H: Hardware> WorkerService<H> {
     pub fn new(hardware: H) -> Self {
-        let state = Arc::new(WorkerState {
+        WorkerService(Arc::new(WorkerState {
             hardware,
             part: RwLock::new(None),
             metrics: Arc::default(),
-            control: WorkerControl::default(),
-        });
-        let weak: Weak<WorkerState<H>> = Arc::downgrade(&state);
-        let release = move |epoch: u64| weak.upgrade().and_then(|s| s.release_older(epoch));
-        let _ = state.control.0.release_older.set(Box::new(release));
-        WorkerService(state)
+            control: ControlState::default(),
+        }))
     }
 
     /// What this worker measures, for `/metrics`.
@@ -170,7 +190,7 @@ impl<H: Hardware> WorkerService<H> {
     }
 
     pub fn control(&self) -> WorkerControl {
-        self.0.control.clone()
+        WorkerControl(self.0.clone())
     }
 
     pub fn hardware(&self) -> &H {
@@ -180,7 +200,7 @@ impl<H: Hardware> WorkerService<H> {
 
 impl<H: Hardware> WorkerState<H> {
     fn part(&self, epoch: u64) -> Result<Arc<Part<H::Backend>>, Status> {
-        let fence = self.control.fence();
+        let fence = self.control.fence.load(Ordering::SeqCst);
         if epoch < fence {
             return Err(Status::aborted(format!(
                 "placement epoch {epoch} is fenced off: placement epoch {fence} has been \
@@ -200,27 +220,6 @@ impl<H: Hardware> WorkerState<H> {
             )));
         }
         Ok(part)
-    }
-
-    /// Drops the part held, if any.
-    fn release(&self) {
-        *self.part.write().expect("not poisoned") = None;
-        self.control.0.holds_part.store(false, Ordering::SeqCst);
-        self.metrics.ready.set(0.0);
-        self.control.0.released.notify_waiters();
-    }
-
-    /// Drops the part held if it belongs to a placement older than `epoch`; its epoch if so.
-    fn release_older(&self, epoch: u64) -> Option<u64> {
-        let mut part = self.part.write().expect("not poisoned");
-        let held = part.as_ref()?.assignment.epoch;
-        if held >= epoch {
-            return None;
-        }
-        *part = None;
-        drop(part);
-        self.release();
-        Some(held)
     }
 
     /// Loads the part `a` names; `reuse` is the backend and model of the previous part when `a`
@@ -392,8 +391,8 @@ where
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()) as u32,
             version: env!("CARGO_PKG_VERSION").into(),
             epoch: part.as_ref().map_or(0, |p| p.assignment.epoch),
-            draining: self.0.control.is_draining(),
-            fence: self.0.control.fence(),
+            draining: self.control().is_draining(),
+            fence: self.control().fence(),
             value_bytes: H::Backend::VALUE_BYTES as u32,
         }))
     }
@@ -403,12 +402,12 @@ where
         request: Request<pb::Assignment>,
     ) -> Result<Response<pb::AssignResponse>, Status> {
         let a = request.into_inner();
-        if self.0.control.is_draining() {
+        if self.control().is_draining() {
             return Err(Status::failed_precondition(
                 "this worker is draining (it was asked to stop); assign its part elsewhere",
             ));
         }
-        let fence = self.0.control.0.fence.fetch_max(a.epoch, Ordering::SeqCst);
+        let fence = self.0.control.fence.fetch_max(a.epoch, Ordering::SeqCst);
         if a.epoch < fence {
             return Err(Status::failed_precondition(format!(
                 "assignment of placement epoch {} refused: placement epoch {fence} has been \
@@ -424,7 +423,6 @@ where
         let reuse = old
             .filter(|p| same_weights(&p.assignment, &a))
             .map(|p| (p.backend.clone(), p.model.clone()));
-        self.0.release();
         self.0.metrics.ready.set(0.0);
         let part = tokio::task::spawn_blocking(move || span.in_scope(|| this.load(a, reuse)))
             .await
@@ -449,7 +447,6 @@ where
         m.epoch.set(part.assignment.epoch as f64);
         m.ready.set(1.0);
         *self.0.part.write().expect("not poisoned") = Some(Arc::new(part));
-        self.0.control.0.holds_part.store(true, Ordering::SeqCst);
         Ok(Response::new(response))
     }
 
@@ -563,14 +560,13 @@ where
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let epoch = request.into_inner().epoch;
-        let held = self.0.part.read().expect("not poisoned").clone();
         // A release for an older epoch than the part held is stale: keep the part.
-        if held.is_some_and(|p| p.assignment.epoch > epoch) {
+        self.0.release_if(&|held| held <= epoch);
+        if self.0.held_epoch().is_some_and(|held| held > epoch) {
             return Err(Status::failed_precondition(format!(
                 "release of epoch {epoch}, but this worker holds a part of a later epoch"
             )));
         }
-        self.0.release();
         info!(epoch, "released");
         Ok(Response::new(pb::ReleaseResponse {}))
     }
