@@ -22,7 +22,7 @@ use switchyard_worker::registration::{self, Keys, RegistrationConfig};
 use switchyard_worker::service::{spawn_worker, WorkerService};
 use switchyard_worker::stats::WorkerMetrics;
 use switchyard_worker::{
-    Backend, CpuBackend, CudaBackend, CudaDevice, Device, Engine, EngineConfig, Hardware, Request,
+    Backend, CpuBackend, CudaDevice, Device, Engine, EngineConfig, Hardware, Request,
     SamplingParams,
 };
 use telemetry::LogFormat;
@@ -540,9 +540,7 @@ async fn run_etcd_coordinator(config: ClusterConfig, a: &ClusterArgs, e: &EtcdAr
     let keys = Keys::new(&e.cluster).map_err(anyhow::Error::msg)?;
     let grace = config.drain_grace;
     let cluster = Cluster::new(config)?;
-    let listener = tokio::net::TcpListener::bind(a.grpc_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", a.grpc_addr))?;
+    let listener = bind(a.grpc_addr).await?;
     // Proclaimed in the election: standbys forward their clients' calls to it.
     let address = match &e.advertise {
         Some(a) => a.clone(),
@@ -874,8 +872,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
                 .expect("clap requires --model without --server");
             let ckpt = Checkpoint::open(&dir)
                 .with_context(|| format!("cannot open model directory {}", dir.display()))?;
-            let c = ckpt.config();
-            let backend = CudaBackend::new(ordinal, c.head_dim, c.num_heads, c.num_kv_heads)
+            let backend = open_gpu(ordinal)?
+                .backend(ckpt.config())
                 .with_context(|| format!("cannot use cuda:{ordinal}"))?;
             generate_on(backend, a)
         }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::{etcd_coordinator, etcd_worker, model, signal, wait_exit, EtcdServer, Proc};
 use prost::Message;
-use switchyard_model::{ModelConfig, MoeConfig};
 use switchyard_coordinator::cluster::warm_up_step;
+use switchyard_model::{ModelConfig, MoeConfig};
 use switchyard_proto::v1 as pb;
 use switchyard_worker::{CpuBackend, Engine, EngineConfig, Request, SamplingParams};
 use tonic::Code;

@@ -47,7 +47,8 @@ pub(crate) fn header_request_id(headers: &HeaderMap) -> Option<&str> {
         .filter(|v| !v.is_empty())
 }
 
-pub(crate) type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+pub(crate) type GenerateStream =
+    Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
 impl InferenceApi {
     pub fn new(cluster: Arc<Cluster>) -> Self {
@@ -240,7 +241,10 @@ impl Inference for InferenceApi {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let deadline = deadline(request.metadata(), self.cluster.config.request_timeout);
         let (metadata, _, mut r) = request.into_parts();
-        if let (true, Some(id)) = (r.request_id.is_empty(), header_request_id(metadata.as_ref())) {
+        if let (true, Some(id)) = (
+            r.request_id.is_empty(),
+            header_request_id(metadata.as_ref()),
+        ) {
             r.request_id = id.to_string();
         }
         let started = self.start(&r, deadline, metadata.as_ref())?;

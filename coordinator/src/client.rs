@@ -4,8 +4,8 @@
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_client::InferenceClient;
 use switchyard_worker::service::{channel, MAX_MESSAGE_BYTES};
-use tonic::transport::Channel;
 use switchyard_worker::{wire, Completion, FinishReason, Usage};
+use tonic::transport::Channel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

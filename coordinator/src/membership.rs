@@ -519,7 +519,8 @@ async fn watch_leader(etcd: Etcd, keys: Keys, cluster: Arc<Cluster>) {
                 continue;
             }
         };
-        etcd.wait_for_change(&prefix, revision, "the election").await;
+        etcd.wait_for_change(&prefix, revision, "the election")
+            .await;
     }
 }
 

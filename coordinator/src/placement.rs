@@ -260,9 +260,8 @@ pub fn plan(
     let widest = (0..grid.shards)
         .max_by_key(|e| experts[*e].len())
         .unwrap_or(0);
-    let params = |layers: Range<usize>, stage: usize| {
-        config.subset_params(&subset(layers, widest, stage))
-    };
+    let params =
+        |layers: Range<usize>, stage: usize| config.subset_params(&subset(layers, widest, stage));
     let stages = balance(config.num_layers, grid.stages, params);
 
     // KV blocks are counted at the widest storage among the workers, so that every cell holds

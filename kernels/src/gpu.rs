@@ -185,11 +185,6 @@ impl Device {
 }
 
 impl Gpu {
-    /// Opens GPU `ordinal` and sets it up for a model of shape `spec` (see [`Gpu::on`]).
-    pub fn new(ordinal: usize, spec: Spec) -> Result<Gpu, KernelError> {
-        Gpu::on(&Device::open(ordinal)?, spec)
-    }
-
     /// Compiles (or loads from the disk cache) every kernel for `device`'s architecture and a
     /// model of shape `spec`, and sets up cuBLASLt.
     pub fn on(device: &Device, spec: Spec) -> Result<Gpu, KernelError> {

@@ -262,14 +262,7 @@ impl Hardware for CpuBackend {
 
     /// Total and available memory of this machine, from `/proc/meminfo` (0 where unknown).
     fn memory(&self) -> (u64, u64) {
-        let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let field = |name: &str| {
-            text.lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-                .map_or(0, |kb| kb * 1024)
-        };
+        let field = |name| crate::service::proc_bytes("/proc/meminfo", name);
         (field("MemTotal:"), field("MemAvailable:"))
     }
 

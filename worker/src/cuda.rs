@@ -93,7 +93,8 @@ impl Hardware for CudaDevice {
     }
 
     fn backend(&self, c: &ModelConfig) -> Result<CudaBackend, BackendError> {
-        CudaBackend::on(self, c.head_dim, c.num_heads, c.num_kv_heads)
+        let spec = Spec::new(c.head_dim, c.num_heads, c.num_kv_heads).map_err(|e| dev(e.into()))?;
+        CudaBackend::on(self, spec)
     }
 }
 
@@ -164,18 +165,12 @@ impl CudaBackend {
         kv_heads: usize,
     ) -> Result<Self, BackendError> {
         // Shapes the kernels cannot serve are refused before the driver is touched.
-        Spec::new(head_dim, heads, kv_heads).map_err(|e| dev(e.into()))?;
-        CudaBackend::on(&CudaDevice::open(ordinal)?, head_dim, heads, kv_heads)
+        let spec = Spec::new(head_dim, heads, kv_heads).map_err(|e| dev(e.into()))?;
+        CudaBackend::on(&CudaDevice::open(ordinal)?, spec)
     }
 
-    /// Compiles the kernels on an opened GPU for a model with these attention shapes.
-    pub fn on(
-        device: &CudaDevice,
-        head_dim: usize,
-        heads: usize,
-        kv_heads: usize,
-    ) -> Result<Self, BackendError> {
-        let spec = Spec::new(head_dim, heads, kv_heads).map_err(|e| dev(e.into()))?;
+    /// Compiles the kernels on an opened GPU for a model of attention shape `spec`.
+    fn on(device: &CudaDevice, spec: Spec) -> Result<Self, BackendError> {
         let gpu = Gpu::on(&device.device, spec).map_err(dev)?;
         Ok(CudaBackend { gpu, poison: false })
     }

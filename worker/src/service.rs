@@ -670,10 +670,15 @@ where
 
 /// This process's resident memory, from `/proc/self/status` (0 where unknown).
 pub fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    proc_bytes("/proc/self/status", "VmRSS:")
+}
+
+/// A `NAME: N kB` field of a `/proc` file, in bytes (0 where unknown).
+pub(crate) fn proc_bytes(path: &str, field: &str) -> u64 {
+    std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
