@@ -1,12 +1,10 @@
 # Sourced by scripts/test.sh: a Python venv with the `openai` package (the real client the HTTP
 # API is tested with), made once under ~/.cache/switchyard; exports SWITCHYARD_PYTHON.
-venv="${XDG_CACHE_HOME:-$HOME/.cache}/switchyard/py-venv"
-if ! "$venv/bin/python" -c 'import openai' >/dev/null 2>&1; then
-    # Debian's own python3 needs python3-venv for this.
-    python3 -m venv "$venv" 2>/dev/null || {
-        [ "$(id -u)" -eq 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-        python3 -m venv "$venv"
-    }
-    "$venv/bin/pip" install --quiet --disable-pip-version-check 'openai==2.8.*'
+# (python3-venv comes from scripts/system-deps.sh.)
+_sy_venv="${XDG_CACHE_HOME:-$HOME/.cache}/switchyard/py-venv"
+if ! "$_sy_venv/bin/python" -c 'import openai' >/dev/null 2>&1; then
+    { python3 -m venv "$_sy_venv" &&
+        "$_sy_venv/bin/pip" install --quiet --disable-pip-version-check 'openai==2.8.*'; } ||
+        { echo "python-env.sh: cannot make the openai venv in $_sy_venv" >&2; return 1 2>/dev/null || exit 1; }
 fi
-export SWITCHYARD_PYTHON="$venv/bin/python"
+export SWITCHYARD_PYTHON="$_sy_venv/bin/python"

@@ -5,13 +5,12 @@
 # kernel, which needs no GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Debian packages: etcd, Prometheus, Chromium, Python's venv and pip, procps.
+source scripts/system-deps.sh
 # NVRTC and ptxas from PyPI (installed once into a cache); the kernel check fails without them.
 source scripts/cuda-toolchain.sh
-# The openai package, Prometheus and Chromium the HTTP, metrics and dashboard tests use.
+# The openai package the HTTP tests drive the API with.
 source scripts/python-env.sh
-source scripts/system-deps.sh
-# etcd-server from apt when absent; tests/membership.rs fails without it.
-source scripts/etcd.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked --no-fail-fast

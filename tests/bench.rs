@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{http, http_address, model, Proc, BIN};
+use common::{http, http_address, model, output_within, Proc, BIN};
 use serde_json::Value;
 
 /// `serve` over a 1×1 grid of `dir`, with `extra` flags, and its gRPC and HTTP addresses.
@@ -63,12 +63,9 @@ fn metric_reaches(server: &Server, name: &str, labels: &str, want: f64) {
 }
 
 fn bench(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("bench")
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
+    let mut cmd = Command::new(BIN);
+    cmd.arg("bench").args(args).env("RUST_LOG", "warn");
+    output_within(&mut cmd, Duration::from_secs(300))
 }
 
 /// Runs a bench that must succeed; returns its JSON file and its table.

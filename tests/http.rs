@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
-use common::{http, http_address, model, serve, BIN};
+use common::{http, http_address, http_with_headers, model, output_within, serve, start_env, BIN};
 use serde_json::Value;
 
 /// The Python with `openai` installed: `scripts/test.sh` makes it (scripts/python-env.sh).
@@ -40,10 +39,10 @@ fn the_openai_package_works_against_serve() {
     let prompt_ids = "1,17,93,5,250,44,61,7,7,120";
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
-    let out = Command::new(python())
-        .args([script, &base, &small_base, prompt_ids])
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new(python()).args([script, &base, &small_base, prompt_ids]),
+        Duration::from_secs(300),
+    );
     assert!(
         out.status.success(),
         "openai_client.py failed:\n{}\n{}",
@@ -203,48 +202,41 @@ fn health_ready_and_errors_over_plain_http() {
 
 #[test]
 fn a_request_id_reaches_every_worker_step_in_json_logs() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     model(dir.path(), "tiny-mixtral", |_| {});
-    let mut child = Command::new(BIN)
-        .args(["--log-format", "json", "serve", "--grid", "2x1"])
-        .args(["--model", dir.path().to_str().unwrap()])
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .env("RUST_LOG", "info,switchyard_worker::service=debug")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in lines.map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    let next = || rx.recv_timeout(std::time::Duration::from_secs(60)).unwrap();
-    let http_addr = loop {
-        let l = next();
-        if let Some(rest) = l.split("switchyard: HTTP on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    while !next().contains("switchyard: listening on") {}
-
-    let mut s = TcpStream::connect(&http_addr).unwrap();
-    let body = r#"{"prompt": "trace me", "max_tokens": 3}"#;
-    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: trace-me-42\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let m = dir.path().to_str().unwrap();
+    let server = start_env(
+        &[
+            "--log-format",
+            "json",
+            "serve",
+            "--grid",
+            "2x1",
+            "--model",
+            m,
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ],
+        &[("RUST_LOG", "info,switchyard_worker::service=debug")],
+        "switchyard: listening on ",
+    );
+    let (status, body) = http_with_headers(
+        &http_address(&server),
+        "POST",
+        "/v1/completions",
+        &[("X-Request-Id", "trace-me-42")],
+        r#"{"prompt": "trace me", "max_tokens": 3}"#,
+    );
+    assert_eq!(status, 200, "{body}");
 
     // JSON log lines: the coordinator's admission and both stages' steps name the request.
     let mut stages = std::collections::BTreeSet::new();
     let mut admitted = false;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::time::Instant::now() < deadline && !(admitted && stages.len() == 2) {
-        let Ok(l) = rx.recv_timeout(std::time::Duration::from_secs(1)) else {
+        let Ok(l) = server.lines.recv_timeout(Duration::from_secs(1)) else {
             continue;
         };
         if !l.contains("trace-me-42") {
@@ -259,8 +251,6 @@ fn a_request_id_reaches_every_worker_step_in_json_logs() {
             _ => {}
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
     assert!(admitted, "the coordinator logged the request id");
     assert_eq!(stages.len(), 2, "both stages' steps carry the request id");
 }

@@ -285,20 +285,27 @@ async fn status(address: &str) -> Option<pb::ClusterStatusResponse> {
     r.ok().map(|r| r.into_inner())
 }
 
+/// The health service's answer, or `None` when there is none within 2 s.
 async fn health(address: &str) -> Option<ServingStatus> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .unwrap()
-        .connect()
+    let ask = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .ok()?;
+        let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
+        let r = h
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .ok()?;
+        Some(r.into_inner().status())
+    };
+    tokio::time::timeout(Duration::from_secs(2), ask)
         .await
-        .ok()?;
-    let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
-    let r = h
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .ok()?;
-    Some(r.into_inner().status())
+        .ok()
+        .flatten()
 }
 
 /// Waits (up to `limit`) until `address`'s cluster status satisfies `f`; how long it took.
@@ -362,10 +369,15 @@ fn workers_register_and_the_placement_grows_under_load() {
         let mut cl = common::client(&c.address).await;
         let mut r = tonic::Request::new(request(&[5, 6, 7], 4));
         r.set_timeout(Duration::from_millis(800));
-        match cl.generate(r).await {
-            Ok(s) => s.into_inner().message().await.unwrap_err(),
-            Err(s) => s,
-        }
+        let ended = async {
+            match cl.generate(r).await {
+                Ok(s) => s.into_inner().message().await.unwrap_err(),
+                Err(s) => s,
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), ended)
+            .await
+            .expect("the request's deadline was not enforced")
     });
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
 
@@ -513,7 +525,8 @@ fn chaos_workers_killed_frozen_and_replaced_under_load() {
     // Every loss and every replacement moved the requests in flight.
     assert!(moved >= 6, "{moved} requests moved");
     for u in &t.unavailable {
-        assert!(u.len() > 40, "UNAVAILABLE without a reason: {u}");
+        let reason = u.split_once("Unavailable ").map_or("", |(_, m)| m.trim());
+        assert!(!reason.is_empty(), "UNAVAILABLE without a reason: {u}");
     }
     assert!(
         recoveries.iter().all(|r| *r < Duration::from_secs(20)),

@@ -6,14 +6,17 @@
 mod common;
 
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{coordinator, http, http_address, model, serve, start, Proc};
+use common::{
+    coordinator, free_port, http, http_address, model, output_within, serve, start, KillOnDrop,
+    Proc,
+};
 use serde_json::Value;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -30,23 +33,6 @@ fn complete(address: &str, prompt: &str, max_tokens: u32) -> (u64, u64) {
         v["usage"]["prompt_tokens"].as_u64().unwrap(),
         v["usage"]["completion_tokens"].as_u64().unwrap(),
     )
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn encode(query: &str) -> String {
@@ -148,7 +134,7 @@ fn prometheus_scrapes_coordinator_and_workers() {
     let config_path = prom_dir.path().join("prometheus.yml");
     std::fs::write(&config_path, config).unwrap();
     let prometheus = format!("127.0.0.1:{}", free_port());
-    let _prom = Killed(
+    let _prom = KillOnDrop(
         Command::new("prometheus")
             .arg(format!("--config.file={}", config_path.display()))
             .arg(format!(
@@ -284,24 +270,24 @@ fn the_dashboard_renders_in_headless_chromium() {
 
     let profile = tempfile::tempdir().unwrap();
     let chromium = |mode: &str| {
-        let out = Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--window-size=1400,1000",
-                "--virtual-time-budget=3000",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg(mode)
-            .arg(format!("http://{addr}/"))
-            .output()
-            .expect("chromium (Debian package; scripts/test.sh installs it)");
+        let mut cmd = Command::new("chromium");
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1400,1000",
+            "--virtual-time-budget=3000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(mode)
+        .arg(format!("http://{addr}/"));
+        // Debian's chromium; scripts/system-deps.sh installs it.
+        let out = output_within(&mut cmd, Duration::from_secs(60));
         assert!(
             out.status.success(),
             "chromium {mode}: {}",

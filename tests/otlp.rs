@@ -138,9 +138,14 @@ async fn spans_follow_a_request_through_every_stage_and_the_expert_exchange() {
         .await
         .unwrap()
         .into_inner();
-    while let Some(update) = stream.next().await {
-        update.unwrap();
-    }
+    let finished = async {
+        while let Some(update) = stream.next().await {
+            update.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), finished)
+        .await
+        .expect("the traced request did not finish within 60 s");
     let address = http_address(&coord);
     let (status, body) = tokio::task::spawn_blocking(move || {
         let traceparent = format!("00-{HTTP_TRACE}-{HTTP_PARENT}-01");

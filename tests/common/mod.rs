@@ -49,9 +49,14 @@ impl Drop for Proc {
 /// Starts `switchyard args…` and waits (up to 60 s) for a stderr line containing `marker`
 /// followed by an address, e.g. "worker listening on 127.0.0.1:4242".
 pub fn start(args: &[&str], marker: &str) -> Proc {
+    start_env(args, &[("RUST_LOG", "warn")], marker)
+}
+
+/// [`start`] with these environment variables.
+pub fn start_env(args: &[&str], env: &[(&str, &str)], marker: &str) -> Proc {
     let mut child = Command::new(BIN)
         .args(args)
-        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -168,6 +173,7 @@ pub fn http_with_headers(
     body: &str,
 ) -> (u16, String) {
     let mut s = TcpStream::connect(address).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let headers: String = headers
         .iter()
         .map(|(k, v)| format!("{k}: {v}\r\n"))
@@ -197,7 +203,7 @@ pub struct EtcdServer {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -235,7 +241,9 @@ impl EtcdServer {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot start etcd ({e}); scripts/etcd.sh installs Debian's etcd-server")
+                panic!(
+                    "cannot start etcd ({e}); scripts/system-deps.sh installs Debian's etcd-server"
+                )
             });
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -250,7 +258,7 @@ impl EtcdServer {
         self.child = Some(child);
         rx.recv_timeout(Duration::from_secs(30))
             .expect("etcd did not become ready within 30 s");
-        // The server is up; give it a moment to elect itself leader of its one-node raft.
+        // It says it is ready; wait until its client port accepts connections too.
         let t = std::time::Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
             assert!(
@@ -273,6 +281,40 @@ impl EtcdServer {
 impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A child process that is killed when dropped (a server a test started by hand).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `cmd` to its end, or fails the test after `limit` (a tool that hangs must not hang
+/// the test); its output either way.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let id = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &id.to_string()])
+                .status();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
     }
 }
 
