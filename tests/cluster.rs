@@ -7,11 +7,12 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{client, coordinator, model, worker, Proc, BIN};
+use common::{
+    client, coordinator, four_layers_eight_experts, model, offline, runtime, worker, Proc, BIN,
+};
 use serde_json::Value;
-use switchyard_model::{ModelConfig, MoeConfig};
+use switchyard_model::ModelConfig;
 use switchyard_proto::v1 as pb;
-use switchyard_worker::{CpuBackend, Engine, EngineConfig, Request, SamplingParams};
 use tonic::Code;
 
 fn generate(target: &[&str], args: &[&str]) -> Value {
@@ -28,14 +29,6 @@ fn generate(target: &[&str], args: &[&str]) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn four_layers_eight_experts(c: &mut ModelConfig) {
-    c.num_layers = 4;
-    c.moe = Some(MoeConfig {
-        num_experts: 8,
-        top_k: 2,
-    });
 }
 
 fn ids(n: usize, salt: usize) -> Vec<u32> {
@@ -120,20 +113,11 @@ fn every_grid_matches_offline_generate() {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
+/// A greedy request with the chosen token's logprob.
 fn request(prompt: &[u32], max_tokens: u32) -> pb::GenerateRequest {
     pb::GenerateRequest {
-        prompt_token_ids: prompt.to_vec(),
-        max_tokens: Some(max_tokens),
-        ignore_eos: true,
         logprobs: Some(1),
-        ..Default::default()
+        ..common::request(prompt, max_tokens)
     }
 }
 
@@ -183,25 +167,7 @@ fn concurrent_streams_with_preemption_match_their_outputs_alone() {
         .map(|i| (ids(20 + (i * 13) % 100, i), 8 + (i as u32 * 7) % 33))
         .collect();
 
-    let mut engine = Engine::load(CpuBackend, &dir, EngineConfig::default()).unwrap();
-    let alone: Vec<_> = requests
-        .iter()
-        .enumerate()
-        .map(|(i, (prompt, max))| {
-            let params = SamplingParams {
-                max_tokens: *max as usize,
-                ignore_eos: true,
-                logprobs: Some(1),
-                ..Default::default()
-            };
-            let r = Request {
-                id: i as u64,
-                prompt: prompt.clone(),
-                params,
-            };
-            engine.run(vec![r]).unwrap().remove(0)
-        })
-        .collect();
+    let alone = offline(&dir, &requests, Some(1));
 
     let rt = runtime();
     let results = rt.block_on(async {

@@ -9,12 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{etcd_coordinator, etcd_worker, model, signal, wait_exit, EtcdServer, Proc};
+use common::{
+    etcd_coordinator, etcd_worker, four_layers_eight_experts, model, offline, request, runtime,
+    signal, wait_exit, EtcdServer, Proc,
+};
 use prost::Message;
 use switchyard_coordinator::cluster::warm_up_step;
-use switchyard_model::{ModelConfig, MoeConfig};
 use switchyard_proto::v1 as pb;
-use switchyard_worker::{CpuBackend, Engine, EngineConfig, Request, SamplingParams};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -45,21 +46,6 @@ fn setup(
     (serial, tmp, dir, cases, EtcdServer::start(), runtime())
 }
 
-fn four_layers_eight_experts(c: &mut ModelConfig) {
-    c.num_layers = 4;
-    c.moe = Some(MoeConfig {
-        num_experts: 8,
-        top_k: 2,
-    });
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// The requests the load cycles through, and each one's output alone on the offline engine.
 struct Cases {
     requests: Vec<(Vec<u32>, u32)>,
@@ -75,34 +61,11 @@ fn cases(dir: &std::path::Path, n: usize) -> Arc<Cases> {
             (prompt, 8 + (i as u32 * 5) % 25)
         })
         .collect();
-    let mut engine = Engine::load(CpuBackend, dir, EngineConfig::default()).unwrap();
-    let outputs = requests
-        .iter()
-        .enumerate()
-        .map(|(i, (prompt, max))| {
-            let params = SamplingParams {
-                max_tokens: *max as usize,
-                ignore_eos: true,
-                ..Default::default()
-            };
-            let r = Request {
-                id: i as u64,
-                prompt: prompt.clone(),
-                params,
-            };
-            engine.run(vec![r]).unwrap().remove(0).token_ids
-        })
+    let outputs = offline(dir, &requests, None)
+        .into_iter()
+        .map(|c| c.token_ids)
         .collect();
     Arc::new(Cases { requests, outputs })
-}
-
-fn request(prompt: &[u32], max_tokens: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        prompt_token_ids: prompt.to_vec(),
-        max_tokens: Some(max_tokens),
-        ignore_eos: true,
-        ..Default::default()
-    }
 }
 
 /// How one attempt at a request ended.

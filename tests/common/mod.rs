@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use switchyard_model::init::{preset, write_model_dir};
 use switchyard_model::safetensors::Dtype;
-use switchyard_model::ModelConfig;
+use switchyard_model::{ModelConfig, MoeConfig};
+use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_client::InferenceClient;
+use switchyard_worker::{Completion, CpuBackend, Engine, EngineConfig, Request, SamplingParams};
 use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
@@ -150,6 +152,59 @@ pub async fn client(address: &str) -> InferenceClient<Channel> {
     InferenceClient::connect(format!("http://{address}"))
         .await
         .unwrap()
+}
+
+/// The cluster tests' Mixtral: four layers, eight experts, top-2.
+pub fn four_layers_eight_experts(c: &mut ModelConfig) {
+    c.num_layers = 4;
+    c.moe = Some(MoeConfig {
+        num_experts: 8,
+        top_k: 2,
+    });
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A greedy request of token ids that ignores EOS.
+pub fn request(prompt: &[u32], max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt_token_ids: prompt.to_vec(),
+        max_tokens: Some(max_tokens),
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+/// Each (prompt, max tokens) alone on the offline engine: the undisturbed outputs.
+pub fn offline(
+    dir: &Path,
+    requests: &[(Vec<u32>, u32)],
+    logprobs: Option<usize>,
+) -> Vec<Completion> {
+    let mut engine = Engine::load(CpuBackend, dir, EngineConfig::default()).unwrap();
+    requests
+        .iter()
+        .enumerate()
+        .map(|(i, (prompt, max))| {
+            let params = SamplingParams {
+                max_tokens: *max as usize,
+                ignore_eos: true,
+                logprobs,
+                ..Default::default()
+            };
+            let r = Request {
+                id: i as u64,
+                prompt: prompt.clone(),
+                params,
+            };
+            engine.run(vec![r]).unwrap().remove(0)
+        })
+        .collect()
 }
 
 /// A random model of `preset` with some fields changed, written to `dir`.

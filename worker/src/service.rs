@@ -386,7 +386,8 @@ where
         Ok(Response::new(pb::InventoryResponse {
             device: self.0.hardware.describe(),
             memory_bytes: total,
-            // The part held is dropped before a new one loads: its memory counts as available.
+            // The part held is dropped before a new one loads: its weights count as available
+            // (its KV cache does not: on the CPU untouched KV pages are not resident).
             available_bytes: available + part.as_ref().map_or(0, |p| p.weight_bytes),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()) as u32,
             version: env!("CARGO_PKG_VERSION").into(),
