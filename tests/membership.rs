@@ -224,6 +224,15 @@ impl Load {
         Load { stop, tally, tasks }
     }
 
+    /// Finishes the load and asserts it clean: nothing hung, mismatched, failed or
+    /// `UNAVAILABLE`.
+    fn finish_clean(self, rt: &tokio::runtime::Runtime, name: &str) -> Tally {
+        let t = self.finish(rt);
+        assert_clean(name, &t);
+        assert!(t.unavailable.is_empty(), "{name}: {:?}", t.unavailable);
+        t
+    }
+
     fn finish(self, rt: &tokio::runtime::Runtime) -> Tally {
         self.stop.store(true, Ordering::SeqCst);
         rt.block_on(async {
@@ -297,6 +306,16 @@ fn grid_of(s: &pb::ClusterStatusResponse) -> String {
     format!("{}x{}", s.stages, s.shards)
 }
 
+/// Waits (up to `limit`) until `address` serves a complete `grid`; how long it took.
+fn wait_grid(
+    rt: &tokio::runtime::Runtime,
+    address: &str,
+    limit: Duration,
+    grid: &'static str,
+) -> Duration {
+    wait_status(rt, address, limit, grid, serving_grid(grid))
+}
+
 fn serving_grid(grid: &'static str) -> impl Fn(&pb::ClusterStatusResponse) -> bool {
     move |s| grid_of(s) == grid && s.workers.len() == s.lanes.len() * s.stages as usize
 }
@@ -348,13 +367,7 @@ fn workers_register_and_the_placement_grows_under_load() {
     let mut workers: Vec<Proc> = (0..4)
         .map(|_| etcd_worker(&etcd.url, "grow", &[]))
         .collect();
-    let took = wait_status(
-        &rt,
-        &c.address,
-        Duration::from_secs(30),
-        "2x2",
-        serving_grid("2x2"),
-    );
+    let took = wait_grid(&rt, &c.address, Duration::from_secs(30), "2x2");
     println!("4 workers registered → serving 2x2 after {took:?}");
     assert_eq!(
         rt.block_on(health(&c.address)),
@@ -386,13 +399,7 @@ fn workers_register_and_the_placement_grows_under_load() {
     let s = rt.block_on(status(&c.address)).unwrap();
     assert_eq!(grid_of(&s), "2x2", "a spare does not change the grid");
     workers.push(etcd_worker(&etcd.url, "grow", &[]));
-    let took = wait_status(
-        &rt,
-        &c.address,
-        Duration::from_secs(30),
-        "2x3",
-        serving_grid("2x3"),
-    );
+    let took = wait_grid(&rt, &c.address, Duration::from_secs(30), "2x3");
     println!("sixth worker → serving 2x3 after {took:?}");
     std::thread::sleep(Duration::from_secs(2));
     let moved = rt.block_on(status(&c.address)).unwrap().requests_moved;
@@ -415,13 +422,7 @@ fn chaos_workers_killed_frozen_and_replaced_under_load() {
         "2x2",
         &["--recovery-timeout-s", "20"],
     );
-    wait_status(
-        &rt,
-        &c.address,
-        Duration::from_secs(30),
-        "2x2",
-        serving_grid("2x2"),
-    );
+    wait_grid(&rt, &c.address, Duration::from_secs(30), "2x2");
 
     let started = Instant::now();
     let load = Load::start(&rt, vec![c.address.clone()], cases, 32, Retry::Never);
@@ -528,13 +529,7 @@ fn a_standby_coordinator_forwards_then_takes_over_when_the_leader_dies() {
     let (_serial, _tmp, dir, cases, etcd, rt) = setup(16);
     let _workers: Vec<Proc> = (0..2).map(|_| etcd_worker(&etcd.url, "ha", &[])).collect();
     let mut a = etcd_coordinator(&dir, &etcd.url, "ha", "1x2", &[]);
-    wait_status(
-        &rt,
-        &a.address,
-        Duration::from_secs(30),
-        "1x2",
-        serving_grid("1x2"),
-    );
+    wait_grid(&rt, &a.address, Duration::from_secs(30), "1x2");
     let b = etcd_coordinator(&dir, &etcd.url, "ha", "1x2", &[]);
     // The standby is not ready (it leads no placement) but answers: ClusterStatus and
     // Generate are the leader's, forwarded, with the client's request id.
@@ -756,13 +751,7 @@ fn draining_a_worker_or_the_coordinator_fails_no_request() {
         .collect();
     let extra = ["--drain-grace-s", "20"];
     let mut a = etcd_coordinator(&dir, &etcd.url, "drain", "1x2", &extra);
-    wait_status(
-        &rt,
-        &a.address,
-        Duration::from_secs(30),
-        "1x2",
-        serving_grid("1x2"),
-    );
+    wait_grid(&rt, &a.address, Duration::from_secs(30), "1x2");
     let b = etcd_coordinator(&dir, &etcd.url, "drain", "1x2", &extra);
     let load = Load::start(
         &rt,
@@ -806,9 +795,7 @@ fn draining_a_worker_or_the_coordinator_fails_no_request() {
         serving_grid("1x2"),
     );
     std::thread::sleep(Duration::from_secs(3));
-    let t = load.finish(&rt);
-    assert_clean("drain", &t);
-    assert!(t.unavailable.is_empty(), "{:?}", t.unavailable);
+    load.finish_clean(&rt, "drain");
 }
 
 #[test]
@@ -818,13 +805,7 @@ fn serving_continues_while_etcd_is_down() {
         .map(|_| etcd_worker(&etcd.url, "down", &[]))
         .collect();
     let c = etcd_coordinator(&dir, &etcd.url, "down", "1x3", &[]);
-    wait_status(
-        &rt,
-        &c.address,
-        Duration::from_secs(30),
-        "1x2",
-        serving_grid("1x2"),
-    );
+    wait_grid(&rt, &c.address, Duration::from_secs(30), "1x2");
     let load = Load::start(&rt, vec![c.address.clone()], cases, 8, Retry::Never);
     std::thread::sleep(Duration::from_secs(2));
     // Down for three lease lifetimes.
@@ -836,15 +817,7 @@ fn serving_continues_while_etcd_is_down() {
     // Changes resume: a third worker grows the grid to 1×3.
     std::thread::sleep(Duration::from_secs(2));
     workers.push(etcd_worker(&etcd.url, "down", &[]));
-    wait_status(
-        &rt,
-        &c.address,
-        Duration::from_secs(30),
-        "1x3",
-        serving_grid("1x3"),
-    );
+    wait_grid(&rt, &c.address, Duration::from_secs(30), "1x3");
     std::thread::sleep(Duration::from_secs(2));
-    let t = load.finish(&rt);
-    assert_clean("etcd down", &t);
-    assert!(t.unavailable.is_empty(), "{:?}", t.unavailable);
+    load.finish_clean(&rt, "etcd down");
 }
