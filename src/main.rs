@@ -12,19 +12,17 @@ use clap::{Args, Parser, Subcommand};
 use switchyard_bench::config::{self as bench_config, Api, LenDist, Load, Slo, Sweep, Target};
 use switchyard_coordinator::membership::{self, EtcdMembership};
 use switchyard_coordinator::{api, client, http, Cluster, ClusterConfig, Grid, PlanOptions};
+use switchyard_metrics::{self as metrics, Registry};
 use switchyard_model::init;
 use switchyard_model::safetensors::Dtype;
 use switchyard_model::{ChatMessage, Checkpoint};
+use switchyard_net::etcd::Etcd;
+use switchyard_net::keys::Keys;
 use switchyard_proto::v1 as pb;
-use switchyard_worker::etcd::Etcd;
-use switchyard_worker::metrics;
-use switchyard_worker::registration::{self, Keys, RegistrationConfig};
+use switchyard_scheduler::{Request, SamplingParams};
+use switchyard_worker::registration::{self, RegistrationConfig};
 use switchyard_worker::service::{spawn_worker, WorkerService};
-use switchyard_worker::stats::WorkerMetrics;
-use switchyard_worker::{
-    Backend, CpuBackend, CudaDevice, Device, Engine, EngineConfig, Hardware, Request,
-    SamplingParams,
-};
+use switchyard_worker::{Backend, CpuBackend, CudaDevice, Device, Engine, EngineConfig, Hardware};
 use telemetry::LogFormat;
 
 #[derive(Parser)]
@@ -465,7 +463,7 @@ fn seconds(flag: &str, s: f64) -> Duration {
 async fn spawn_http(
     cluster: &Arc<Cluster>,
     a: &ClusterArgs,
-    local_workers: Vec<Arc<WorkerMetrics>>,
+    local_workers: Vec<Arc<Registry>>,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
     let web = bind(a.http_addr).await?;
     let router = http::router(cluster.clone(), local_workers);
@@ -484,7 +482,7 @@ async fn spawn_http(
 async fn run_coordinator(
     config: ClusterConfig,
     a: &ClusterArgs,
-    local_workers: Vec<Arc<WorkerMetrics>>,
+    local_workers: Vec<Arc<Registry>>,
 ) -> Result<()> {
     let grace = config.drain_grace;
     let cluster = Cluster::start(config).await?;
@@ -537,7 +535,7 @@ async fn serve_until_drained(
 async fn run_etcd_coordinator(config: ClusterConfig, a: &ClusterArgs, e: &EtcdArgs) -> Result<()> {
     let url = e.etcd.as_deref().expect("checked by the caller");
     let etcd = Etcd::connect(url)?;
-    let keys = Keys::new(&e.cluster).map_err(anyhow::Error::msg)?;
+    let keys = Keys::new(&e.cluster)?;
     let grace = config.drain_grace;
     let cluster = Cluster::new(config)?;
     let listener = bind(a.grpc_addr).await?;
@@ -590,7 +588,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
             Some(n) => spawn_worker(WorkerService::new(open_gpu(n)?), any, forever).await?,
         };
         workers.push(w.address.to_string());
-        metrics.push(w.metrics);
+        metrics.push(w.metrics.registry.clone());
     }
     let config = cluster_config(model, workers, &a.cluster);
     run_coordinator(config, &a.cluster, metrics).await
@@ -638,7 +636,7 @@ where
             let etcd = Etcd::connect(url)?;
             let address = a.etcd.advertise.clone().unwrap_or(addr.to_string());
             let config = RegistrationConfig {
-                keys: Keys::new(&a.etcd.cluster).map_err(anyhow::Error::msg)?,
+                keys: Keys::new(&a.etcd.cluster)?,
                 record: pb::WorkerRecord {
                     address,
                     device,

@@ -375,7 +375,7 @@ fn workers_register_and_the_placement_grows_under_load() {
     );
     let s = rt.block_on(status(&c.address)).unwrap();
     let record = rt.block_on(async {
-        let etcd = switchyard_worker::etcd::Etcd::connect(&etcd.url).unwrap();
+        let etcd = switchyard_net::etcd::Etcd::connect(&etcd.url).unwrap();
         etcd.get("/switchyard/grow/placement")
             .await
             .unwrap()
@@ -662,7 +662,7 @@ fn a_published_placement_fences_older_epochs_and_releases_workers_left_out() {
     let publish = |epoch: u64, workers: Vec<String>| {
         let url = url.clone();
         async move {
-            let etcd = switchyard_worker::etcd::Etcd::connect(&url).unwrap();
+            let etcd = switchyard_net::etcd::Etcd::connect(&url).unwrap();
             let record = pb::PlacementRecord {
                 epoch,
                 stages: 1,

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard_model::ChatMessage;
+use switchyard_net::{trace_context, wire};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_server::{Inference, InferenceServer};
-use switchyard_worker::{trace_context, wire, Request, SamplingParams};
+use switchyard_scheduler::{Request, SamplingParams};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};

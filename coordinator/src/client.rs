@@ -1,10 +1,11 @@
 //! A small client of the `Inference` API: what `switchyard generate --server` uses. It gathers
 //! a streamed generation into the same [`Completion`] the offline path prints.
 
+use switchyard_net::grpc::{channel, MAX_MESSAGE_BYTES};
+use switchyard_net::wire;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_client::InferenceClient;
-use switchyard_worker::service::{channel, MAX_MESSAGE_BYTES};
-use switchyard_worker::{wire, Completion, FinishReason, Usage};
+use switchyard_scheduler::Completion;
 use tonic::transport::Channel;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,35 +50,13 @@ pub async fn generate(
     let mut client = connect(address)?;
     let wants_logprobs = request.logprobs.is_some();
     let mut stream = client.generate(request).await?.into_inner();
-    let mut out = Completion {
-        id: 0,
-        token_ids: Vec::new(),
-        text: String::new(),
-        finish_reason: FinishReason::Length,
-        logprobs: wants_logprobs.then(Vec::new),
-        prompt_logprobs: None,
-        usage: Usage {
-            prompt_tokens: 0,
-            completion_tokens: 0,
-        },
-    };
+    let mut out = Completion::new(0, wants_logprobs);
     let mut finished = false;
     while let Some(m) = stream.message().await? {
         on_message(&m);
         let u = wire::update(m);
-        out.token_ids.extend(&u.token_ids);
-        out.text.push_str(&u.text);
-        if let Some(l) = &mut out.logprobs {
-            l.extend(u.logprobs);
-        }
-        if u.prompt_logprobs.is_some() {
-            out.prompt_logprobs = u.prompt_logprobs;
-        }
-        if let Some((reason, usage)) = u.finish {
-            finished = true;
-            out.finish_reason = reason;
-            out.usage = usage;
-        }
+        finished |= u.finish.is_some();
+        out.extend(u);
     }
     match finished {
         true => Ok(out),

@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use switchyard_model::{Checkpoint, CheckpointError, ModelConfig, Tokenizer, TokenizerError};
+use switchyard_net::grpc::{channel, worker_client};
 use switchyard_proto::v1 as pb;
-use switchyard_worker::service::{channel, worker_client};
-use switchyard_worker::{Request, Scheduler, SchedulerConfig};
+use switchyard_scheduler::{Request, Scheduler, SchedulerConfig};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tonic::Status;

@@ -19,11 +19,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use switchyard_net::grpc::endpoint;
+use switchyard_net::wire;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_client::InferenceClient;
 use switchyard_proto::v1::inference_server::Inference;
-use switchyard_worker::service::endpoint;
-use switchyard_worker::wire;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::codegen::http::HeaderMap;

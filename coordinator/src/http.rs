@@ -9,8 +9,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use switchyard_worker::metrics::{self, Registry};
-use switchyard_worker::stats::WorkerMetrics;
+use switchyard_metrics::{self as metrics, Registry};
 
 use crate::api::InferenceApi;
 use crate::cluster::Cluster;
@@ -24,12 +23,12 @@ struct Dashboard {
     cluster: Arc<Cluster>,
     monitor: Arc<Monitor>,
     /// Registries of workers in this process (`serve`), rendered with the coordinator's.
-    local_workers: Arc<Vec<Arc<WorkerMetrics>>>,
+    local_workers: Arc<Vec<Arc<Registry>>>,
 }
 
 /// The whole HTTP application over `cluster`. `local_workers` are the metric registries of
 /// workers running in this process, whose metrics `/metrics` includes.
-pub fn router(cluster: Arc<Cluster>, local_workers: Vec<Arc<WorkerMetrics>>) -> Router {
+pub fn router(cluster: Arc<Cluster>, local_workers: Vec<Arc<Registry>>) -> Router {
     let api = InferenceApi::new(cluster.clone());
     let dashboard = Dashboard {
         monitor: Monitor::spawn(cluster.clone()),
@@ -70,7 +69,7 @@ async fn ready(State(d): State<Dashboard>) -> Response {
 
 async fn prometheus(State(d): State<Dashboard>) -> Response {
     let mut registries: Vec<&Registry> = vec![&d.cluster.metrics.registry];
-    registries.extend(d.local_workers.iter().map(|w| &w.registry));
+    registries.extend(d.local_workers.iter().map(|r| &**r));
     (
         [(
             header::CONTENT_TYPE,

@@ -14,11 +14,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use switchyard_net::{trace_context, wire};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::worker_client::WorkerClient;
-use switchyard_worker::batch::SeqWork;
-use switchyard_worker::kv_cache::SeqId;
-use switchyard_worker::{trace_context, wire, Detached, Request, Scheduler, Update};
+use switchyard_scheduler::kv_blocks::SeqId;
+use switchyard_scheduler::step::SeqWork;
+use switchyard_scheduler::{Detached, Request, Scheduler, Update};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;

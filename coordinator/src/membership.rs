@@ -26,9 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message;
+use switchyard_net::etcd::{Etcd, EtcdError};
+use switchyard_net::keys::Keys;
 use switchyard_proto::v1 as pb;
-use switchyard_worker::etcd::{Etcd, EtcdError};
-use switchyard_worker::registration::Keys;
 use tokio::sync::watch;
 use tracing::{info, warn};
 

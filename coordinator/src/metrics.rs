@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use switchyard_worker::metrics::{Counter, Family, Gauge, Histogram, Registry, LATENCY_BUCKETS};
+use switchyard_metrics::{Counter, Family, Gauge, Histogram, Registry, LATENCY_BUCKETS};
 
 /// vLLM's buckets, so latency panels compare like for like.
 const TTFT_BUCKETS: &[f64] = &[

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use switchyard_net::grpc::{channel, worker_client};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::worker_client::WorkerClient;
-use switchyard_worker::service::{channel, worker_client};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 

@@ -15,7 +15,8 @@ use switchyard_model::safetensors::Dtype;
 use switchyard_model::{ModelConfig, MoeConfig};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_client::InferenceClient;
-use switchyard_worker::{Completion, CpuBackend, Engine, EngineConfig, Request, SamplingParams};
+use switchyard_scheduler::{Completion, Request, SamplingParams};
+use switchyard_worker::{CpuBackend, Engine, EngineConfig};
 use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");

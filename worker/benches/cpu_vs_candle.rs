@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::mixtral;
 use switchyard_model::init::{preset, write_model_dir};
 use switchyard_model::safetensors::Dtype;
-use switchyard_worker::batch::LogitsWanted;
+use switchyard_scheduler::step::LogitsWanted;
 use switchyard_worker::{CpuBackend, Engine, EngineConfig};
 
 const PROMPT_LEN: usize = 128;
@@ -41,7 +41,7 @@ fn ours(engine: &mut Engine<CpuBackend>, batch: usize) -> (f64, f64) {
     let prefill = (batch * PROMPT_LEN) as f64 / t.elapsed().as_secs_f64();
     let mut next: Vec<[u32; 1]> = logits
         .iter()
-        .map(|l| [switchyard_worker::sampling::argmax(l)])
+        .map(|l| [switchyard_scheduler::sampling::argmax(l)])
         .collect();
     let t = Instant::now();
     for step in 0..DECODE_STEPS {
@@ -60,7 +60,7 @@ fn ours(engine: &mut Engine<CpuBackend>, batch: usize) -> (f64, f64) {
         let logits = engine.step_chunks(&chunks).unwrap();
         next = logits
             .iter()
-            .map(|l| [switchyard_worker::sampling::argmax(l)])
+            .map(|l| [switchyard_scheduler::sampling::argmax(l)])
             .collect();
     }
     let decode = (batch * DECODE_STEPS) as f64 / t.elapsed().as_secs_f64();

@@ -8,7 +8,7 @@ use switchyard_model::ModelConfig;
 
 use crate::backend::{Backend, BackendError, FfnWeights, Hardware, Qkv, Routes};
 use crate::batch::AttentionBatch;
-use crate::kv_cache::FREED;
+use switchyard_scheduler::kv_blocks::FREED;
 
 /// A row-major `[rows, cols]` f32 matrix: both activations and weights on the CPU.
 #[derive(Debug, Clone, PartialEq)]

@@ -25,7 +25,7 @@ use switchyard_model::ModelConfig;
 
 use crate::backend::{Backend, BackendError, FfnWeights, Hardware, Qkv, Routes};
 use crate::batch::AttentionBatch;
-use crate::kv_cache::FREED;
+use switchyard_scheduler::kv_blocks::FREED;
 
 fn dev(e: KernelError) -> BackendError {
     BackendError::Device(e.to_string())
@@ -800,7 +800,7 @@ impl Backend for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::SeqInput;
+    use switchyard_scheduler::step::SeqInput;
 
     #[test]
     fn devices_parse() {
@@ -818,13 +818,13 @@ mod tests {
                 tokens: vec![1, 2, 3],
                 start_pos: 15,
                 block_table: vec![4, 7],
-                logits: crate::batch::LogitsWanted::Last,
+                logits: switchyard_scheduler::step::LogitsWanted::Last,
             },
             SeqInput {
                 tokens: vec![9],
                 start_pos: 0,
                 block_table: vec![2],
-                logits: crate::batch::LogitsWanted::Last,
+                logits: switchyard_scheduler::step::LogitsWanted::Last,
             },
         ];
         let batch = AttentionBatch::new(&inputs, 16, None);

@@ -6,18 +6,15 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use serde::Serialize;
 use switchyard_model::{Checkpoint, Subset, Tokenizer};
 use tracing::info_span;
 
 use crate::backend::Backend;
-use crate::batch::{sample_step, LogitsWanted, SeqInput};
-use crate::kv_cache::{BlockAllocator, SeqId};
 use crate::model::{Model, ModelError};
-use crate::sampling::TokenLogprob;
-use crate::scheduler::{
-    FinishReason, InvalidRequest, Request, Scheduler, SchedulerConfig, Update, Usage,
-};
+use switchyard_scheduler::kv_blocks::{BlockAllocator, SeqId};
+use switchyard_scheduler::scheduler::{InvalidRequest, Request, Scheduler, SchedulerConfig};
+use switchyard_scheduler::step::{sample_step, LogitsWanted, SeqInput};
+use switchyard_scheduler::Completion;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -48,55 +45,6 @@ impl Default for EngineConfig {
             kv_cache_bytes: 512 << 20,
             max_step_tokens: 512,
             max_running: 64,
-        }
-    }
-}
-
-/// What `switchyard generate --json` prints.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Completion {
-    #[serde(skip)]
-    pub id: SeqId,
-    pub token_ids: Vec<u32>,
-    pub text: String,
-    pub finish_reason: FinishReason,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub logprobs: Option<Vec<TokenLogprob>>,
-    /// One entry per prompt token; the first is `null` (nothing precedes it).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
-    pub usage: Usage,
-}
-
-impl Completion {
-    fn new(id: SeqId, logprobs: bool) -> Self {
-        Completion {
-            id,
-            token_ids: Vec::new(),
-            text: String::new(),
-            finish_reason: FinishReason::Length,
-            logprobs: logprobs.then(Vec::new),
-            prompt_logprobs: None,
-            usage: Usage {
-                prompt_tokens: 0,
-                completion_tokens: 0,
-            },
-        }
-    }
-
-    /// Adds what one step brought.
-    fn extend(&mut self, u: Update) {
-        self.token_ids.extend(u.token_ids);
-        if let Some(l) = &mut self.logprobs {
-            l.extend(u.logprobs);
-        }
-        self.text.push_str(&u.text);
-        if u.prompt_logprobs.is_some() {
-            self.prompt_logprobs = u.prompt_logprobs;
-        }
-        if let Some((reason, usage)) = u.finish {
-            self.finish_reason = reason;
-            self.usage = usage;
         }
     }
 }

@@ -13,9 +13,9 @@ use tonic::transport::Channel;
 use tracing::{info_span, Instrument};
 
 use crate::backend::Routes;
+use crate::metrics::WorkerMetrics;
 use crate::model::{ExpertExchange, ModelError, PendingExperts};
-use crate::stats::WorkerMetrics;
-use crate::{trace_context, wire};
+use switchyard_net::{trace_context, wire};
 
 pub struct GrpcExchange {
     pub handle: tokio::runtime::Handle,

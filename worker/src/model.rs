@@ -8,7 +8,8 @@ use switchyard_model::weights::{LayerNames, EMBEDDING, FINAL_NORM};
 use switchyard_model::{Checkpoint, CheckpointError, ModelConfig, Subset};
 
 use crate::backend::{Backend, BackendError, FfnWeights, Qkv, Routes};
-use crate::batch::{AttentionBatch, LogitsWanted, SeqInput};
+use crate::batch::AttentionBatch;
+use switchyard_scheduler::step::{LogitsWanted, SeqInput};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -22,46 +22,9 @@ use switchyard_proto::v1 as pb;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::etcd::{Etcd, EtcdError, RETRY};
 use crate::service::WorkerControl;
-
-/// Where a cluster's keys live in etcd.
-#[derive(Debug, Clone)]
-pub struct Keys {
-    root: String,
-}
-
-impl Keys {
-    /// The keys of cluster `name` (letters, digits, `-`, `_`, `.`).
-    pub fn new(name: &str) -> Result<Keys, String> {
-        let ok = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
-        if name.is_empty() || !name.chars().all(ok) {
-            return Err(format!(
-                "cluster name {name:?}: expected letters, digits, '-', '_' or '.'"
-            ));
-        }
-        Ok(Keys {
-            root: format!("/switchyard/{name}/"),
-        })
-    }
-
-    pub fn workers(&self) -> String {
-        format!("{}workers/", self.root)
-    }
-
-    pub fn worker(&self, address: &str) -> String {
-        format!("{}{address}", self.workers())
-    }
-
-    pub fn placement(&self) -> String {
-        format!("{}placement", self.root)
-    }
-
-    /// The election coordinators campaign in.
-    pub fn leader(&self) -> String {
-        format!("{}leader", self.root)
-    }
-}
+use switchyard_net::etcd::{Etcd, EtcdError, RETRY};
+use switchyard_net::keys::Keys;
 
 /// How a worker registers.
 #[derive(Debug, Clone)]

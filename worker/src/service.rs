@@ -23,43 +23,18 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::worker_client::WorkerClient;
 use switchyard_proto::v1::worker_server::{Worker, WorkerServer};
 use tokio::sync::Notify;
-use tonic::transport::{Channel, Endpoint, Server};
+use tonic::transport::{Channel, Server};
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, info_span, Instrument};
 
 use crate::backend::{Backend, Hardware, Routes};
-use crate::batch::{sample_step, AttentionBatch, SeqInput};
+use crate::batch::AttentionBatch;
 use crate::exchange::GrpcExchange;
+use crate::metrics::WorkerMetrics;
 use crate::model::{ExpertExchange, Model, ModelError};
-use crate::stats::WorkerMetrics;
-use crate::{trace_context, wire};
-
-/// Messages between workers carry activations of whole prefill chunks: far above tonic's
-/// 4 MiB default.
-pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
-
-/// An endpoint at `addr` (`host:port` or a URL): 5 s to connect, no Nagle delay.
-pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(url)?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true))
-}
-
-/// A channel to a worker or coordinator at `addr`, connected on first use.
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(endpoint(addr)?.connect_lazy())
-}
-
-pub fn worker_client(channel: Channel) -> WorkerClient<Channel> {
-    WorkerClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
-}
+use switchyard_net::grpc::{channel, worker_client, MAX_MESSAGE_BYTES};
+use switchyard_net::{trace_context, wire};
+use switchyard_scheduler::step::{sample_step, SeqInput};
 
 /// The part of the model this worker was assigned, loaded, with its KV memory.
 struct Part<B: Backend> {

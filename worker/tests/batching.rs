@@ -5,8 +5,9 @@
 
 use switchyard_model::init::{preset, write_model_dir};
 use switchyard_model::safetensors::Dtype;
-use switchyard_worker::batch::LogitsWanted;
-use switchyard_worker::{CpuBackend, Engine, EngineConfig, Request, SamplingParams};
+use switchyard_scheduler::step::LogitsWanted;
+use switchyard_scheduler::{Request, SamplingParams};
+use switchyard_worker::{CpuBackend, Engine, EngineConfig};
 
 fn model_dir(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -173,7 +174,7 @@ fn prompt_logprobs_cover_every_prompt_token_across_chunks() {
     for (i, lp) in lps.iter().enumerate().skip(1) {
         let lp = lp.as_ref().unwrap();
         assert_eq!(lp.token_id, prompt[i]);
-        let row = switchyard_worker::sampling::log_softmax(&whole[(i - 1) * 512..i * 512]);
+        let row = switchyard_scheduler::sampling::log_softmax(&whole[(i - 1) * 512..i * 512]);
         assert!((lp.logprob - row[prompt[i] as usize]).abs() < 1e-5);
         assert_eq!(lp.top.len(), 3);
     }

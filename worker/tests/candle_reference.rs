@@ -9,7 +9,7 @@ use candle_transformers::models::{llama, mistral, mixtral};
 use switchyard_model::config::{Arch, ModelConfig};
 use switchyard_model::init::{preset, write_model_dir};
 use switchyard_model::safetensors::Dtype;
-use switchyard_worker::batch::LogitsWanted;
+use switchyard_scheduler::step::LogitsWanted;
 use switchyard_worker::{CpuBackend, Engine, EngineConfig};
 
 const PROMPT: [u32; 11] = [1, 17, 300, 5, 99, 400, 23, 23, 7, 250, 111];
@@ -110,7 +110,7 @@ fn compare(config: ModelConfig) {
         .unwrap()
         .remove(0);
     worst = worst.max(max_abs_diff(&ours_prefill, &theirs_prefill));
-    let mut next = switchyard_worker::sampling::argmax(&theirs_prefill);
+    let mut next = switchyard_scheduler::sampling::argmax(&theirs_prefill);
     for pos in PROMPT.len()..PROMPT.len() + DECODE_STEPS {
         let theirs_step = theirs.last_logits(&[next], pos);
         let ours_step = ours
@@ -118,7 +118,7 @@ fn compare(config: ModelConfig) {
             .unwrap()
             .remove(0);
         worst = worst.max(max_abs_diff(&ours_step, &theirs_step));
-        next = switchyard_worker::sampling::argmax(&theirs_step);
+        next = switchyard_scheduler::sampling::argmax(&theirs_step);
     }
     println!(
         "{:?}: max |Δlogit| vs candle-transformers = {worst:e}",

@@ -11,8 +11,9 @@ use std::time::Instant;
 use switchyard_model::rng::Rng;
 use switchyard_model::safetensors::Dtype;
 use switchyard_model::{init, Arch, ModelConfig, MoeConfig};
+use switchyard_scheduler::step::{LogitsWanted, SeqInput};
 use switchyard_worker::backend::{Backend, FfnWeights, Routes};
-use switchyard_worker::batch::{AttentionBatch, LogitsWanted, SeqInput};
+use switchyard_worker::batch::AttentionBatch;
 use switchyard_worker::{CpuBackend, CudaBackend, Engine, EngineConfig};
 
 const TOL: f64 = 1e-2;
@@ -517,7 +518,7 @@ fn sort_matches_reference(g: &CudaBackend, routes: &Routes, held: usize) {
 #[ignore = "needs a GPU: kernels/gpu-check runs it"]
 fn sampling_matches_the_cpu() {
     use switchyard_kernels::gpu::SampleArgs;
-    use switchyard_worker::sampling::{argmax, log_softmax, token_logprob};
+    use switchyard_scheduler::sampling::{argmax, log_softmax, token_logprob};
     let g = gpu(128, 32, 8);
     let s = g.gpu().stream();
     let mut rng = Rng::new(5);
@@ -611,7 +612,7 @@ fn end_to_end(name: &str, config: &ModelConfig, prompt_len: usize) {
             String::new(),
         );
         start = tokens.len();
-        tokens.push(switchyard_worker::sampling::argmax(&lc[0]));
+        tokens.push(switchyard_scheduler::sampling::argmax(&lc[0]));
     }
 }
 

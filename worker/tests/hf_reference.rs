@@ -4,8 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use switchyard_worker::batch::LogitsWanted;
-use switchyard_worker::{CpuBackend, Engine, EngineConfig, Request, SamplingParams};
+use switchyard_scheduler::step::LogitsWanted;
+use switchyard_scheduler::{Request, SamplingParams};
+use switchyard_worker::{CpuBackend, Engine, EngineConfig};
 
 const FIXTURES: [&str; 4] = [
     "mistral-window",

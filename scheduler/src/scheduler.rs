@@ -17,9 +17,9 @@ use serde::Serialize;
 use switchyard_model::{IncrementalDecoder, ModelConfig, Tokenizer, TokenizerError};
 use tracing::debug;
 
-use crate::batch::{LogitsWanted, SeqInput, SeqResult, SeqWork};
-use crate::kv_cache::{BlockAllocator, SeqId};
+use crate::kv_blocks::{BlockAllocator, SeqId};
 use crate::sampling::{seed_of, Draw, SamplingParams, TokenLogprob};
+use crate::step::{LogitsWanted, SeqInput, SeqResult, SeqWork};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {

@@ -3,7 +3,7 @@
 //! workers (each a real gRPC server on loopback, in this process) behind the gRPC API. After
 //! the 2×2 run, the expert exchange's bytes per token per MoE layer against their floor.
 //!
-//! `cargo bench -p switchyard-coordinator --bench cluster` (env `BENCH_CONCURRENCY`, default
+//! `cargo bench -p switchyard --bench cluster` (env `BENCH_CONCURRENCY`, default
 //! `1,8,32,64`; `BENCH_PROMPT` 64 and `BENCH_OUTPUT` 32 tokens; `BENCH_MODEL=DIR` reuses a
 //! model directory).
 
@@ -13,10 +13,12 @@ use std::time::Instant;
 use switchyard_coordinator::{api, Cluster, ClusterConfig, Grid};
 use switchyard_model::init::{preset, write_model_dir};
 use switchyard_model::safetensors::Dtype;
+use switchyard_net::grpc::{channel, worker_client};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_client::InferenceClient;
-use switchyard_worker::service::{channel, spawn_worker, worker_client, WorkerService};
-use switchyard_worker::{CpuBackend, Engine, EngineConfig, Request, SamplingParams};
+use switchyard_scheduler::{Request, SamplingParams};
+use switchyard_worker::service::{spawn_worker, WorkerService};
+use switchyard_worker::{CpuBackend, Engine, EngineConfig};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)

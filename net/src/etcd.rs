@@ -77,7 +77,7 @@ impl Etcd {
     /// A client of the etcd at `url` (`http://host:port`, or `host:port`), connected on first
     /// use and reconnected after failures.
     pub fn connect(url: &str) -> Result<Etcd, EtcdError> {
-        let channel = crate::service::endpoint(url)
+        let channel = crate::grpc::endpoint(url)
             .map_err(|e| EtcdError::Address {
                 url: url.into(),
                 reason: e.to_string(),

@@ -2,9 +2,9 @@
 
 use switchyard_proto::v1 as pb;
 
-use crate::batch::{LogitsWanted, SeqInput, SeqResult, SeqWork};
-use crate::sampling::{Draw, TokenLogprob, TopLogprob};
-use crate::scheduler::{FinishReason, Update, Usage};
+use switchyard_scheduler::sampling::{Draw, TokenLogprob, TopLogprob};
+use switchyard_scheduler::step::{LogitsWanted, SeqInput, SeqResult, SeqWork};
+use switchyard_scheduler::{FinishReason, Update, Usage};
 
 /// A message that does not say what it must: which field, and what was wrong.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,11 @@
+//! What crosses a process boundary, for the coordinator and the workers alike: gRPC channels
+//! and the cluster's message limit ([`grpc`]), conversions between the wire messages and the
+//! scheduler's types ([`wire`]), W3C trace context in gRPC metadata ([`trace_context`]), and
+//! etcd: a small client over its v3 API ([`etcd`]: KV, leases, watches, election) and where a
+//! cluster's keys live ([`keys`]).
+
+pub mod etcd;
+pub mod grpc;
+pub mod keys;
+pub mod trace_context;
+pub mod wire;
