@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use switchyard_coordinator::{api, Cluster, ClusterConfig, Grid};
+use switchyard_coordinator::{server, Cluster, ClusterConfig, Grid};
 use switchyard_model::init::{preset, write_model_dir};
 use switchyard_model::safetensors::Dtype;
 use switchyard_net::grpc::{channel, worker_client};
@@ -126,7 +126,7 @@ async fn start_cluster(dir: &std::path::Path, grid: Grid) -> (Arc<Cluster>, Stri
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
-    tokio::spawn(api::serve(
+    tokio::spawn(server::serve(
         cluster.clone(),
         listener,
         std::future::pending(),

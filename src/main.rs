@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use switchyard_bench::config::{self as bench_config, Api, LenDist, Load, Slo, Sweep, Target};
 use switchyard_coordinator::membership::{self, EtcdMembership};
-use switchyard_coordinator::{api, client, http, Cluster, ClusterConfig, Grid, PlanOptions};
+use switchyard_coordinator::{client, http, server, Cluster, ClusterConfig, Grid, PlanOptions};
 use switchyard_metrics::{self as metrics, Registry};
 use switchyard_model::init;
 use switchyard_model::safetensors::Dtype;
@@ -494,7 +494,7 @@ async fn run_coordinator(
     eprintln!(
         "switchyard: listening on {} (gRPC), serving {}",
         listener.local_addr()?,
-        cluster.model_name
+        cluster.model_name()
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let leader = tokio::spawn(membership::run_static(cluster.clone(), {
@@ -516,7 +516,7 @@ async fn serve_until_drained(
     stop: tokio::sync::watch::Sender<bool>,
 ) -> Result<()> {
     let (server_tx, server_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(api::serve(cluster.clone(), listener, async {
+    let server = tokio::spawn(server::serve(cluster.clone(), listener, async {
         let _ = server_rx.await;
     }));
     shutdown_signal().await;
@@ -554,7 +554,7 @@ async fn run_etcd_coordinator(config: ClusterConfig, a: &ClusterArgs, e: &EtcdAr
     let _web = spawn_http(&cluster, a, Vec::new()).await?;
     eprintln!(
         "switchyard: listening on {address} (gRPC), serving {} in cluster {:?} (etcd {url})",
-        cluster.model_name, e.cluster
+        cluster.model_name(), e.cluster
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let m = EtcdMembership {

@@ -11,23 +11,23 @@
 //! What triggers a transition (a worker lost, drained or added) is [`crate::membership`]'s.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use switchyard_model::{Checkpoint, CheckpointError, ModelConfig, Tokenizer, TokenizerError};
 use switchyard_net::grpc::{channel, worker_client};
 use switchyard_proto::v1 as pb;
-use switchyard_scheduler::{Request, Scheduler, SchedulerConfig};
+use switchyard_scheduler::{Invalid, PromptInput, Request, Scheduler, SchedulerConfig, Validator};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tonic::Status;
 use tracing::{info, warn};
 
-use crate::forward::Relay;
 use crate::lane::{Admitted, Lane, LaneConfig, LaneFailure, Work, MAX_MOVES};
 use crate::metrics::Metrics;
 use crate::placement::{grids_for, plan, Grid, Inventory, Placement, PlanError, PlanOptions};
+use crate::role::{ProcessRole, Role};
 
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -133,26 +133,23 @@ struct Parked {
 
 /// The model and whatever placement serves it now.
 pub struct Cluster {
-    pub model_name: String,
-    pub model: ModelConfig,
-    pub tokenizer: Option<Arc<Tokenizer>>,
-    pub config: ClusterConfig,
-    pub next_seq: AtomicU64,
+    model_name: String,
+    /// The model and its tokenizer, and the checks every request passes before it is queued.
+    validator: Validator,
+    config: ClusterConfig,
+    /// Sequence ids, which also name requests that come without an id.
+    next_seq: AtomicU64,
     /// Requests moved off a placement that ended, to be recomputed.
-    pub moved: AtomicU64,
-    pub metrics: Arc<Metrics>,
+    moved: AtomicU64,
+    metrics: Arc<Metrics>,
     serving: RwLock<Option<Arc<Serving>>>,
     parked: Mutex<Vec<Parked>>,
     /// Why nothing is served, for the requests that wait or are refused.
     why_not: Mutex<String>,
     ready: watch::Sender<bool>,
-    /// Cleared when the coordinator shuts down: new requests are refused.
-    admitting: AtomicBool,
-    /// Set while this coordinator is a standby: its APIs forward to the leader
-    /// ([`crate::forward`]); what reaches the cluster itself is refused, naming the reason.
-    standby: Mutex<Option<String>>,
-    /// The election as this coordinator sees it, and its channel to the leader.
-    pub relay: Relay,
+    /// Leading, standing by (the APIs forward to the leader; what reaches the cluster itself
+    /// is refused) or draining (new requests are refused).
+    role: ProcessRole,
     failures: mpsc::UnboundedSender<LaneFailure>,
     /// Held by the membership loop that handles them.
     failures_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<LaneFailure>>>,
@@ -191,8 +188,7 @@ impl Cluster {
         let (failures, failures_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Cluster {
             model_name,
-            model,
-            tokenizer,
+            validator: Validator::new(model, tokenizer),
             config,
             next_seq: AtomicU64::new(1),
             moved: AtomicU64::new(0),
@@ -201,9 +197,7 @@ impl Cluster {
             parked: Mutex::new(Vec::new()),
             why_not: Mutex::new("no placement yet: waiting for workers".into()),
             ready: watch::Sender::new(false),
-            admitting: AtomicBool::new(true),
-            standby: Mutex::new(None),
-            relay: Relay::default(),
+            role: ProcessRole::default(),
             failures,
             failures_rx: Arc::new(tokio::sync::Mutex::new(failures_rx)),
             loose_checker,
@@ -243,23 +237,55 @@ impl Cluster {
         *self.why_not.lock().expect("not poisoned") = why;
     }
 
-    /// Marks this coordinator a standby (`Some(why)`) or the leader (`None`).
-    pub fn set_standby(&self, why: Option<String>) {
-        *self.standby.lock().expect("not poisoned") = why;
+    /// The served model's directory name: its id in both APIs.
+    pub fn model_name(&self) -> &str {
+        &self.model_name
     }
 
-    /// Whether this coordinator stands by (another one leads).
-    pub fn is_standby(&self) -> bool {
-        self.standby.lock().expect("not poisoned").is_some()
+    pub fn model(&self) -> &ModelConfig {
+        self.validator.model()
     }
 
-    /// Checks a request before it is queued.
-    pub fn check(&self, req: &Request) -> Result<(), Status> {
-        let r = match self.serving() {
+    /// The model's tokenizer, or why there is none.
+    pub fn tokenizer(&self) -> Result<&Tokenizer, Invalid> {
+        self.validator.tokenizer()
+    }
+
+    /// A prompt's token ids.
+    pub fn tokenize(&self, input: PromptInput<'_>) -> Result<Vec<u32>, Invalid> {
+        self.validator.tokenize(input)
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The part this coordinator plays, and the election as it sees it.
+    pub fn role(&self) -> &ProcessRole {
+        &self.role
+    }
+
+    /// A new sequence id, unique in this coordinator.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Requests moved off placements that ended, so far.
+    pub fn moved(&self) -> u64 {
+        self.moved.load(Ordering::Relaxed)
+    }
+
+    /// Checks a request before it is queued: against the model, and whether the lanes' KV
+    /// pools could ever hold it.
+    pub fn check(&self, req: &Request) -> Result<(), Invalid> {
+        match self.serving() {
             Some(s) => s.checker.check(req),
             None => self.loose_checker.check(req),
-        };
-        r.map_err(|e| Status::invalid_argument(e.0))
+        }
     }
 
     /// Requests not running yet: waiting for a placement, or queued on a lane.
@@ -273,13 +299,19 @@ impl Cluster {
 
     /// Takes a new request: to the least loaded lane taking requests, or to wait for one.
     pub fn submit(&self, admitted: Admitted) -> Result<(), Status> {
-        if let Some(why) = self.standby.lock().expect("not poisoned").clone() {
-            return Err(Status::unavailable(why));
-        }
-        if !self.admitting.load(Ordering::SeqCst) {
-            return Err(Status::unavailable(
-                "this coordinator is shutting down; retry on another",
-            ));
+        match self.role.get() {
+            Role::Leading => {}
+            Role::Standby => {
+                return Err(Status::unavailable(
+                    "this coordinator is a standby: another one leads the cluster (its calls \
+                     are forwarded there); retry",
+                ))
+            }
+            Role::Draining => {
+                return Err(Status::unavailable(
+                    "this coordinator is shutting down; retry on another",
+                ))
+            }
         }
         if let Some(admitted) = self.route(admitted) {
             self.park(admitted, Instant::now());
@@ -321,19 +353,19 @@ impl Cluster {
         let now = Instant::now();
         for p in parked {
             let a = &p.admitted;
-            if a.client.out.is_closed() {
+            if a.life.out.is_closed() {
                 continue;
             }
-            if a.client.deadline.is_some_and(|d| d <= now) {
-                let _ = a.client.out.send(Err(Status::deadline_exceeded(
+            if a.life.deadline.is_some_and(|d| d <= now) {
+                let _ = a.life.out.send(Err(Status::deadline_exceeded(
                     "the request's deadline passed while it waited for a placement",
                 )));
-            } else if a.client.moves > MAX_MOVES {
-                let _ = a.client.out.send(Err(Status::unavailable(format!(
+            } else if a.life.moves > MAX_MOVES {
+                let _ = a.life.out.send(Err(Status::unavailable(format!(
                     "the request was recomputed on {MAX_MOVES} placements and failed each time; last trouble: {why}"
                 ))));
             } else if now - p.since >= self.config.recovery_timeout {
-                let _ = a.client.out.send(Err(Status::unavailable(format!(
+                let _ = a.life.out.send(Err(Status::unavailable(format!(
                     "no placement could serve the request within {:?}: {why}",
                     self.config.recovery_timeout
                 ))));
@@ -374,13 +406,13 @@ impl Cluster {
         let status = Status::unavailable(why);
         self.stop_serving(why).await;
         for p in std::mem::take(&mut *self.parked.lock().expect("not poisoned")) {
-            let _ = p.admitted.client.out.send(Err(status.clone()));
+            let _ = p.admitted.life.out.send(Err(status.clone()));
         }
     }
 
     /// Refuses new requests from now on (in-flight ones go on).
     pub fn stop_admitting(&self) {
-        self.admitting.store(false, Ordering::SeqCst);
+        self.role.drain();
         let _ = self.ready.send_replace(false);
     }
 
@@ -434,8 +466,8 @@ impl Cluster {
         let scheduler = || {
             Scheduler::new(
                 scheduler_config.clone(),
-                self.model.clone(),
-                self.tokenizer.clone(),
+                self.model().clone(),
+                self.validator.shared_tokenizer(),
             )
         };
         let lanes = lanes_clients
@@ -502,7 +534,7 @@ impl Cluster {
         let mut first_error = None;
         for grid in grids_for(self.config.grid, workers.len()) {
             match plan(
-                &self.model,
+                self.model(),
                 grid,
                 &workers[..grid.cells()],
                 self.config.plan,

@@ -68,7 +68,7 @@ async fn ready(State(d): State<Dashboard>) -> Response {
 }
 
 async fn prometheus(State(d): State<Dashboard>) -> Response {
-    let mut registries: Vec<&Registry> = vec![&d.cluster.metrics.registry];
+    let mut registries: Vec<&Registry> = vec![&d.cluster.metrics().registry];
     registries.extend(d.local_workers.iter().map(|r| &**r));
     (
         [(

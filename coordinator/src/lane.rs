@@ -38,11 +38,11 @@ pub const MAX_MOVES: u32 = 5;
 /// A request handed to a lane: new, or moved from a lane that stopped.
 pub struct Admitted {
     pub work: Work,
-    pub client: Client,
+    pub life: RequestLife,
 }
 
 /// Who a request is for and its life so far; it goes with the request from lane to lane.
-pub struct Client {
+pub struct RequestLife {
     pub request_id: String,
     /// The request's span: open until its last outcome; every step serving it links to it.
     pub span: Span,
@@ -143,7 +143,7 @@ impl Lane {
             stage0,
             max_in_flight: config.max_in_flight.max(1),
             config,
-            clients: HashMap::new(),
+            lives: HashMap::new(),
             in_flight: JoinSet::new(),
             next_step: 0,
             pending: lane.pending.clone(),
@@ -220,7 +220,7 @@ struct Driver {
     stage0: WorkerClient<Channel>,
     config: LaneConfig,
     max_in_flight: usize,
-    clients: HashMap<SeqId, Client>,
+    lives: HashMap<SeqId, RequestLife>,
     in_flight: JoinSet<StepOutcome>,
     next_step: u64,
     pending: Arc<AtomicUsize>,
@@ -299,10 +299,10 @@ impl Driver {
             }
         }
         for d in self.scheduler.detach_all() {
-            if let Some(c) = self.clients.remove(&d.id()) {
+            if let Some(c) = self.lives.remove(&d.id()) {
                 out.push(Admitted {
                     work: Work::Moved(d),
-                    client: Client {
+                    life: RequestLife {
                         moves: c.moves + 1,
                         ..c
                     },
@@ -317,9 +317,9 @@ impl Driver {
     fn admit(&mut self, a: Admitted) {
         self.pending.fetch_sub(1, Ordering::SeqCst);
         let id = a.id();
-        let c = &a.client;
+        let c = &a.life;
         debug!(request_id = %c.request_id, seq = id, moves = c.moves, "admitted");
-        self.clients.insert(id, a.client);
+        self.lives.insert(id, a.life);
         match a.work {
             Work::New(r) => self.scheduler.add(r),
             Work::Moved(d) => {
@@ -339,7 +339,7 @@ impl Driver {
     fn drop_gone_clients(&mut self) {
         let now = Instant::now();
         let mut gone = Vec::new();
-        for (id, c) in &self.clients {
+        for (id, c) in &self.lives {
             if c.out.is_closed() {
                 debug!(request_id = %c.request_id, "client went away; cancelled");
                 gone.push((*id, Status::cancelled("the client went away")));
@@ -362,16 +362,14 @@ impl Driver {
             if work.is_empty() {
                 return;
             }
-            let clients: Vec<&Client> = work
-                .iter()
-                .filter_map(|w| self.clients.get(&w.id))
-                .collect();
+            let lives: Vec<&RequestLife> =
+                work.iter().filter_map(|w| self.lives.get(&w.id)).collect();
             let request = pb::StepRequest {
                 epoch: self.config.epoch,
                 step_id: self.next_step,
                 seqs: work.iter().map(wire::seq_work).collect(),
                 hidden: None,
-                request_ids: clients.iter().map(|c| c.request_id.clone()).collect(),
+                request_ids: lives.iter().map(|c| c.request_id.clone()).collect(),
             };
             // A step serves many requests: it is its own trace (through every worker it
             // passes), linked to each request's span.
@@ -382,14 +380,14 @@ impl Driver {
                 id = request.step_id,
                 requests = ?request.request_ids,
             );
-            for c in clients {
+            for c in lives {
                 span.follows_from(&c.span);
             }
             let request = trace_context::request(&span, request);
             self.next_step += 1;
             let now = Instant::now();
             for w in &work {
-                if let Some(c) = self.clients.get_mut(&w.id) {
+                if let Some(c) = self.lives.get_mut(&w.id) {
                     c.times.scheduled(&self.metrics, now);
                 }
             }
@@ -437,7 +435,7 @@ impl Driver {
                 .finish
                 .as_ref()
                 .map(|(reason, _)| reason.as_str().to_string());
-            let Some(c) = self.clients.get_mut(&id) else {
+            let Some(c) = self.lives.get_mut(&id) else {
                 continue;
             };
             c.times.tokens(&self.metrics, u.token_ids.len(), now);
@@ -453,7 +451,7 @@ impl Driver {
 
     /// Sends a request's last outcome and records it.
     fn end(&mut self, id: SeqId, last: Outcome) {
-        let Some(c) = self.clients.remove(&id) else {
+        let Some(c) = self.lives.remove(&id) else {
             return;
         };
         let m = &self.metrics;

@@ -6,6 +6,7 @@
 //! or workers registered in etcd, with coordinators electing a leader there; a standby forwards
 //! its clients' calls to the leader ([`forward`]).
 
+pub mod admission;
 pub mod api;
 pub mod client;
 pub mod cluster;
@@ -17,6 +18,8 @@ pub mod metrics;
 pub mod monitor;
 pub mod openai;
 pub mod placement;
+pub mod role;
+pub mod server;
 
 pub use cluster::{Cluster, ClusterConfig, StartError};
 pub use placement::{Grid, PlanOptions};

@@ -200,7 +200,7 @@ impl Leader {
                 serving.lanes[*shard].set_draining(true);
                 self.drains
                     .entry(address.clone())
-                    .or_insert(now + self.cluster.config.drain_grace);
+                    .or_insert(now + self.cluster.config().drain_grace);
             }
             let idle = draining.iter().all(|(_, s)| serving.lanes[*s].is_idle());
             let overdue = self.drains.values().any(|d| *d <= now);
@@ -214,7 +214,7 @@ impl Leader {
 
         // Workers to spare: grow when a grid with more cells is possible.
         let healthy = self.healthy();
-        let more = grids_for(self.cluster.config.grid, healthy.len())
+        let more = grids_for(self.cluster.config().grid, healthy.len())
             .first()
             .is_some_and(|g| g.cells() > placement.grid.cells());
         if more && Instant::now() >= self.not_before {
@@ -350,7 +350,7 @@ impl Leader {
             stages: placement.grid.stages as u32,
             shards: placement.grid.shards as u32,
             workers: placement.cells.iter().map(|c| c.address.clone()).collect(),
-            model: self.cluster.model_name.clone(),
+            model: self.cluster.model_name().to_string(),
             leader: p.address.clone(),
         };
         if let Err(e) = p
@@ -365,7 +365,7 @@ impl Leader {
 
 /// Leads a static cluster (started by [`Cluster::start`] at epoch 1) until `until`.
 pub async fn run_static(cluster: Arc<Cluster>, until: impl Future<Output = ()>) {
-    let workers = cluster.config.workers.clone();
+    let workers = cluster.config().workers.clone();
     let members: BTreeMap<String, bool> = workers.iter().map(|w| (w.clone(), false)).collect();
     let (_keep, rx) = watch::channel(Some(members));
     Leader::new(cluster, rx, 1, workers, None).run(until).await;
@@ -388,7 +388,7 @@ pub async fn run_etcd(cluster: Arc<Cluster>, m: EtcdMembership, mut stop: watch:
     let (tx, members) = watch::channel(None);
     let watcher = tokio::spawn(watch_workers(m.etcd.clone(), m.keys.clone(), tx));
     // Who leads, for a standby to forward its clients' calls to.
-    cluster.relay.set_me(&m.address);
+    cluster.role().set_me(&m.address);
     let elected = tokio::spawn(watch_leader(
         m.etcd.clone(),
         m.keys.clone(),
@@ -396,11 +396,7 @@ pub async fn run_etcd(cluster: Arc<Cluster>, m: EtcdMembership, mut stop: watch:
     ));
     let stopped = |s: &watch::Receiver<bool>| *s.borrow();
     while !stopped(&stop) {
-        cluster.set_standby(Some(
-            "this coordinator is a standby: another one leads the cluster (its calls are \
-             forwarded there); retry"
-                .into(),
-        ));
+        cluster.role().set_leading(false);
         let lease = match m.etcd.grant(m.ttl).await {
             Ok(l) => l,
             Err(e) => {
@@ -447,7 +443,7 @@ pub async fn run_etcd(cluster: Arc<Cluster>, m: EtcdMembership, mut stop: watch:
             },
             _ => (0, Vec::new()),
         };
-        cluster.set_standby(None);
+        cluster.role().set_leading(true);
         let publish = Publish {
             etcd: m.etcd.clone(),
             keys: m.keys.clone(),
@@ -491,7 +487,7 @@ pub async fn run_etcd(cluster: Arc<Cluster>, m: EtcdMembership, mut stop: watch:
     elected.abort();
 }
 
-/// Keeps `cluster.relay` told who leads the election: a read, then a watch on the
+/// Keeps `cluster.role()` told who leads the election: a read, then a watch on the
 /// election's keys; any change, error or 5 s of quiet reads again.
 async fn watch_leader(etcd: Etcd, keys: Keys, cluster: Arc<Cluster>) {
     let election = keys.leader();
@@ -506,15 +502,13 @@ async fn watch_leader(etcd: Etcd, keys: Keys, cluster: Arc<Cluster>) {
         let revision = match read.await {
             Ok((leader, revision)) => {
                 let leader = leader.map(|v| String::from_utf8_lossy(&v).into_owned());
-                cluster.relay.set_leader(leader, None);
+                cluster.role().set_leader(leader, None);
                 revision
             }
             Err(e) => {
                 // The last leader known stays the one to try.
-                let last = cluster.relay.leader();
-                cluster
-                    .relay
-                    .set_leader(last, Some(format!("etcd cannot be read: {e}")));
+                let role = cluster.role();
+                role.set_leader(role.leader(), Some(format!("etcd cannot be read: {e}")));
                 tokio::time::sleep(RETRY).await;
                 continue;
             }

@@ -162,7 +162,7 @@ impl Monitor {
         while let Some(Ok((i, stats))) = calls.join_next().await {
             workers[i] = stats;
         }
-        let m = &self.cluster.metrics;
+        let m = &self.cluster.metrics();
         for (cell, stats) in cells.iter().zip(&workers) {
             let (stage, shard) = (cell.stage.to_string(), cell.shard.to_string());
             m.worker_up
@@ -235,7 +235,7 @@ impl Monitor {
     }
 
     fn dims(&self) -> (usize, usize) {
-        let c = &self.cluster.model;
+        let c = self.cluster.model();
         (c.num_layers, c.moe.map_or(0, |m| m.num_experts))
     }
 
@@ -257,7 +257,7 @@ impl Monitor {
     fn empty(&self, s: &State) -> Snapshot {
         let (layers, experts) = self.dims();
         Snapshot {
-            model: self.cluster.model_name.clone(),
+            model: self.cluster.model_name().to_string(),
             stages: 0,
             shards: 0,
             epoch: 0,
@@ -271,7 +271,7 @@ impl Monitor {
                 window_s: 0,
                 tokens: vec![vec![0; experts]; layers],
             },
-            recent: self.cluster.metrics.recent(),
+            recent: self.cluster.metrics().recent(),
         }
     }
 
@@ -348,7 +348,7 @@ impl Monitor {
             _ => vec![vec![0; experts]; layers],
         };
         Snapshot {
-            model: cluster.model_name.clone(),
+            model: cluster.model_name().to_string(),
             stages: p.grid.stages,
             shards: p.grid.shards,
             epoch: p.epoch,
@@ -362,7 +362,7 @@ impl Monitor {
                 window_s: s.routed.len().saturating_sub(1) * PERIOD.as_secs() as usize,
                 tokens,
             },
-            recent: cluster.metrics.recent(),
+            recent: cluster.metrics().recent(),
         }
     }
 }

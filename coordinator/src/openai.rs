@@ -1,8 +1,8 @@
 //! The OpenAI-compatible HTTP API: `/v1/models`, `/v1/completions`, `/v1/chat/completions`,
 //! with SSE streaming. Each choice becomes one `switchyard.v1.GenerateRequest` started through
-//! [`InferenceApi::start`], the path gRPC clients take too, so both APIs share checks, queue,
+//! [`InferenceApi::admission`], the path gRPC clients take too, so both APIs share checks, queue,
 //! scheduling and metrics; on a standby coordinator both go on to the leader
-//! ([`crate::forward::start`]). Field names and shapes follow OpenAI's API and vLLM's extensions
+//! ([`crate::forward::ToLeader`]). Field names and shapes follow OpenAI's API and vLLM's extensions
 //! (`top_k`, `ignore_eos`), what lm-eval-harness and the `openai` package send and read.
 
 use std::convert::Infallible;
@@ -25,11 +25,13 @@ use tokio_stream::{StreamExt, StreamMap};
 use tonic::{Code, Status};
 use tracing::{info_span, Instrument};
 
-use crate::api::{header_request_id, InferenceApi};
+use crate::admission::{header_request_id, prompt_ids, refusal};
+use crate::api::InferenceApi;
 use crate::lane::Outcome;
 
 /// vLLM's limit on alternatives per token.
-const MAX_LOGPROBS: u32 = 20;
+/// OpenAI's `logprobs`/`top_logprobs` limit: the scheduler's, as this API's integer type.
+const MAX_LOGPROBS: u32 = switchyard_scheduler::validate::MAX_LOGPROBS as u32;
 const MAX_N: u32 = 16;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -200,8 +202,8 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
 
 impl Common {
     fn check(&self, api: &InferenceApi) -> ApiResult<()> {
-        let served = &api.cluster().model_name;
-        if let Some(model) = self.model.as_deref().filter(|m| m != served) {
+        let served = api.cluster().model_name();
+        if let Some(model) = self.model.as_deref().filter(|m| *m != served) {
             return Err(ApiError {
                 status: StatusCode::NOT_FOUND,
                 message: format!(
@@ -279,11 +281,11 @@ pub async fn models(State(api): State<InferenceApi>) -> Json<Value> {
     Json(json!({
         "object": "list",
         "data": [{
-            "id": c.model_name,
+            "id": c.model_name(),
             "object": "model",
             "created": 0,
             "owned_by": "switchyard",
-            "max_model_len": c.model.max_position_embeddings,
+            "max_model_len": c.model().max_position_embeddings,
         }],
     }))
 }
@@ -313,12 +315,17 @@ pub async fn tokenize(State(api): State<InferenceApi>, body: Bytes) -> Response 
             .map(chat_messages)
             .transpose()?
             .unwrap_or_default();
-        Ok(api.prompt_ids(r.prompt.as_deref(), &[], &messages)?)
+        Ok(prompt_ids(
+            api.cluster(),
+            r.prompt.as_deref(),
+            &[],
+            &messages,
+        )?)
     });
     match result {
         Ok(tokens) => Json(json!({
             "count": tokens.len(),
-            "max_model_len": api.cluster().model.max_position_embeddings,
+            "max_model_len": api.cluster().model().max_position_embeddings,
             "tokens": tokens,
         }))
         .into_response(),
@@ -329,13 +336,13 @@ pub async fn tokenize(State(api): State<InferenceApi>, body: Bytes) -> Response 
 /// vLLM's `POST /detokenize`: token ids back to text.
 pub async fn detokenize(State(api): State<InferenceApi>, body: Bytes) -> Response {
     let result = parse::<DetokenizeRequest>(&body).and_then(|r| {
-        let vocab = api.cluster().model.vocab_size;
+        let vocab = api.cluster().model().vocab_size;
         if let Some(bad) = r.tokens.iter().find(|t| **t as usize >= vocab) {
             return Err(ApiError::bad_request(format!(
                 "token {bad} is not in the vocabulary of {vocab} tokens"
             )));
         }
-        api.tokenizer()?;
+        api.cluster().tokenizer().map_err(refusal)?;
         decode(&api, &r.tokens)
     });
     match result {
@@ -365,13 +372,14 @@ fn start_all(
     let several = requests.len() > 1;
     let deadline = api
         .cluster()
-        .config
+        .config()
         .request_timeout
         .map(|d| Instant::now() + d);
-    let context = api.cluster().model.max_position_embeddings;
+    let context = api.cluster().model().max_position_embeddings;
     let mut choices = Vec::with_capacity(requests.len());
     for (index, (mut request, echo)) in requests.into_iter().enumerate() {
-        let ids = api.prompt_ids(
+        let ids = prompt_ids(
+            api.cluster(),
             request.prompt.as_deref(),
             &request.prompt_token_ids,
             &request.messages,
@@ -405,7 +413,7 @@ fn start_all(
             };
         }
         // A standby sends it on to the leader.
-        let started = crate::forward::start(api, &request, deadline, caller)?;
+        let started = api.admission().start(&request, deadline, caller)?;
         let choice = Choice {
             index: index as u32,
             request_id: started.request_id,
@@ -418,18 +426,18 @@ fn start_all(
 }
 
 fn decode(api: &InferenceApi, ids: &[u32]) -> ApiResult<String> {
-    match api.cluster().tokenizer.as_deref() {
-        Some(t) => t
+    match api.cluster().tokenizer() {
+        Ok(t) => t
             .decode(ids)
             .map_err(|e| ApiError::bad_request(e.to_string())),
-        None => Ok(String::new()),
+        Err(_) => Ok(String::new()),
     }
 }
 
 fn token_text(api: &InferenceApi, id: u32) -> String {
     api.cluster()
-        .tokenizer
-        .as_deref()
+        .tokenizer()
+        .ok()
         .and_then(|t| t.token_text(id).ok())
         .unwrap_or_else(|| format!("<{id}>"))
 }
@@ -820,7 +828,7 @@ fn start_completions(
     let meta = Meta {
         id: format!("cmpl-{}", choices[0].0.request_id),
         object: "text_completion",
-        model: api.cluster().model_name.clone(),
+        model: api.cluster().model_name().to_string(),
         created: now_s(),
         n,
         logprobs: r.logprobs.is_some(),
@@ -908,7 +916,7 @@ fn start_chat(api: &InferenceApi, body: &[u8], caller: &HeaderMap) -> ApiResult<
         } else {
             "chat.completion"
         },
-        model: api.cluster().model_name.clone(),
+        model: api.cluster().model_name().to_string(),
         created: now_s(),
         n,
         logprobs: r.logprobs,

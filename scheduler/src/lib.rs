@@ -12,7 +12,9 @@ pub mod kv_blocks;
 pub mod sampling;
 pub mod scheduler;
 pub mod step;
+pub mod validate;
 
 pub use completion::Completion;
 pub use sampling::SamplingParams;
 pub use scheduler::{Detached, FinishReason, Request, Scheduler, SchedulerConfig, Update, Usage};
+pub use validate::{Invalid, PromptInput, Validator};

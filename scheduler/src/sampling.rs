@@ -6,8 +6,7 @@
 use serde::Serialize;
 use switchyard_model::rng::Rng;
 
-/// The most alternatives a request may ask for per token (OpenAI's and vLLM's limit).
-pub const MAX_LOGPROBS: usize = 20;
+use crate::validate::{check_params, Invalid};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -44,34 +43,10 @@ impl Default for SamplingParams {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq)]
-#[error("invalid sampling parameter: {0}")]
-pub struct InvalidParams(pub String);
-
 impl SamplingParams {
-    pub fn validate(&self) -> Result<(), InvalidParams> {
-        let bad = |s: String| Err(InvalidParams(s));
-        if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!(
-                "temperature is {}; expected a number >= 0",
-                self.temperature
-            ));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("top_p is {}; expected 0 < top_p <= 1", self.top_p));
-        }
-        for (name, n) in [
-            ("logprobs", self.logprobs),
-            ("prompt_logprobs", self.prompt_logprobs),
-        ] {
-            if let Some(n) = n.filter(|n| *n > MAX_LOGPROBS) {
-                return bad(format!("{name} is {n}; expected at most {MAX_LOGPROBS}"));
-            }
-        }
-        if self.stop.iter().any(String::is_empty) {
-            return bad("stop holds an empty string".into());
-        }
-        Ok(())
+    /// Checks the parameters alone ([`crate::validate::check_params`]).
+    pub fn validate(&self) -> Result<(), Invalid> {
+        check_params(self)
     }
 }
 

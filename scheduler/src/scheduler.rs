@@ -20,6 +20,7 @@ use tracing::debug;
 use crate::kv_blocks::{BlockAllocator, SeqId};
 use crate::sampling::{seed_of, Draw, SamplingParams, TokenLogprob};
 use crate::step::{LogitsWanted, SeqInput, SeqResult, SeqWork};
+use crate::validate::{Invalid, Validator};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -32,11 +33,6 @@ pub struct SchedulerConfig {
     /// Most sequences running at once.
     pub max_running: usize,
 }
-
-/// A request the scheduler cannot take, and why.
-#[derive(Debug, Clone, thiserror::Error, PartialEq)]
-#[error("{0}")]
-pub struct InvalidRequest(pub String);
 
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -142,6 +138,8 @@ pub struct Scheduler {
     config: SchedulerConfig,
     model: ModelConfig,
     tokenizer: Option<Arc<Tokenizer>>,
+    /// The checks that do not depend on the pool.
+    validator: Validator,
     blocks: BlockAllocator,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
@@ -158,6 +156,7 @@ impl Scheduler {
             BlockAllocator::new(config.num_blocks, config.block_size, model.sliding_window);
         Scheduler {
             config,
+            validator: Validator::new(model.clone(), tokenizer.clone()),
             model,
             tokenizer,
             blocks,
@@ -194,31 +193,10 @@ impl Scheduler {
     }
 
     /// Checks a request before it is admitted: what is wrong and what was expected.
-    pub fn check(&self, req: &Request) -> Result<(), InvalidRequest> {
-        let bad = |problem: String| Err(InvalidRequest(problem));
-        req.params
-            .validate()
-            .map_err(|e| InvalidRequest(e.to_string()))?;
+    pub fn check(&self, req: &Request) -> Result<(), Invalid> {
+        let bad = |problem: String| Err(Invalid::Request(problem));
+        self.validator.check(req)?;
         let c = &self.model;
-        if req.prompt.is_empty() {
-            return bad("the prompt is empty; expected at least one token".into());
-        }
-        if let Some(&t) = req.prompt.iter().find(|t| **t as usize >= c.vocab_size) {
-            return bad(format!(
-                "prompt token id {t} is out of range; the vocabulary has {} tokens",
-                c.vocab_size
-            ));
-        }
-        if req.prompt.len() > c.max_position_embeddings {
-            return bad(format!(
-                "the prompt has {} tokens; the model accepts at most {}",
-                req.prompt.len(),
-                c.max_position_embeddings
-            ));
-        }
-        if !req.params.stop.is_empty() && self.tokenizer.is_none() {
-            return bad("stop strings need a tokenizer.json in the model directory".into());
-        }
         // The most blocks this sequence can ever hold at once must fit in the whole pool.
         let longest = (req.prompt.len() + req.params.max_tokens).min(c.max_position_embeddings);
         let live = match c.sliding_window {
@@ -274,7 +252,7 @@ impl Scheduler {
 
     /// Queues a sequence detached from another scheduler; it is recomputed from its prompt and
     /// the tokens it already generated, so its client sees no token twice.
-    pub fn adopt(&mut self, d: Detached) -> Result<(), InvalidRequest> {
+    pub fn adopt(&mut self, d: Detached) -> Result<(), Invalid> {
         self.check(&d.0.req)?;
         self.waiting.push_back(d.0);
         Ok(())

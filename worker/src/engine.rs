@@ -12,7 +12,7 @@ use tracing::info_span;
 use crate::backend::Backend;
 use crate::model::{Model, ModelError};
 use switchyard_scheduler::kv_blocks::{BlockAllocator, SeqId};
-use switchyard_scheduler::scheduler::{InvalidRequest, Request, Scheduler, SchedulerConfig};
+use switchyard_scheduler::scheduler::{Request, Scheduler, SchedulerConfig};
 use switchyard_scheduler::step::{sample_step, LogitsWanted, SeqInput};
 use switchyard_scheduler::Completion;
 
@@ -22,8 +22,21 @@ pub enum EngineError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Tokenizer(#[from] switchyard_model::TokenizerError),
-    #[error("request {id}: {problem}")]
-    Request { id: SeqId, problem: String },
+    #[error("request {id}: {source}")]
+    Request {
+        id: SeqId,
+        #[source]
+        source: switchyard_scheduler::Invalid,
+    },
+    #[error("request {id}: KV blocks: {source}")]
+    Kv {
+        id: SeqId,
+        #[source]
+        source: switchyard_scheduler::kv_blocks::KvError,
+    },
+    /// `check` lets in only requests the whole pool can hold, so this is a bug.
+    #[error("request {0}: the scheduler found nothing to run")]
+    Stalled(SeqId),
 }
 
 #[derive(Debug, Clone)]
@@ -136,10 +149,7 @@ impl<B: Backend> Engine<B> {
             let blocks = self.scheduler.blocks_mut();
             blocks
                 .allocate(seq, start, start + tokens.len())
-                .map_err(|e| EngineError::Request {
-                    id: seq,
-                    problem: e.to_string(),
-                })?;
+                .map_err(|source| EngineError::Kv { id: seq, source })?;
             inputs.push(SeqInput {
                 tokens: tokens.to_vec(),
                 start_pos: start,
@@ -163,7 +173,7 @@ impl<B: Backend> Engine<B> {
         for r in &requests {
             self.scheduler
                 .check(r)
-                .map_err(|InvalidRequest(problem)| EngineError::Request { id: r.id, problem })?;
+                .map_err(|source| EngineError::Request { id: r.id, source })?;
         }
         let order: Vec<SeqId> = requests.iter().map(|r| r.id).collect();
         let mut out: HashMap<SeqId, Completion> = requests
@@ -177,10 +187,7 @@ impl<B: Backend> Engine<B> {
             let work = self.scheduler.plan();
             if work.is_empty() {
                 // check() lets in only requests the whole pool can hold, so this is a bug.
-                return Err(EngineError::Request {
-                    id: order[0],
-                    problem: "the scheduler found nothing to run".into(),
-                });
+                return Err(EngineError::Stalled(order[0]));
             }
             let _g = info_span!("step", seqs = work.len()).entered();
             let inputs: Vec<SeqInput> = work.iter().map(|w| w.input.clone()).collect();
