@@ -554,7 +554,8 @@ async fn run_etcd_coordinator(config: ClusterConfig, a: &ClusterArgs, e: &EtcdAr
     let _web = spawn_http(&cluster, a, Vec::new()).await?;
     eprintln!(
         "switchyard: listening on {address} (gRPC), serving {} in cluster {:?} (etcd {url})",
-        cluster.model_name(), e.cluster
+        cluster.model_name(),
+        e.cluster
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let m = EtcdMembership {

@@ -10,8 +10,6 @@
 use minijinja::{context, Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 
-use crate::tokenizer::TokenizerError;
-
 /// One turn of a conversation, as clients send it (`role` is `system`, `user`, `assistant`, or
 /// whatever else the model's chat template accepts).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,8 +36,17 @@ pub(crate) enum Segment {
     Control(u32),
 }
 
-fn chat_error(message: impl Into<String>) -> TokenizerError {
-    TokenizerError::Chat(message.into())
+/// A chat the template or the Mistral format cannot render.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error("invalid chat: {0}")]
+    Invalid(String),
+    #[error("the chat template failed: {0}")]
+    Render(#[source] minijinja::Error),
+}
+
+fn chat_error(message: impl Into<String>) -> ChatError {
+    ChatError::Invalid(message.into())
 }
 
 /// Mistral's v1 instruct format, as `mistral-common` builds it:
@@ -51,7 +58,7 @@ pub(crate) fn mistral_v1(
     messages: &[ChatMessage],
     bos: u32,
     eos: u32,
-) -> Result<Vec<Segment>, TokenizerError> {
+) -> Result<Vec<Segment>, ChatError> {
     let (system, turns, offset) = match messages.split_first() {
         Some((first, rest)) if first.role == "system" => (Some(first.content.as_str()), rest, 1),
         _ => (None, messages, 0),
@@ -139,7 +146,7 @@ impl ChatTemplate {
         &self,
         messages: &[ChatMessage],
         controls: &[(String, u32)],
-    ) -> Result<Vec<Segment>, TokenizerError> {
+    ) -> Result<Vec<Segment>, ChatError> {
         for (i, message) in messages.iter().enumerate() {
             // Roles are spliced into the prompt by many templates; a role like
             // "user<|im_end|>" must not smuggle in control tokens.
@@ -192,11 +199,11 @@ impl ChatTemplate {
         Ok(segments)
     }
 
-    fn render_str(&self, messages: &[ChatMessage]) -> Result<String, TokenizerError> {
+    fn render_str(&self, messages: &[ChatMessage]) -> Result<String, ChatError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
-            .map_err(|e| TokenizerError::Render(e.to_string()))?;
+            .map_err(ChatError::Render)?;
         template
             .render(context! {
                 messages => messages,
@@ -204,7 +211,7 @@ impl ChatTemplate {
                 eos_token => &self.eos_token,
                 add_generation_prompt => true,
             })
-            .map_err(|e| TokenizerError::Render(e.to_string()))
+            .map_err(ChatError::Render)
     }
 }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use crate::chat::{self, ChatMessage, ChatTemplate, Segment};
+use crate::chat::{self, ChatError, ChatMessage, ChatTemplate, Segment};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -26,10 +26,8 @@ pub enum TokenizerError {
     Config { path: PathBuf, message: String },
     #[error("the chat template in {} does not compile: {message}", path.display())]
     TemplateSyntax { path: PathBuf, message: String },
-    #[error("the chat template failed: {0}")]
-    Render(String),
-    #[error("invalid chat: {0}")]
-    Chat(String),
+    #[error(transparent)]
+    Chat(#[from] ChatError),
     #[error("the tokenizer has no {0} token, which the Mistral chat format needs")]
     MissingToken(&'static str),
     #[error("token id {id} is outside the vocabulary ({vocab_size} tokens)")]

@@ -9,12 +9,13 @@
 
 pub mod completion;
 pub mod kv_blocks;
+pub mod request;
 pub mod sampling;
 pub mod scheduler;
 pub mod step;
 pub mod validate;
 
 pub use completion::Completion;
-pub use sampling::SamplingParams;
-pub use scheduler::{Detached, FinishReason, Request, Scheduler, SchedulerConfig, Update, Usage};
+pub use request::{Request, SamplingParams};
+pub use scheduler::{Detached, FinishReason, Scheduler, SchedulerConfig, Update, Usage};
 pub use validate::{Invalid, PromptInput, Validator};

@@ -6,49 +6,7 @@
 use serde::Serialize;
 use switchyard_model::rng::Rng;
 
-use crate::validate::{check_params, Invalid};
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplingParams {
-    /// 0 = greedy.
-    pub temperature: f32,
-    /// 1 = off.
-    pub top_p: f32,
-    /// 0 = off.
-    pub top_k: usize,
-    pub seed: Option<u64>,
-    pub max_tokens: usize,
-    pub stop: Vec<String>,
-    /// Alternatives to report with each generated token; `None` = no logprobs.
-    pub logprobs: Option<usize>,
-    /// Alternatives to report with each prompt token; `None` = no prompt logprobs.
-    pub prompt_logprobs: Option<usize>,
-    /// Keep generating past the end-of-sequence token (fixed output lengths for benchmarks).
-    pub ignore_eos: bool,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: None,
-            max_tokens: 16,
-            stop: Vec::new(),
-            logprobs: None,
-            prompt_logprobs: None,
-            ignore_eos: false,
-        }
-    }
-}
-
-impl SamplingParams {
-    /// Checks the parameters alone ([`crate::validate::check_params`]).
-    pub fn validate(&self) -> Result<(), Invalid> {
-        check_params(self)
-    }
-}
+use crate::request::SamplingParams;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TopLogprob {
@@ -244,17 +202,5 @@ mod tests {
         // Temperature 1 over several tokens does explore.
         let distinct: std::collections::BTreeSet<u32> = draw(&p).into_iter().collect();
         assert!(distinct.len() > 5);
-    }
-
-    #[test]
-    fn invalid_params_are_named() {
-        let e = |p: SamplingParams| p.validate().unwrap_err().to_string();
-        assert!(e(params(-1.0, 0, 1.0, 0)).contains("temperature is -1"));
-        assert!(e(params(1.0, 0, 0.0, 0)).contains("top_p is 0"));
-        let many = SamplingParams {
-            logprobs: Some(21),
-            ..Default::default()
-        };
-        assert!(e(many).contains("logprobs is 21; expected at most 20"));
     }
 }

@@ -18,7 +18,8 @@ use switchyard_model::{IncrementalDecoder, ModelConfig, Tokenizer, TokenizerErro
 use tracing::debug;
 
 use crate::kv_blocks::{BlockAllocator, SeqId};
-use crate::sampling::{seed_of, Draw, SamplingParams, TokenLogprob};
+use crate::request::Request;
+use crate::sampling::{seed_of, Draw, TokenLogprob};
 use crate::step::{LogitsWanted, SeqInput, SeqResult, SeqWork};
 use crate::validate::{Invalid, Validator};
 
@@ -32,13 +33,6 @@ pub struct SchedulerConfig {
     pub max_step_tokens: usize,
     /// Most sequences running at once.
     pub max_running: usize,
-}
-
-#[derive(Debug, Clone)]
-pub struct Request {
-    pub id: SeqId,
-    pub prompt: Vec<u32>,
-    pub params: SamplingParams,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -523,6 +517,7 @@ fn floor_char_boundary(text: &str, at: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request::SamplingParams;
     use switchyard_model::init::preset;
 
     fn scheduler() -> Scheduler {

@@ -9,8 +9,7 @@ use std::sync::Arc;
 
 use switchyard_model::{ChatMessage, ModelConfig, Tokenizer, TokenizerError};
 
-use crate::sampling::SamplingParams;
-use crate::scheduler::Request;
+use crate::request::{Request, SamplingParams};
 
 /// Most alternatives reported per token (`logprobs`, `prompt_logprobs`, OpenAI's
 /// `top_logprobs`), as OpenAI's API allows.
@@ -156,4 +155,31 @@ pub fn check_params(p: &SamplingParams) -> Result<(), Invalid> {
         return bad("stop holds an empty string".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: Some(seed),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn invalid_params_are_named() {
+        let e = |p: SamplingParams| check_params(&p).unwrap_err().to_string();
+        assert!(e(params(-1.0, 0, 1.0, 0)).contains("temperature is -1"));
+        assert!(e(params(1.0, 0, 0.0, 0)).contains("top_p is 0"));
+        let many = SamplingParams {
+            logprobs: Some(21),
+            ..Default::default()
+        };
+        assert!(e(many).contains("logprobs is 21; expected at most 20"));
+    }
 }

@@ -12,9 +12,9 @@ use tracing::info_span;
 use crate::backend::Backend;
 use crate::model::{Model, ModelError};
 use switchyard_scheduler::kv_blocks::{BlockAllocator, SeqId};
-use switchyard_scheduler::scheduler::{Request, Scheduler, SchedulerConfig};
 use switchyard_scheduler::step::{sample_step, LogitsWanted, SeqInput};
 use switchyard_scheduler::Completion;
+use switchyard_scheduler::{Request, Scheduler, SchedulerConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
