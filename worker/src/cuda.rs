@@ -372,6 +372,10 @@ impl Backend for CudaBackend {
         t.rows
     }
 
+    fn cols(&self, t: &CudaTensor) -> usize {
+        t.cols
+    }
+
     fn kv_cache(
         &self,
         layers: usize,

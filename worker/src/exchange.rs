@@ -1,6 +1,8 @@
 //! The expert exchange over gRPC: at a MoE layer, the tokens routed to experts held by other
 //! workers of the same stage are sent to them (`Worker.RunExperts`, one call per peer, all in
-//! parallel), and their weighted outputs come back while the local experts run.
+//! parallel), and their weighted outputs come back while the local experts run. The
+//! activations travel through the host: this exchange copies them off the backend's device and
+//! the outputs back onto it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use switchyard_proto::v1::worker_client::WorkerClient;
 use tonic::transport::Channel;
 use tracing::{info_span, Instrument};
 
-use crate::backend::Routes;
+use crate::backend::{Backend, Routes};
 use crate::metrics::WorkerMetrics;
 use crate::model::{ExpertExchange, ModelError, PendingExperts};
 use switchyard_net::{trace_context, wire};
@@ -30,16 +32,17 @@ pub struct GrpcExchange {
     pub timeout: std::time::Duration,
 }
 
-impl ExpertExchange for GrpcExchange {
+impl<B: Backend> ExpertExchange<B> for GrpcExchange {
     fn dispatch(
         &self,
+        backend: &B,
         layer: usize,
-        x: Vec<f32>,
-        cols: usize,
+        x: &B::Tensor,
         routes: &Routes,
-    ) -> Result<PendingExperts, ModelError> {
+    ) -> Result<PendingExperts<B>, ModelError> {
         let k = routes.top_k;
-        let rows = x.len() / cols;
+        let (rows, cols) = (backend.rows(x), backend.cols(x));
+        let x = backend.to_host(x)?;
         // For every other shard, the tokens with at least one of their experts there.
         let mut wanted: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for t in 0..rows {
@@ -96,7 +99,7 @@ impl ExpertExchange for GrpcExchange {
         }
         let handle = self.handle.clone();
         let metrics = self.metrics.clone();
-        Ok(PendingExperts::new(move || {
+        Ok(PendingExperts::new(move |backend: &B| {
             let mut out = vec![0.0f32; rows * cols];
             for (shard, tokens, call) in calls {
                 let fail = |e: String| ModelError::Exchange(format!("shard {shard}: {e}"));
@@ -128,7 +131,7 @@ impl ExpertExchange for GrpcExchange {
             metrics
                 .exchange_seconds
                 .observe(started.elapsed().as_secs_f64());
-            Ok(out)
+            Ok(backend.tensor(out, rows, cols)?)
         }))
     }
 }
