@@ -98,26 +98,6 @@ pub struct Sorted {
     pub pos_of: CudaSlice<i32>,
 }
 
-/// Per-row sampling parameters and outputs (see sampling.cu).
-pub struct SampleArgs<'a> {
-    pub logits: &'a CudaSlice<f32>,
-    pub rows: usize,
-    pub vocab: usize,
-    pub temperature: &'a CudaSlice<f32>,
-    pub top_k: &'a CudaSlice<u32>,
-    pub top_p: &'a CudaSlice<f32>,
-    pub seed: &'a CudaSlice<u64>,
-    pub counter: &'a CudaSlice<u64>,
-    pub n_top: usize,
-}
-
-pub struct Sampled {
-    pub token: CudaSlice<u32>,
-    pub logprob: CudaSlice<f32>,
-    pub top_id: CudaSlice<u32>,
-    pub top_lp: CudaSlice<f32>,
-}
-
 /// Element types `gather_rows` has a kernel for.
 pub trait Gatherable: cudarc::driver::DeviceRepr {
     const GATHER_KERNEL: &'static str;
@@ -688,36 +668,5 @@ impl Gpu {
         // SAFETY: pos_of indexes rows of y (the sort wrote both).
         unsafe { b.launch(cfg((tokens, 1, 1), ROW_THREADS)) }?;
         Ok(())
-    }
-
-    /// Samples one token per row and reports logprobs with `n_top` alternatives.
-    pub fn sample(&self, a: &SampleArgs<'_>) -> Result<Sampled, KernelError> {
-        if a.logits.len() < a.rows * a.vocab || a.vocab == 0 {
-            return Err(launch_err("sample: logits do not match the shape".into()));
-        }
-        let mut s = Sampled {
-            token: self.stream.alloc_zeros::<u32>(a.rows.max(1))?,
-            logprob: self.stream.alloc_zeros::<f32>(a.rows.max(1))?,
-            top_id: self.stream.alloc_zeros::<u32>((a.rows * a.n_top).max(1))?,
-            top_lp: self.stream.alloc_zeros::<f32>((a.rows * a.n_top).max(1))?,
-        };
-        if a.rows == 0 {
-            return Ok(s);
-        }
-        let (v, n) = (a.vocab as i32, a.n_top as i32);
-        let mut b = self.stream.launch_builder(self.f("sample"));
-        b.arg(a.logits)
-            .arg(&v)
-            .arg(a.temperature)
-            .arg(a.top_k)
-            .arg(a.top_p);
-        b.arg(a.seed)
-            .arg(a.counter)
-            .arg(&mut s.token)
-            .arg(&mut s.logprob);
-        b.arg(&mut s.top_id).arg(&mut s.top_lp).arg(&n);
-        // SAFETY: per-row parameter buffers hold `rows` entries (the caller's contract).
-        unsafe { b.launch(cfg((a.rows, 1, 1), 1024)) }?;
-        Ok(s)
     }
 }
