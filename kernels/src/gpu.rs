@@ -112,17 +112,18 @@ impl Gatherable for u16 {
     const GATHER_KERNEL: &'static str = "gather_rows_bf16";
 }
 
-/// A GPU the driver sees and the kernels can run on (compute capability 8.0 or newer).
+/// A GPU the driver sees and the kernels can run on (compute capability 8.0 or newer), opened:
+/// its CUDA context and architecture. [`Gpu::on`] compiles the kernels on it.
 #[derive(Clone)]
-pub struct Device {
+pub struct GpuContext {
     ctx: Arc<CudaContext>,
     arch: u32,
 }
 
-impl Device {
+impl GpuContext {
     /// Opens GPU `ordinal`; says plainly why not when there is no driver, no such GPU, or an
     /// older one.
-    pub fn open(ordinal: usize) -> Result<Device, KernelError> {
+    pub fn open(ordinal: usize) -> Result<GpuContext, KernelError> {
         // SAFETY: only probes whether the shared library can be opened.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(KernelError::Missing(
@@ -145,7 +146,7 @@ impl Device {
                  (Ampere) or newer (bf16 mma.sync, cp.async)"
             )));
         }
-        Ok(Device {
+        Ok(GpuContext {
             ctx,
             arch: (major * 10 + minor) as u32,
         })
@@ -165,10 +166,10 @@ impl Device {
 }
 
 impl Gpu {
-    /// Compiles (or loads from the disk cache) every kernel for `device`'s architecture and a
+    /// Compiles (or loads from the disk cache) every kernel for `context`'s GPU architecture and a
     /// model of shape `spec`, and sets up cuBLASLt.
-    pub fn on(device: &Device, spec: Spec) -> Result<Gpu, KernelError> {
-        let (ctx, arch) = (device.ctx.clone(), device.arch);
+    pub fn on(context: &GpuContext, spec: Spec) -> Result<Gpu, KernelError> {
+        let (ctx, arch) = (context.ctx.clone(), context.arch);
         let sm_count =
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let stream = ctx.default_stream();

@@ -22,7 +22,7 @@ pub use cudarc;
 
 pub use cache::DiskCache;
 pub use compile::{Nvrtc, Target};
-pub use gpu::{Device, Gpu};
+pub use gpu::{Gpu, GpuContext};
 pub use source::{Module, Spec, SpecError};
 
 #[derive(Debug, thiserror::Error)]

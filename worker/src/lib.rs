@@ -19,6 +19,11 @@ pub mod service;
 
 pub use backend::{Backend, BackendError, Hardware};
 pub use cpu::CpuBackend;
-pub use cuda::{CudaBackend, CudaDevice, Device};
+pub use cuda::{CudaBackend, CudaHardware, Device};
+
+/// The name [`CudaHardware`] had; kept only so the `switchyard` binary builds until it moves to
+/// the new name. Remove with its last use.
+#[doc(hidden)]
+pub type CudaDevice = CudaHardware;
 pub use engine::{Engine, EngineConfig, EngineError};
 pub use model::{Model, ModelError};
