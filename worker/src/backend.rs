@@ -10,8 +10,9 @@ use crate::batch::AttentionBatch;
 pub enum BackendError {
     #[error("{0}")]
     Shape(String),
+    /// The GPU (driver, kernels, cuBLASLt) failed; the kernels' error is the source.
     #[error("device error: {0}")]
-    Device(String),
+    Device(#[from] switchyard_kernels::KernelError),
 }
 
 /// Token routes of one MoE layer: for token `t`, slot `j < top_k`, expert `experts[t*top_k+j]`

@@ -28,7 +28,7 @@ use crate::batch::AttentionBatch;
 use switchyard_scheduler::kv_blocks::FREED;
 
 fn dev(e: KernelError) -> BackendError {
-    BackendError::Device(e.to_string())
+    BackendError::Device(e)
 }
 
 fn shape(msg: impl Into<String>) -> BackendError {

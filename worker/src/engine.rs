@@ -11,7 +11,7 @@ use tracing::info_span;
 
 use crate::backend::Backend;
 use crate::model::{Model, ModelError};
-use switchyard_scheduler::kv_blocks::{BlockAllocator, SeqId};
+use switchyard_scheduler::kv_blocks::{BlockAllocator, KvError, SeqId};
 use switchyard_scheduler::scheduler::{InvalidRequest, Request, Scheduler, SchedulerConfig};
 use switchyard_scheduler::step::{sample_step, LogitsWanted, SeqInput};
 use switchyard_scheduler::Completion;
@@ -24,6 +24,13 @@ pub enum EngineError {
     Tokenizer(#[from] switchyard_model::TokenizerError),
     #[error("request {id}: {problem}")]
     Request { id: SeqId, problem: String },
+    /// A chunk's KV blocks could not be allocated.
+    #[error("request {id}: {source}")]
+    Blocks {
+        id: SeqId,
+        #[source]
+        source: KvError,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -136,10 +143,7 @@ impl<B: Backend> Engine<B> {
             let blocks = self.scheduler.blocks_mut();
             blocks
                 .allocate(seq, start, start + tokens.len())
-                .map_err(|e| EngineError::Request {
-                    id: seq,
-                    problem: e.to_string(),
-                })?;
+                .map_err(|source| EngineError::Blocks { id: seq, source })?;
             inputs.push(SeqInput {
                 tokens: tokens.to_vec(),
                 start_pos: start,

@@ -21,8 +21,9 @@ pub enum ModelError {
     MissingPart(&'static str),
     #[error("layer {layer}: tokens are routed to expert {expert}, which this worker does not hold and no exchange reaches")]
     ExpertNotHere { layer: usize, expert: u32 },
+    /// The exchange failed; its own error (e.g. a peer's gRPC status) is the source.
     #[error("expert exchange: {0}")]
-    Exchange(String),
+    Exchange(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The tokens of a MoE layer routed to experts held by other workers of the stage: sent to
