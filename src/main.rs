@@ -22,7 +22,9 @@ use switchyard_proto::v1 as pb;
 use switchyard_scheduler::{Request, SamplingParams};
 use switchyard_worker::registration::{self, RegistrationConfig};
 use switchyard_worker::service::{spawn_worker, WorkerService};
-use switchyard_worker::{Backend, CpuBackend, CudaDevice, Device, Engine, EngineConfig, Hardware};
+use switchyard_worker::{
+    Backend, CpuBackend, CudaHardware, Device, Engine, EngineConfig, Hardware,
+};
 use telemetry::LogFormat;
 
 #[derive(Parser)]
@@ -603,8 +605,8 @@ async fn worker(a: WorkerArgs) -> Result<()> {
 }
 
 /// GPU `ordinal`, or an error saying why it cannot be used (no driver, no such GPU, too old).
-fn open_gpu(ordinal: usize) -> Result<CudaDevice> {
-    CudaDevice::open(ordinal)
+fn open_gpu(ordinal: usize) -> Result<CudaHardware> {
+    CudaHardware::open(ordinal)
         .with_context(|| format!("--device cuda:{ordinal}: cannot use this GPU"))
 }
 

@@ -98,26 +98,6 @@ pub struct Sorted {
     pub pos_of: CudaSlice<i32>,
 }
 
-/// Per-row sampling parameters and outputs (see sampling.cu).
-pub struct SampleArgs<'a> {
-    pub logits: &'a CudaSlice<f32>,
-    pub rows: usize,
-    pub vocab: usize,
-    pub temperature: &'a CudaSlice<f32>,
-    pub top_k: &'a CudaSlice<u32>,
-    pub top_p: &'a CudaSlice<f32>,
-    pub seed: &'a CudaSlice<u64>,
-    pub counter: &'a CudaSlice<u64>,
-    pub n_top: usize,
-}
-
-pub struct Sampled {
-    pub token: CudaSlice<u32>,
-    pub logprob: CudaSlice<f32>,
-    pub top_id: CudaSlice<u32>,
-    pub top_lp: CudaSlice<f32>,
-}
-
 /// Element types `gather_rows` has a kernel for.
 pub trait Gatherable: cudarc::driver::DeviceRepr {
     const GATHER_KERNEL: &'static str;
@@ -132,17 +112,18 @@ impl Gatherable for u16 {
     const GATHER_KERNEL: &'static str = "gather_rows_bf16";
 }
 
-/// A GPU the driver sees and the kernels can run on (compute capability 8.0 or newer).
+/// A GPU the driver sees and the kernels can run on (compute capability 8.0 or newer), opened:
+/// its CUDA context and architecture. [`Gpu::on`] compiles the kernels on it.
 #[derive(Clone)]
-pub struct Device {
+pub struct GpuContext {
     ctx: Arc<CudaContext>,
     arch: u32,
 }
 
-impl Device {
+impl GpuContext {
     /// Opens GPU `ordinal`; says plainly why not when there is no driver, no such GPU, or an
     /// older one.
-    pub fn open(ordinal: usize) -> Result<Device, KernelError> {
+    pub fn open(ordinal: usize) -> Result<GpuContext, KernelError> {
         // SAFETY: only probes whether the shared library can be opened.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(KernelError::Missing(
@@ -165,7 +146,7 @@ impl Device {
                  (Ampere) or newer (bf16 mma.sync, cp.async)"
             )));
         }
-        Ok(Device {
+        Ok(GpuContext {
             ctx,
             arch: (major * 10 + minor) as u32,
         })
@@ -185,10 +166,10 @@ impl Device {
 }
 
 impl Gpu {
-    /// Compiles (or loads from the disk cache) every kernel for `device`'s architecture and a
+    /// Compiles (or loads from the disk cache) every kernel for `context`'s GPU architecture and a
     /// model of shape `spec`, and sets up cuBLASLt.
-    pub fn on(device: &Device, spec: Spec) -> Result<Gpu, KernelError> {
-        let (ctx, arch) = (device.ctx.clone(), device.arch);
+    pub fn on(context: &GpuContext, spec: Spec) -> Result<Gpu, KernelError> {
+        let (ctx, arch) = (context.ctx.clone(), context.arch);
         let sm_count =
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let stream = ctx.default_stream();
@@ -688,36 +669,5 @@ impl Gpu {
         // SAFETY: pos_of indexes rows of y (the sort wrote both).
         unsafe { b.launch(cfg((tokens, 1, 1), ROW_THREADS)) }?;
         Ok(())
-    }
-
-    /// Samples one token per row and reports logprobs with `n_top` alternatives.
-    pub fn sample(&self, a: &SampleArgs<'_>) -> Result<Sampled, KernelError> {
-        if a.logits.len() < a.rows * a.vocab || a.vocab == 0 {
-            return Err(launch_err("sample: logits do not match the shape".into()));
-        }
-        let mut s = Sampled {
-            token: self.stream.alloc_zeros::<u32>(a.rows.max(1))?,
-            logprob: self.stream.alloc_zeros::<f32>(a.rows.max(1))?,
-            top_id: self.stream.alloc_zeros::<u32>((a.rows * a.n_top).max(1))?,
-            top_lp: self.stream.alloc_zeros::<f32>((a.rows * a.n_top).max(1))?,
-        };
-        if a.rows == 0 {
-            return Ok(s);
-        }
-        let (v, n) = (a.vocab as i32, a.n_top as i32);
-        let mut b = self.stream.launch_builder(self.f("sample"));
-        b.arg(a.logits)
-            .arg(&v)
-            .arg(a.temperature)
-            .arg(a.top_k)
-            .arg(a.top_p);
-        b.arg(a.seed)
-            .arg(a.counter)
-            .arg(&mut s.token)
-            .arg(&mut s.logprob);
-        b.arg(&mut s.top_id).arg(&mut s.top_lp).arg(&n);
-        // SAFETY: per-row parameter buffers hold `rows` entries (the caller's contract).
-        unsafe { b.launch(cfg((a.rows, 1, 1), 1024)) }?;
-        Ok(s)
     }
 }

@@ -22,7 +22,7 @@ pub use cudarc;
 
 pub use cache::DiskCache;
 pub use compile::{Nvrtc, Target};
-pub use gpu::{Device, Gpu};
+pub use gpu::{Gpu, GpuContext};
 pub use source::{Module, Spec, SpecError};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,11 @@ pub enum KernelError {
         options: String,
         log: String,
     },
+    /// A driver call failed (allocation, copy, launch, module load); the driver's error is
+    /// the source.
+    #[error("CUDA: {0}")]
+    Cuda(#[from] cudarc::driver::DriverError),
+    /// A CUDA library call that is not the driver's failed (cuBLASLt).
     #[error("CUDA: {0}")]
     Driver(String),
     /// Arguments a kernel cannot run with (checked before launching).
@@ -47,10 +52,4 @@ pub enum KernelError {
     Cache(String),
     #[error(transparent)]
     Spec(#[from] SpecError),
-}
-
-impl From<cudarc::driver::DriverError> for KernelError {
-    fn from(e: cudarc::driver::DriverError) -> Self {
-        KernelError::Driver(e.to_string())
-    }
 }

@@ -14,17 +14,15 @@ pub enum Module {
     AttentionDecode,
     Moe,
     MoeGemm,
-    Sampling,
 }
 
 impl Module {
-    pub const ALL: [Module; 6] = [
+    pub const ALL: [Module; 5] = [
         Module::Elementwise,
         Module::AttentionPrefill,
         Module::AttentionDecode,
         Module::Moe,
         Module::MoeGemm,
-        Module::Sampling,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -34,7 +32,6 @@ impl Module {
             Module::AttentionDecode => "attention_decode.cu",
             Module::Moe => "moe.cu",
             Module::MoeGemm => "moe_gemm.cu",
-            Module::Sampling => "sampling.cu",
         }
     }
 
@@ -45,7 +42,6 @@ impl Module {
             Module::AttentionDecode => include_str!("../cuda/attention_decode.cu"),
             Module::Moe => include_str!("../cuda/moe.cu"),
             Module::MoeGemm => include_str!("../cuda/moe_gemm.cu"),
-            Module::Sampling => include_str!("../cuda/sampling.cu"),
         }
     }
 
@@ -71,7 +67,6 @@ impl Module {
                 "moe_gate_up_mma",
                 "moe_down_mma",
             ],
-            Module::Sampling => &["sample"],
         }
     }
 

@@ -10,8 +10,9 @@ use crate::batch::AttentionBatch;
 pub enum BackendError {
     #[error("{0}")]
     Shape(String),
+    /// The GPU (driver, kernels, cuBLASLt) failed; the kernels' error is the source.
     #[error("device error: {0}")]
-    Device(String),
+    Device(#[from] switchyard_kernels::KernelError),
 }
 
 /// Token routes of one MoE layer: for token `t`, slot `j < top_k`, expert `experts[t*top_k+j]`
@@ -77,6 +78,26 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Tensor, BackendError>;
     fn to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
     fn rows(&self, t: &Self::Tensor) -> usize;
+    fn cols(&self, t: &Self::Tensor) -> usize;
+
+    /// `residual += x`, element by element, both `[rows, cols]` f32 (the remote experts'
+    /// outputs of an exchange into the residual stream). The default goes through the host.
+    fn add(&self, x: &Self::Tensor, residual: &mut Self::Tensor) -> Result<(), BackendError> {
+        let (rows, cols) = (self.rows(residual), self.cols(residual));
+        if (self.rows(x), self.cols(x)) != (rows, cols) {
+            return Err(BackendError::Shape(format!(
+                "add: [{}, {}] into a [{rows}, {cols}] residual",
+                self.rows(x),
+                self.cols(x)
+            )));
+        }
+        let mut sum = self.to_host(residual)?;
+        sum.iter_mut()
+            .zip(self.to_host(x)?)
+            .for_each(|(h, r)| *h += r);
+        *residual = self.tensor(sum, rows, cols)?;
+        Ok(())
+    }
 
     /// `layers` layers of `num_blocks` blocks, each holding `block_size` tokens of K and V.
     fn kv_cache(

@@ -293,6 +293,25 @@ impl Backend for CpuBackend {
         t.rows
     }
 
+    fn cols(&self, t: &Mat) -> usize {
+        t.cols
+    }
+
+    fn add(&self, x: &Mat, residual: &mut Mat) -> Result<(), BackendError> {
+        if (x.rows, x.cols) != (residual.rows, residual.cols) {
+            return Err(shape_err(format!(
+                "add: [{}, {}] into a [{}, {}] residual",
+                x.rows, x.cols, residual.rows, residual.cols
+            )));
+        }
+        residual
+            .data
+            .iter_mut()
+            .zip(&x.data)
+            .for_each(|(h, r)| *h += r);
+        Ok(())
+    }
+
     fn kv_cache(
         &self,
         layers: usize,

@@ -20,7 +20,7 @@ use switchyard_kernels::blas::Out;
 use switchyard_kernels::cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use switchyard_kernels::geometry::{decode_split, prefill_tiles};
 use switchyard_kernels::gpu::{DecodeArgs, ExpertTables, PrefillArgs};
-use switchyard_kernels::{Device as OpenGpu, Gpu, KernelError, Spec};
+use switchyard_kernels::{Gpu, GpuContext, KernelError, Spec};
 use switchyard_model::ModelConfig;
 
 use crate::backend::{Backend, BackendError, FfnWeights, Hardware, Qkv, Routes};
@@ -28,7 +28,7 @@ use crate::batch::AttentionBatch;
 use switchyard_scheduler::kv_blocks::FREED;
 
 fn dev(e: KernelError) -> BackendError {
-    BackendError::Device(e.to_string())
+    BackendError::Device(e)
 }
 
 fn shape(msg: impl Into<String>) -> BackendError {
@@ -65,31 +65,31 @@ pub struct CudaKvCache {
     head_dim: usize,
 }
 
-/// GPU `ordinal`, opened: a worker on it reports its memory and makes a [`CudaBackend`] for
-/// each model it is assigned.
-pub struct CudaDevice {
+/// GPU `ordinal` as a worker's [`Hardware`], opened: a worker on it reports its memory and
+/// makes a [`CudaBackend`] for each model it is assigned.
+pub struct CudaHardware {
     ordinal: usize,
-    device: OpenGpu,
+    context: GpuContext,
 }
 
-impl CudaDevice {
-    pub fn open(ordinal: usize) -> Result<CudaDevice, BackendError> {
-        Ok(CudaDevice {
+impl CudaHardware {
+    pub fn open(ordinal: usize) -> Result<CudaHardware, BackendError> {
+        Ok(CudaHardware {
             ordinal,
-            device: OpenGpu::open(ordinal).map_err(dev)?,
+            context: GpuContext::open(ordinal).map_err(dev)?,
         })
     }
 }
 
-impl Hardware for CudaDevice {
+impl Hardware for CudaHardware {
     type Backend = CudaBackend;
 
     fn describe(&self) -> String {
-        format!("cuda:{} {}", self.ordinal, self.device.describe())
+        format!("cuda:{} {}", self.ordinal, self.context.describe())
     }
 
     fn memory(&self) -> (u64, u64) {
-        self.device.memory().unwrap_or((0, 0))
+        self.context.memory().unwrap_or((0, 0))
     }
 
     fn backend(&self, c: &ModelConfig) -> Result<CudaBackend, BackendError> {
@@ -105,7 +105,8 @@ pub struct CudaBackend {
     poison: bool,
 }
 
-/// The device a backend runs on, from `--device`: `cpu` or `cuda:N`.
+/// The device a worker or `generate` runs on, from `--device`: `cpu` or `cuda:N` (the value of
+/// the flag; [`CudaHardware::open`] opens a GPU it names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     Cpu,
@@ -166,12 +167,12 @@ impl CudaBackend {
     ) -> Result<Self, BackendError> {
         // Shapes the kernels cannot serve are refused before the driver is touched.
         let spec = Spec::new(head_dim, heads, kv_heads).map_err(|e| dev(e.into()))?;
-        CudaBackend::on(&CudaDevice::open(ordinal)?, spec)
+        CudaBackend::on(&CudaHardware::open(ordinal)?, spec)
     }
 
     /// Compiles the kernels on an opened GPU for a model of attention shape `spec`.
-    fn on(device: &CudaDevice, spec: Spec) -> Result<Self, BackendError> {
-        let gpu = Gpu::on(&device.device, spec).map_err(dev)?;
+    fn on(hardware: &CudaHardware, spec: Spec) -> Result<Self, BackendError> {
+        let gpu = Gpu::on(&hardware.context, spec).map_err(dev)?;
         Ok(CudaBackend { gpu, poison: false })
     }
 
@@ -370,6 +371,10 @@ impl Backend for CudaBackend {
 
     fn rows(&self, t: &CudaTensor) -> usize {
         t.rows
+    }
+
+    fn cols(&self, t: &CudaTensor) -> usize {
+        t.cols
     }
 
     fn kv_cache(

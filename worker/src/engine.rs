@@ -28,7 +28,7 @@ pub enum EngineError {
         #[source]
         source: switchyard_scheduler::Invalid,
     },
-    #[error("request {id}: KV blocks: {source}")]
+    #[error("request {id}: {source}")]
     Kv {
         id: SeqId,
         #[source]

@@ -1,6 +1,8 @@
 //! The expert exchange over gRPC: at a MoE layer, the tokens routed to experts held by other
 //! workers of the same stage are sent to them (`Worker.RunExperts`, one call per peer, all in
-//! parallel), and their weighted outputs come back while the local experts run.
+//! parallel), and their weighted outputs come back while the local experts run. The
+//! activations travel through the host: this exchange copies them off the backend's device and
+//! the outputs back onto it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,10 +14,53 @@ use switchyard_proto::v1::worker_client::WorkerClient;
 use tonic::transport::Channel;
 use tracing::{info_span, Instrument};
 
-use crate::backend::Routes;
+use crate::backend::{Backend, Routes};
 use crate::metrics::WorkerMetrics;
 use crate::model::{ExpertExchange, ModelError, PendingExperts};
 use switchyard_net::{trace_context, wire};
+
+/// Why a gRPC exchange failed; what [`ModelError::Exchange`] holds for it.
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcExchangeError {
+    #[error("expert {0} has no shard in the placement")]
+    NoShard(u32),
+    /// The task calling the peer failed (panicked or was cancelled).
+    #[error("shard {shard}: {source}")]
+    Task {
+        shard: usize,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// The peer answered with an error status (or none within the timeout).
+    #[error("shard {shard}: {}", .status.message())]
+    Peer {
+        shard: usize,
+        #[source]
+        status: tonic::Status,
+    },
+    #[error("shard {shard}: reply without outputs")]
+    NoOutputs { shard: usize },
+    #[error("shard {shard}: {source}")]
+    Malformed {
+        shard: usize,
+        #[source]
+        source: wire::Malformed,
+    },
+    #[error("shard {shard}: {rows}×{cols} outputs for {tokens}×{want_cols} inputs")]
+    Shape {
+        shard: usize,
+        rows: usize,
+        cols: usize,
+        tokens: usize,
+        want_cols: usize,
+    },
+}
+
+impl From<GrpcExchangeError> for ModelError {
+    fn from(e: GrpcExchangeError) -> Self {
+        ModelError::Exchange(Box::new(e))
+    }
+}
 
 pub struct GrpcExchange {
     pub handle: tokio::runtime::Handle,
@@ -30,23 +75,25 @@ pub struct GrpcExchange {
     pub timeout: std::time::Duration,
 }
 
-impl ExpertExchange for GrpcExchange {
+impl<B: Backend> ExpertExchange<B> for GrpcExchange {
     fn dispatch(
         &self,
+        backend: &B,
         layer: usize,
-        x: Vec<f32>,
-        cols: usize,
+        x: &B::Tensor,
         routes: &Routes,
-    ) -> Result<PendingExperts, ModelError> {
+    ) -> Result<PendingExperts<B>, ModelError> {
         let k = routes.top_k;
-        let rows = x.len() / cols;
+        let (rows, cols) = (backend.rows(x), backend.cols(x));
+        let x = backend.to_host(x)?;
         // For every other shard, the tokens with at least one of their experts there.
         let mut wanted: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for t in 0..rows {
             for &e in &routes.experts[t * k..(t + 1) * k] {
-                let shard = *self.expert_shard.get(e as usize).ok_or_else(|| {
-                    ModelError::Exchange(format!("expert {e} has no shard in the placement"))
-                })? as usize;
+                let shard = *self
+                    .expert_shard
+                    .get(e as usize)
+                    .ok_or(GrpcExchangeError::NoShard(e))? as usize;
                 let tokens = wanted.entry(shard).or_default();
                 if shard != self.shard && tokens.last() != Some(&t) {
                     tokens.push(t);
@@ -96,27 +143,29 @@ impl ExpertExchange for GrpcExchange {
         }
         let handle = self.handle.clone();
         let metrics = self.metrics.clone();
-        Ok(PendingExperts::new(move || {
+        Ok(PendingExperts::new(move |backend: &B| {
             let mut out = vec![0.0f32; rows * cols];
             for (shard, tokens, call) in calls {
-                let fail = |e: String| ModelError::Exchange(format!("shard {shard}: {e}"));
                 let reply = handle
                     .block_on(call)
-                    .map_err(|e| fail(e.to_string()))?
-                    .map_err(|s| fail(s.message().to_string()))?
+                    .map_err(|source| GrpcExchangeError::Task { shard, source })?
+                    .map_err(|status| GrpcExchangeError::Peer { shard, status })?
                     .into_inner();
                 metrics
                     .exchange_bytes_received
                     .add(reply.encoded_len() as u64);
-                let y = reply
-                    .y
-                    .ok_or_else(|| fail("reply without outputs".into()))?;
-                let (y, r, c) = wire::from_tensor(&y).map_err(|e| fail(e.to_string()))?;
+                let y = reply.y.ok_or(GrpcExchangeError::NoOutputs { shard })?;
+                let (y, r, c) = wire::from_tensor(&y)
+                    .map_err(|source| GrpcExchangeError::Malformed { shard, source })?;
                 if r != tokens.len() || c != cols {
-                    return Err(fail(format!(
-                        "{r}×{c} outputs for {}×{cols} inputs",
-                        tokens.len()
-                    )));
+                    return Err(GrpcExchangeError::Shape {
+                        shard,
+                        rows: r,
+                        cols: c,
+                        tokens: tokens.len(),
+                        want_cols: cols,
+                    }
+                    .into());
                 }
                 for (i, &t) in tokens.iter().enumerate() {
                     let row = &mut out[t * cols..(t + 1) * cols];
@@ -128,7 +177,33 @@ impl ExpertExchange for GrpcExchange {
             metrics
                 .exchange_seconds
                 .observe(started.elapsed().as_secs_f64());
-            Ok(out)
+            Ok(backend.tensor(out, rows, cols)?)
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+
+    #[test]
+    fn a_peer_error_reads_as_before_and_keeps_its_status_as_the_source() {
+        let e: ModelError = GrpcExchangeError::Peer {
+            shard: 1,
+            status: tonic::Status::unavailable("connection refused"),
+        }
+        .into();
+        assert_eq!(
+            e.to_string(),
+            "expert exchange: shard 1: connection refused"
+        );
+        let status = e
+            .source()
+            .and_then(|s| s.source())
+            .and_then(|s| s.downcast_ref::<tonic::Status>())
+            .expect("the status is in the chain");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
     }
 }

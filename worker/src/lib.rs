@@ -19,6 +19,6 @@ pub mod service;
 
 pub use backend::{Backend, BackendError, Hardware};
 pub use cpu::CpuBackend;
-pub use cuda::{CudaBackend, CudaDevice, Device};
+pub use cuda::{CudaBackend, CudaHardware, Device};
 pub use engine::{Engine, EngineConfig, EngineError};
 pub use model::{Model, ModelError};

@@ -21,35 +21,42 @@ pub enum ModelError {
     MissingPart(&'static str),
     #[error("layer {layer}: tokens are routed to expert {expert}, which this worker does not hold and no exchange reaches")]
     ExpertNotHere { layer: usize, expert: u32 },
+    /// The exchange failed; its own error (e.g. a peer's gRPC status) is the source.
     #[error("expert exchange: {0}")]
-    Exchange(String),
+    Exchange(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The tokens of a MoE layer routed to experts held by other workers of the stage: sent to
 /// them, run there, and their weighted outputs brought back (DESIGN.md's exchange). Over gRPC
-/// between processes; NCCL later.
-pub trait ExpertExchange: Send + Sync {
-    /// Starts the remote part of layer `layer` (a global layer index) for the `[rows, cols]`
-    /// host activations `x`; local experts run while it is under way.
+/// between processes ([`crate::exchange::GrpcExchange`]); NCCL later. It takes and gives
+/// backend tensors, so an exchange between GPUs can keep its activations on the devices; one
+/// that goes through the host copies them there itself.
+pub trait ExpertExchange<B: Backend>: Send + Sync {
+    /// Starts the remote part of layer `layer` (a global layer index) for the activations `x`
+    /// (`[rows, hidden]`, normed, on `backend`); local experts run while it is under way.
     fn dispatch(
         &self,
+        backend: &B,
         layer: usize,
-        x: Vec<f32>,
-        cols: usize,
+        x: &B::Tensor,
         routes: &Routes,
-    ) -> Result<PendingExperts, ModelError>;
+    ) -> Result<PendingExperts<B>, ModelError>;
 }
 
-/// Remote expert outputs on their way: `[rows, cols]`, summed over experts with router weights.
-pub struct PendingExperts(Box<dyn FnOnce() -> Result<Vec<f32>, ModelError> + Send>);
+/// What [`PendingExperts::wait`] runs: given the backend, the remote outputs as its tensor.
+type Wait<B> = Box<dyn FnOnce(&B) -> Result<<B as Backend>::Tensor, ModelError> + Send>;
 
-impl PendingExperts {
-    pub fn new(wait: impl FnOnce() -> Result<Vec<f32>, ModelError> + Send + 'static) -> Self {
+/// Remote expert outputs on their way: `[rows, cols]`, summed over experts with router
+/// weights, delivered as a tensor of the backend the exchange was dispatched from.
+pub struct PendingExperts<B: Backend>(Wait<B>);
+
+impl<B: Backend> PendingExperts<B> {
+    pub fn new(wait: impl FnOnce(&B) -> Result<B::Tensor, ModelError> + Send + 'static) -> Self {
         PendingExperts(Box::new(wait))
     }
 
-    pub fn wait(self) -> Result<Vec<f32>, ModelError> {
-        (self.0)()
+    pub fn wait(self, backend: &B) -> Result<B::Tensor, ModelError> {
+        (self.0)(backend)
     }
 }
 
@@ -248,7 +255,7 @@ impl<B: Backend> Model<B> {
         cache: &mut B::KvCache,
         hidden: &mut B::Tensor,
         batch: &AttentionBatch,
-        exchange: Option<&dyn ExpertExchange>,
+        exchange: Option<&dyn ExpertExchange<B>>,
     ) -> Result<(), ModelError> {
         let c = &self.config;
         let eps = c.rms_norm_eps as f32;
@@ -288,18 +295,13 @@ impl<B: Backend> Model<B> {
                                 expert,
                             })
                         }
-                        (Some(_), Some(ex)) => {
-                            let cols = c.hidden_size;
-                            Some(ex.dispatch(global, backend.to_host(&x)?, cols, &routes)?)
-                        }
+                        (Some(_), Some(ex)) => Some(ex.dispatch(backend, global, &x, &routes)?),
                     };
                     let held: Vec<(u32, &FfnWeights<B::Weight>)> =
                         experts.iter().map(|(e, w)| (*e, w)).collect();
                     backend.experts_ffn_add(&x, &routes, &held, hidden)?;
                     if let Some(p) = pending {
-                        let mut sum = backend.to_host(hidden)?;
-                        sum.iter_mut().zip(p.wait()?).for_each(|(h, r)| *h += r);
-                        *hidden = backend.tensor(sum, backend.rows(hidden), c.hidden_size)?;
+                        backend.add(&p.wait(backend)?, hidden)?;
                     }
                 }
             }

@@ -288,11 +288,16 @@ impl<H: Hardware> WorkerState<H> {
     }
 }
 
+/// What a stage's share of a step gives.
+enum StageOutput {
+    /// A middle stage's hidden states, for the next stage of the lane.
+    Forward(pb::Tensor),
+    /// The last stage's draws: the step's answer.
+    Done(pb::StepResponse),
+}
+
 /// What the worker runs a step's layers with: its model part, its KV memory, its exchange.
-fn run_step<B: Backend>(
-    part: &Part<B>,
-    request: &pb::StepRequest,
-) -> Result<Result<pb::StepResponse, pb::Tensor>, Status> {
+fn run_step<B: Backend>(part: &Part<B>, request: &pb::StepRequest) -> Result<StageOutput, Status> {
     let backend = &*part.backend;
     let work = request
         .seqs
@@ -330,7 +335,7 @@ fn run_step<B: Backend>(
     );
     {
         let mut cache = part.cache.lock().expect("not poisoned");
-        let exchange = part.exchange.as_ref().map(|x| x as &dyn ExpertExchange);
+        let exchange = part.exchange.as_ref().map(|x| x as &dyn ExpertExchange<B>);
         model
             .forward_layers(backend, &mut cache, &mut hidden, &batch, exchange)
             .map_err(failed)?;
@@ -338,11 +343,15 @@ fn run_step<B: Backend>(
     if !part.assignment.head {
         let rows = backend.rows(&hidden);
         let data = backend.to_host(&hidden).map_err(|e| failed(e.into()))?;
-        return Ok(Err(wire::tensor(&data, rows, c.hidden_size)));
+        return Ok(StageOutput::Forward(wire::tensor(
+            &data,
+            rows,
+            c.hidden_size,
+        )));
     }
     let logits = model.logits(backend, &hidden, &inputs).map_err(failed)?;
     let results = sample_step(&work, &logits, c.vocab_size);
-    Ok(Ok(pb::StepResponse {
+    Ok(StageOutput::Done(pb::StepResponse {
         results: results.iter().map(wire::seq_result).collect(),
     }))
 }
@@ -458,8 +467,8 @@ where
         m.step_tokens.add(tokens);
         m.step_seconds.observe(started.elapsed().as_secs_f64());
         match out? {
-            Ok(done) => Ok(Response::new(done)),
-            Err(hidden) => {
+            StageOutput::Done(done) => Ok(Response::new(done)),
+            StageOutput::Forward(hidden) => {
                 let mut next = part
                     .next
                     .clone()
