@@ -1,10 +1,14 @@
 //! The coordinator: it plans where the model's layers and experts live ([`placement`]), brings
 //! the workers up ([`cluster`]), runs one scheduler and pipeline driver per lane ([`lane`]) and
-//! serves clients ([`api`]). It holds no weights and no KV memory: workers do; it owns the
-//! decisions (what runs when, which KV blocks a sequence holds) and the client streams.
+//! serves clients: the gRPC server ([`server`], [`api`]) and the HTTP port ([`http`],
+//! [`openai`], the dashboard fed by [`monitor`]). Every request enters through [`admission`]. It
+//! holds no weights and no KV memory: workers do; it owns the decisions (what runs when, which
+//! KV blocks a sequence holds) and the client streams.
+//!
 //! Which workers it has, and when the placement changes, is [`membership`]'s: a static list,
-//! or workers registered in etcd, with coordinators electing a leader there; a standby forwards
-//! its clients' calls to the leader ([`forward`]).
+//! or workers registered in etcd, with coordinators electing a leader there. The part this
+//! process plays (leading, standing by, draining) is [`role`]'s; a standby forwards its
+//! clients' calls to the leader ([`forward`]).
 
 pub mod admission;
 pub mod api;
