@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod openai;
 pub mod placement;
+pub mod run;
 
 pub use cluster::{Cluster, ClusterConfig, StartError};
 pub use placement::{Grid, PlanOptions};
