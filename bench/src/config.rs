@@ -134,9 +134,25 @@ impl LenDist {
     }
 }
 
-/// A time such as `200ms`, `1.5s`, `2m` or a bare number of seconds.
+/// A time such as `200ms`, `1.5s`, `2m` or a bare number of seconds, greater than 0: the
+/// bench's bounds and SLOs.
 pub fn parse_duration(s: &str) -> Result<Duration, ParseError> {
-    const WHAT: &str = "a time such as 200ms, 1.5s, 2m or a number of seconds";
+    match duration(s) {
+        Some(d) if !d.is_zero() => Ok(d),
+        _ => expected(&format!("{DURATION}, greater than 0")),
+    }
+}
+
+/// A time such as `500ms`, `1.5s`, `2m` or a bare number of seconds (so `30` stays 30 s), 0
+/// allowed: the serving commands' timeouts, grace periods and lease times.
+pub fn parse_duration_or_zero(s: &str) -> Result<Duration, ParseError> {
+    duration(s).map_or_else(|| expected(&format!("{DURATION}, 0 or more")), Ok)
+}
+
+const DURATION: &str = "a time such as 200ms, 1.5s, 2m or a number of seconds";
+
+/// The one reading of a time: a number ≥ 0, then `ms`, `s`, `m` or nothing (seconds).
+fn duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
         (n, 1e-3)
@@ -147,10 +163,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, ParseError> {
     } else {
         (s, 1.0)
     };
-    match number.trim().parse::<f64>() {
-        Ok(x) if x.is_finite() && x > 0.0 => Ok(Duration::from_secs_f64(x * scale)),
-        _ => expected(&format!("{WHAT}, greater than 0")),
-    }
+    let x = number.trim().parse::<f64>().ok()?;
+    Duration::try_from_secs_f64(x * scale).ok()
 }
 
 /// Service-level objectives a request must all meet to count towards goodput, e.g.
@@ -523,6 +537,37 @@ mod tests {
             .sum::<f64>()
             / 2000.0;
         assert!((mean - 200.0).abs() < 3.0, "mean {mean}");
+    }
+
+    #[test]
+    fn durations_take_units_and_plain_seconds() {
+        let ms = Duration::from_millis;
+        for (text, want) in [
+            ("500ms", ms(500)),
+            ("30s", ms(30_000)),
+            ("2m", ms(120_000)),
+            ("1.5s", ms(1500)),
+            ("0.25m", ms(15_000)),
+            ("30", ms(30_000)),
+            ("2.5", ms(2500)),
+            (" 10s ", ms(10_000)),
+            ("0", ms(0)),
+            ("0ms", ms(0)),
+        ] {
+            assert_eq!(parse_duration_or_zero(text), Ok(want), "{text}");
+        }
+        for bad in [
+            "", "-1", "-1s", "-0.5m", "soon", "1h", "s", "ms", "1 2s", "1e400", "NaN", "inf",
+        ] {
+            let err = parse_duration_or_zero(bad).unwrap_err().0;
+            assert!(
+                err.contains("a time such as 200ms, 1.5s, 2m"),
+                "{bad}: {err}"
+            );
+            assert!(parse_duration(bad).is_err(), "{bad} was accepted");
+        }
+        assert!(parse_duration("0").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(ms(500)));
     }
 
     #[test]

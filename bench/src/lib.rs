@@ -6,6 +6,7 @@
 //! It talks to servers only through their public APIs: it depends on the proto and model
 //! crates (messages, tokenizer), never on the coordinator or workers.
 
+pub mod args;
 pub mod client;
 pub mod config;
 pub mod plot;
@@ -21,6 +22,7 @@ use serde::Serialize;
 use switchyard_model::Tokenizer;
 use switchyard_proto::v1::inference_client::InferenceClient;
 
+pub use args::Args;
 pub use client::Client;
 pub use config::Config;
 pub use report::Report;
@@ -164,5 +166,38 @@ impl Outcome {
             write(path, plot::svg(&self.runs, &title))?;
         }
         Ok(())
+    }
+}
+
+/// The live progress line on stderr: rewritten in place on a terminal, else one line every
+/// ten seconds and one at the end (logs stay readable).
+pub fn progress_line(p: &Progress) {
+    use std::io::IsTerminal;
+    let done = p.completed + p.failed;
+    let finished = p.finished;
+    let terminal = std::io::stderr().is_terminal();
+    let secs = p.elapsed.as_secs();
+    if !terminal && !finished && !secs.is_multiple_of(10) {
+        return;
+    }
+    let total = p.total.map_or(String::new(), |t| format!("/{t}"));
+    let bar = p.total.map_or(String::new(), |t| {
+        let filled = (done * 20).checked_div(t).unwrap_or(0).min(20);
+        format!("[{}{}] ", "#".repeat(filled), ".".repeat(20 - filled))
+    });
+    let elapsed = p.elapsed.as_secs_f64().max(1e-3);
+    let line = format!(
+        "{} {bar}{done}{total} done, {} failed, {} in flight, {:.1} req/s, {:.1} out tok/s, mean TTFT {}, bench CPU {}",
+        p.label,
+        p.failed,
+        p.in_flight,
+        p.completed as f64 / elapsed,
+        p.output_tokens as f64 / elapsed,
+        p.mean_ttft_ms.map_or("-".into(), |t| format!("{t:.0} ms")),
+        p.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
+    );
+    match terminal {
+        true => eprint!("\r\x1b[2K{line}{}", if finished { "\n" } else { "" }),
+        false => eprintln!("{line}"),
     }
 }

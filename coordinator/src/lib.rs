@@ -8,7 +8,8 @@
 //! Which workers it has, and when the placement changes, is [`membership`]'s: a static list,
 //! or workers registered in etcd, with coordinators electing a leader there. The part this
 //! process plays (leading, standing by, draining) is [`role`]'s; a standby forwards its
-//! clients' calls to the leader ([`forward`]).
+//! clients' calls to the leader ([`forward`]). The process's life (start, serve, drain on
+//! SIGTERM, stop) is [`run`]'s.
 
 pub mod admission;
 pub mod api;
@@ -23,6 +24,7 @@ pub mod monitor;
 pub mod openai;
 pub mod placement;
 pub mod role;
+pub mod run;
 pub mod server;
 
 pub use cluster::{Cluster, ClusterConfig, StartError};

@@ -2,10 +2,12 @@
 //! and the cluster's message limit ([`grpc`]), conversions between the wire messages and the
 //! scheduler's types ([`wire`]), W3C trace context in gRPC metadata ([`trace_context`]), and
 //! etcd: a small client over its v3 API ([`etcd`]: KV, leases, watches, election) and where a
-//! cluster's keys live ([`keys`]).
+//! cluster's keys live ([`keys`]); and a serving process's edges: binding its ports and waiting
+//! for the signal to drain ([`process`]).
 
 pub mod etcd;
 pub mod grpc;
 pub mod keys;
+pub mod process;
 pub mod trace_context;
 pub mod wire;

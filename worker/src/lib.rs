@@ -15,6 +15,7 @@ pub mod exchange;
 pub mod metrics;
 pub mod model;
 pub mod registration;
+pub mod run;
 pub mod service;
 
 pub use backend::{Backend, BackendError, Hardware};

@@ -1,0 +1,178 @@
+//! A coordinator process from start to exit: bind the client gRPC API and the HTTP port, run
+//! the membership (a static worker list, or etcd with leader election), serve until Ctrl-C or
+//! SIGTERM, then drain: stop admitting, let requests in flight finish within the grace period,
+//! fail the rest and stop the servers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_metrics::{self as metrics, Registry};
+use switchyard_net::etcd::{Etcd, EtcdError};
+use switchyard_net::keys::{BadClusterName, Keys};
+use switchyard_net::process::{bind, shutdown_signal, BindError, EtcdMember};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::cluster::{Cluster, ClusterConfig, StartError};
+use crate::http;
+use crate::membership::{self, EtcdMembership};
+use crate::server::{self, ServeError};
+
+/// Where a coordinator listens.
+#[derive(Debug, Clone)]
+pub struct Ports {
+    /// The client gRPC API.
+    pub grpc: SocketAddr,
+    /// The HTTP port: the OpenAI-compatible API, the dashboard, metrics, health.
+    pub http: SocketAddr,
+}
+
+/// Why a coordinator could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error(transparent)]
+    ClusterName(#[from] BadClusterName),
+    #[error(
+        "--grpc-addr {0} listens on every interface: give --advertise HOST:PORT, the \
+         address other coordinators reach this one's gRPC API at (standbys forward \
+         their clients' calls to the leader's)"
+    )]
+    NoAdvertise(SocketAddr),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Starts a static cluster, then serves the client APIs until Ctrl-C or SIGTERM (then drains).
+/// `local_workers` are the metrics of workers in this process, which `/metrics` includes.
+pub async fn static_cluster(
+    config: ClusterConfig,
+    ports: Ports,
+    local_workers: Vec<Arc<Registry>>,
+) -> Result<(), RunError> {
+    let grace = config.drain_grace;
+    let cluster = Cluster::start(config).await?;
+    let listener = bind(ports.grpc).await?;
+    if let Some(s) = cluster.serving() {
+        eprint!("{}", s.placement);
+    }
+    let _web = spawn_http(&cluster, ports.http, local_workers).await?;
+    eprintln!(
+        "switchyard: listening on {} (gRPC), serving {}",
+        listener.local_addr()?,
+        cluster.model_name()
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let leader = tokio::spawn(membership::run_static(cluster.clone(), {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }));
+    serve_until_drained(cluster, listener, grace, stop_tx).await?;
+    let _ = leader.await;
+    Ok(())
+}
+
+/// A coordinator of a cluster kept in etcd: leader or standby, until Ctrl-C or SIGTERM.
+pub async fn etcd_cluster(
+    config: ClusterConfig,
+    ports: Ports,
+    member: EtcdMember,
+) -> Result<(), RunError> {
+    let etcd = Etcd::connect(&member.url)?;
+    let keys = Keys::new(&member.cluster)?;
+    let grace = config.drain_grace;
+    let cluster = Cluster::new(config)?;
+    let listener = bind(ports.grpc).await?;
+    // Proclaimed in the election: standbys forward their clients' calls to it.
+    let address = match member.advertise {
+        Some(a) => a,
+        None if ports.grpc.ip().is_unspecified() => return Err(RunError::NoAdvertise(ports.grpc)),
+        None => listener.local_addr()?.to_string(),
+    };
+    // The HTTP port first: its line comes before the one that says the coordinator is up.
+    let _web = spawn_http(&cluster, ports.http, Vec::new()).await?;
+    eprintln!(
+        "switchyard: listening on {address} (gRPC), serving {} in cluster {:?} (etcd {})",
+        cluster.model_name(),
+        member.cluster,
+        member.url
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let m = EtcdMembership {
+        etcd,
+        keys,
+        address,
+        ttl: member.lease_ttl.max(Duration::from_secs(1)),
+    };
+    let leader = tokio::spawn(membership::run_etcd(cluster.clone(), m, stop_rx));
+    serve_until_drained(cluster, listener, grace, stop_tx).await?;
+    let _ = leader.await;
+    Ok(())
+}
+
+/// Binds the HTTP port and serves it until Ctrl-C / SIGTERM.
+async fn spawn_http(
+    cluster: &Arc<Cluster>,
+    addr: SocketAddr,
+    local_workers: Vec<Arc<Registry>>,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, RunError> {
+    let web = bind(addr).await?;
+    let router = http::router(cluster.clone(), local_workers);
+    eprintln!(
+        "switchyard: HTTP on {} (OpenAI API at /v1, dashboard at /, metrics at /metrics)",
+        web.local_addr()?
+    );
+    Ok(tokio::spawn(metrics::serve_http(
+        web,
+        router,
+        shutdown_signal(),
+    )))
+}
+
+/// Serves the client API until a signal, drains, tells `stop` and stops the server.
+async fn serve_until_drained(
+    cluster: Arc<Cluster>,
+    listener: TcpListener,
+    grace: Duration,
+    stop: watch::Sender<bool>,
+) -> Result<(), RunError> {
+    let (server_tx, server_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::serve(cluster.clone(), listener, async {
+        let _ = server_rx.await;
+    }));
+    shutdown_signal().await;
+    drain(&cluster, grace).await;
+    let _ = stop.send(true);
+    let _ = server_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(r) => r??,
+        Err(_) => eprintln!("switchyard: the gRPC server did not stop within 5 s"),
+    }
+    eprintln!("switchyard: stopped");
+    Ok(())
+}
+
+/// Stops taking requests, lets those in flight finish within `grace`, ends the rest.
+async fn drain(cluster: &Cluster, grace: Duration) {
+    eprintln!("switchyard: draining (up to {grace:?})");
+    cluster.stop_admitting();
+    let deadline = tokio::time::Instant::now() + grace;
+    while !cluster.is_idle() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster
+        .fail_all("the coordinator shut down before the request finished (drain grace period over)")
+        .await;
+}

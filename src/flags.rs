@@ -1,0 +1,406 @@
+//! The command line's flags: every subcommand's clap arguments, and what they become (the
+//! crates' option structs). `main` parses them and dispatches.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use switchyard_bench::config::parse_duration_or_zero as duration;
+use switchyard_coordinator::run::Ports;
+use switchyard_coordinator::{ClusterConfig, Grid, PlanOptions};
+use switchyard_net::process::EtcdMember;
+use switchyard_scheduler::SamplingParams;
+use switchyard_worker::Device;
+
+use crate::telemetry::LogFormat;
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Serve Mixture-of-Experts language models across many GPUs and machines"
+)]
+pub struct Cli {
+    /// Log lines as text, or as JSON objects (one per line, with span fields such as the
+    /// request id) for log collectors.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Export spans (requests, steps, stage forwards, expert exchanges) over OTLP/gRPC to this
+    /// collector, e.g. http://127.0.0.1:4317. Trace context travels between processes as W3C
+    /// `traceparent` in gRPC metadata and is taken from clients' HTTP and gRPC headers.
+    #[arg(long, global = true, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Make or describe model directories.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Generate from a prompt: in this process (the reference path), on the CPU or one GPU, or
+    /// from a running cluster with --server.
+    Generate(GenerateArgs),
+    /// A coordinator and P×E workers in this process (each worker a gRPC server on loopback).
+    Serve(ServeArgs),
+    /// One worker process: it waits for a coordinator to assign it a part of a model.
+    Worker(WorkerArgs),
+    /// A coordinator over separately started workers.
+    Coordinator(CoordinatorArgs),
+    /// Load-test a running server (gRPC or OpenAI HTTP API): throughput, TTFT, TPOT, ITL,
+    /// end-to-end latency, goodput; sweeps and plots.
+    Bench(Box<switchyard_bench::Args>),
+    /// A running cluster's grid, workers (memory), lanes (KV usage) and queue.
+    Status {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        server: String,
+    },
+}
+
+#[derive(Args)]
+pub struct ClusterArgs {
+    /// P×E: pipeline stages × expert shards.
+    #[arg(long, default_value = "1x1")]
+    pub grid: Grid,
+    /// Address of the client gRPC API.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+    /// Address of the HTTP port: OpenAI-compatible API under /v1, the dashboard at /,
+    /// Prometheus metrics at /metrics, /health and /ready.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub http_addr: SocketAddr,
+    /// KV cache per worker, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub kv_cache_mb: u64,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Most tokens one step processes per lane (longer prompts are prefilled in chunks).
+    #[arg(long, default_value_t = 512)]
+    pub max_step_tokens: usize,
+    /// Most sequences running at once per lane.
+    #[arg(long, default_value_t = 64)]
+    pub max_running: usize,
+    /// Requests waiting beyond this are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024)]
+    pub max_queue: usize,
+    /// Deadline of requests that bring none (grpc-timeout), e.g. 500ms, 30s, 2m (a plain
+    /// number is seconds).
+    #[arg(long = "request-timeout", alias = "request-timeout-s", value_parser = duration)]
+    pub request_timeout: Option<Duration>,
+    /// A step without an answer for this long counts as a failed worker; its requests are
+    /// recomputed on a new placement.
+    #[arg(long = "step-timeout", alias = "step-timeout-s", default_value = "10s", value_parser = duration)]
+    pub step_timeout: Duration,
+    /// How long a request waits for a placement (after a failure) before UNAVAILABLE.
+    #[arg(long = "recovery-timeout", alias = "recovery-timeout-s", default_value = "30s", value_parser = duration)]
+    pub recovery_timeout: Duration,
+    /// How long in-flight requests may take to finish when a worker or this coordinator
+    /// drains (SIGTERM).
+    #[arg(long = "drain-grace", alias = "drain-grace-s", default_value = "30s", value_parser = duration)]
+    pub drain_grace: Duration,
+}
+
+#[derive(Args)]
+pub struct EtcdArgs {
+    /// etcd endpoint (e.g. http://127.0.0.1:2379): membership, placement and leader election.
+    #[arg(long)]
+    pub etcd: Option<String>,
+    /// The cluster's name: its keys in etcd live under /switchyard/NAME/.
+    #[arg(long, default_value = "default")]
+    pub cluster: String,
+    /// Time to live of the etcd lease: how long a dead process stays registered (or leader);
+    /// at least 1s.
+    #[arg(long = "lease-ttl", alias = "lease-ttl-s", default_value = "3s", value_parser = duration)]
+    pub lease_ttl: Duration,
+    /// The address others reach this process at, when not the one it listens on (a
+    /// coordinator's: its gRPC API, where standbys forward to while it leads; required when
+    /// --grpc-addr is 0.0.0.0 or [::]).
+    #[arg(long)]
+    pub advertise: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Model directory; without it, a demo tiny-mixtral made once into ~/.cache/switchyard.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Where the workers run: cpu; cuda:N (all on GPU N); or cuda (worker i on GPU i, as
+    /// many GPUs as grid cells).
+    #[arg(long, default_value = "cpu")]
+    pub device: ServeDevices,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Where `serve` puts its workers.
+#[derive(Clone, Copy)]
+pub enum ServeDevices {
+    Cpu,
+    /// Worker i on GPU i.
+    EachGpu,
+    /// Every worker on this GPU.
+    Gpu(usize),
+}
+
+impl std::str::FromStr for ServeDevices {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cuda" => Ok(ServeDevices::EachGpu),
+            _ => match s.parse::<Device>()? {
+                Device::Cpu => Ok(ServeDevices::Cpu),
+                Device::Cuda(n) => Ok(ServeDevices::Gpu(n)),
+            },
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    #[arg(long, default_value = "127.0.0.1:50061")]
+    pub listen: SocketAddr,
+    /// Where to run: cpu, or cuda:N (GPU N; kernels compile for the assigned model's shapes
+    /// and are cached on disk).
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// Serve Prometheus metrics on this address (`/metrics`).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// With --etcd: how long a draining worker (SIGTERM) waits to be released.
+    #[arg(long = "drain-grace", alias = "drain-grace-s", default_value = "60s", value_parser = duration)]
+    pub drain_grace: Duration,
+}
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Worker addresses, stage by stage: cell (p, e) is the (p·E + e)-th.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "etcd",
+        conflicts_with = "etcd"
+    )]
+    pub workers: Vec<String>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// With --etcd, --grid is the largest grid wanted: fewer workers get the best smaller one.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Write a Hugging Face model directory with seeded random weights.
+    Init {
+        /// One of tiny-mixtral, tiny-mistral, tiny-llama, small-mixtral.
+        #[arg(long)]
+        preset: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Split the weights into shards of at most this many MiB (with an index file).
+        #[arg(long)]
+        shard_mb: Option<usize>,
+    },
+    /// Architecture, parameter counts, bytes per dtype and KV bytes per token.
+    Inspect {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+    pub model: Option<PathBuf>,
+    /// Generate from a running cluster at this address instead (streams the text).
+    #[arg(long)]
+    pub server: Option<String>,
+    #[arg(long, group = "input", required = true)]
+    pub prompt: Option<String>,
+    /// Comma-separated token ids, fed as they are.
+    #[arg(long, group = "input", value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// One user message, formatted with the model's chat template.
+    #[arg(long, group = "input")]
+    pub chat: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print one JSON object instead of the text.
+    #[arg(long)]
+    pub json: bool,
+    /// KV cache size in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub kv_cache_mb: usize,
+    /// Where to run: cpu, or cuda:N (GPU N; kernels compile on first use and are cached).
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+}
+
+/// The sampling flags of `generate`: one mapping to [`SamplingParams`], which the in-process
+/// path runs and the `--server` path sends.
+#[derive(Args)]
+pub struct SamplingArgs {
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when the text contains this string (repeatable; the string is not returned).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Report each generated token's logprob with this many alternatives.
+    #[arg(long)]
+    pub logprobs: Option<usize>,
+    /// Report each prompt token's logprob with this many alternatives.
+    #[arg(long)]
+    pub prompt_logprobs: Option<usize>,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            logprobs: self.logprobs,
+            prompt_logprobs: self.prompt_logprobs,
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+impl ClusterArgs {
+    /// The cluster these flags describe, over `model` and `workers`.
+    pub fn config(&self, model: PathBuf, workers: Vec<String>) -> ClusterConfig {
+        ClusterConfig {
+            plan: PlanOptions {
+                kv_bytes_per_worker: self.kv_cache_mb << 20,
+                block_size: self.block_size,
+            },
+            max_step_tokens: self.max_step_tokens,
+            max_running: self.max_running,
+            max_queue: self.max_queue,
+            request_timeout: self.request_timeout,
+            step_timeout: self.step_timeout,
+            recovery_timeout: self.recovery_timeout,
+            drain_grace: self.drain_grace,
+            ..ClusterConfig::new(model, self.grid, workers)
+        }
+    }
+
+    pub fn ports(&self) -> Ports {
+        Ports {
+            grpc: self.grpc_addr,
+            http: self.http_addr,
+        }
+    }
+}
+
+impl EtcdArgs {
+    /// How this process joins its cluster in etcd, when --etcd is given.
+    pub fn member(&self) -> Option<EtcdMember> {
+        Some(EtcdMember {
+            url: self.etcd.clone()?,
+            cluster: self.cluster.clone(),
+            lease_ttl: self.lease_ttl,
+            advertise: self.advertise.clone(),
+        })
+    }
+}
+
+impl WorkerArgs {
+    pub fn options(&self) -> switchyard_worker::run::Options {
+        switchyard_worker::run::Options {
+            listen: self.listen,
+            metrics_addr: self.metrics_addr,
+            etcd: self.etcd.member(),
+            drain_grace: self.drain_grace,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("switchyard").chain(args.iter().copied()))
+    }
+
+    fn coordinator(args: &[&str]) -> CoordinatorArgs {
+        let mut all = vec!["coordinator", "--model", "m", "--etcd", "http://e:1"];
+        all.extend_from_slice(args);
+        match parse(&all).unwrap().command {
+            Command::Coordinator(c) => c,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn durations_take_units_and_the_old_flag_names() {
+        let c = coordinator(&[]);
+        assert_eq!(c.cluster.step_timeout, Duration::from_secs(10));
+        assert_eq!(c.cluster.drain_grace, Duration::from_secs(30));
+        assert_eq!(c.cluster.request_timeout, None);
+        assert_eq!(c.etcd.lease_ttl, Duration::from_secs(3));
+        let c = coordinator(&[
+            "--step-timeout-s",
+            "2",
+            "--recovery-timeout",
+            "1.5s",
+            "--drain-grace-s",
+            "500ms",
+            "--request-timeout",
+            "2m",
+            "--lease-ttl-s",
+            "0",
+        ]);
+        assert_eq!(c.cluster.step_timeout, Duration::from_secs(2));
+        assert_eq!(c.cluster.recovery_timeout, Duration::from_millis(1500));
+        assert_eq!(c.cluster.drain_grace, Duration::from_millis(500));
+        assert_eq!(c.cluster.request_timeout, Some(Duration::from_secs(120)));
+        assert_eq!(c.etcd.lease_ttl, Duration::ZERO);
+        let w = match parse(&["worker", "--drain-grace-s", "45"]).unwrap().command {
+            Command::Worker(w) => w,
+            _ => unreachable!(),
+        };
+        assert_eq!(w.drain_grace, Duration::from_secs(45));
+        for flag in ["--drain-grace-s", "--step-timeout", "--request-timeout-s"] {
+            let arg = format!("{flag}=-1");
+            let e = parse(&["serve", &arg]).err().unwrap().to_string();
+            let name = flag.trim_end_matches("-s");
+            assert!(
+                e.contains(name) && e.contains("a time such as 200ms, 1.5s, 2m"),
+                "{e}"
+            );
+        }
+    }
+}
