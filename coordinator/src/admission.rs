@@ -133,7 +133,7 @@ impl Local {
             prompt: prompt.clone(),
             params,
         };
-        cluster.check(&req).map_err(refusal)?;
+        let req = cluster.check(req).map_err(refusal)?;
         let queued = cluster.queued();
         let max_queue = cluster.config().max_queue;
         if queued >= max_queue {

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use switchyard_model::{Checkpoint, CheckpointError, ModelConfig, Tokenizer, TokenizerError};
 use switchyard_net::grpc::{channel, worker_client};
 use switchyard_proto::v1 as pb;
-use switchyard_scheduler::{Invalid, PromptInput, Request, Scheduler, SchedulerConfig, Validator};
+use switchyard_scheduler::{
+    Invalid, PromptInput, Request, Scheduler, SchedulerConfig, ValidRequest, Validator,
+};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tonic::Status;
@@ -281,7 +283,7 @@ impl Cluster {
 
     /// Checks a request before it is queued: against the model, and whether the lanes' KV
     /// pools could ever hold it.
-    pub fn check(&self, req: &Request) -> Result<(), Invalid> {
+    pub fn check(&self, req: Request) -> Result<ValidRequest, Invalid> {
         match self.serving() {
             Some(s) => s.checker.check(req),
             None => self.loose_checker.check(req),

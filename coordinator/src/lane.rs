@@ -19,7 +19,7 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::worker_client::WorkerClient;
 use switchyard_scheduler::kv_blocks::SeqId;
 use switchyard_scheduler::step::SeqWork;
-use switchyard_scheduler::{Detached, Request, Scheduler, Update};
+use switchyard_scheduler::{Detached, Scheduler, Update, ValidRequest};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
@@ -57,7 +57,7 @@ pub struct RequestLife {
 }
 
 pub enum Work {
-    New(Request),
+    New(ValidRequest),
     Moved(Detached),
 }
 

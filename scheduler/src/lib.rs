@@ -18,4 +18,4 @@ pub mod validate;
 pub use completion::Completion;
 pub use request::{Request, SamplingParams};
 pub use scheduler::{Detached, FinishReason, Scheduler, SchedulerConfig, Update, Usage};
-pub use validate::{Invalid, PromptInput, Validator};
+pub use validate::{Invalid, PromptInput, ValidRequest, Validator};

@@ -21,7 +21,7 @@ use crate::kv_blocks::{BlockAllocator, SeqId};
 use crate::request::Request;
 use crate::sampling::{seed_of, Draw, TokenLogprob};
 use crate::step::{LogitsWanted, SeqInput, SeqResult, SeqWork};
-use crate::validate::{Invalid, Validator};
+use crate::validate::{Invalid, ValidRequest, Validator};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -187,7 +187,13 @@ impl Scheduler {
     }
 
     /// Checks a request before it is admitted: what is wrong and what was expected.
-    pub fn check(&self, req: &Request) -> Result<(), Invalid> {
+    pub fn check(&self, req: Request) -> Result<ValidRequest, Invalid> {
+        self.fits(&req)?;
+        Ok(ValidRequest::checked(req))
+    }
+
+    /// The model's checks, then whether the pool could ever hold the request.
+    fn fits(&self, req: &Request) -> Result<(), Invalid> {
         let bad = |problem: String| Err(Invalid::Request(problem));
         self.validator.check(req)?;
         let c = &self.model;
@@ -208,8 +214,10 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Queues a request (after [`Scheduler::check`]).
-    pub fn add(&mut self, req: Request) {
+    /// Queues a request checked by [`Scheduler::check`] (or one like it: a lane's requests are
+    /// checked by an empty scheduler with the same pool).
+    pub fn add(&mut self, req: ValidRequest) {
+        let req = req.into_inner();
         self.waiting.push_back(Sequence {
             seed: seed_of(&req.params),
             tokens: req.prompt.clone(),
@@ -247,7 +255,7 @@ impl Scheduler {
     /// Queues a sequence detached from another scheduler; it is recomputed from its prompt and
     /// the tokens it already generated, so its client sees no token twice.
     pub fn adopt(&mut self, d: Detached) -> Result<(), Invalid> {
-        self.check(&d.0.req)?;
+        self.fits(&d.0.req)?;
         self.waiting.push_back(d.0);
         Ok(())
     }
@@ -551,11 +559,14 @@ mod tests {
             ignore_eos: true,
             ..Default::default()
         };
-        a.add(Request {
-            id: 1,
-            prompt: vec![3, 4, 5],
-            params,
-        });
+        let req = a
+            .check(Request {
+                id: 1,
+                prompt: vec![3, 4, 5],
+                params,
+            })
+            .unwrap();
+        a.add(req);
         let mut sent = Vec::new();
         for _ in 0..3 {
             sent.extend(step(&mut a).into_iter().flat_map(|u| u.token_ids));

@@ -1,9 +1,9 @@
 //! Request validation, once for every entry point. The gRPC API, the OpenAI HTTP API and the
 //! command line each turn what they were sent into a prompt of token ids
-//! ([`Validator::tokenize`]) and [`SamplingParams`], and every request is checked here against
-//! the model before it is queued ([`Validator::check`]); what depends on the KV pool of the lane
-//! that will run it is the [`crate::Scheduler`]'s own check on top. The limits are defined here
-//! and nowhere else.
+//! ([`Validator::tokenize`]) and [`SamplingParams`], and every request is checked against the
+//! model before it is queued ([`Validator::validate`]); what depends on the KV pool of the lane
+//! that will run it is the [`crate::Scheduler`]'s own check on top. Only a [`ValidRequest`] can
+//! be queued. The limits are defined here and nowhere else.
 
 use std::sync::Arc;
 
@@ -67,6 +67,30 @@ impl<'a> PromptInput<'a> {
     }
 }
 
+/// A request that passed every check: only a [`Validator`] (or a [`crate::Scheduler`], which
+/// adds its pool's) makes one, and only a valid request can be queued.
+#[derive(Debug, Clone)]
+pub struct ValidRequest(Request);
+
+impl ValidRequest {
+    /// Marks a request checked; the caller has checked it.
+    pub(crate) fn checked(req: Request) -> Self {
+        ValidRequest(req)
+    }
+
+    pub fn into_inner(self) -> Request {
+        self.0
+    }
+}
+
+impl std::ops::Deref for ValidRequest {
+    type Target = Request;
+
+    fn deref(&self) -> &Request {
+        &self.0
+    }
+}
+
 /// Checks requests against one model (and its tokenizer, if it has one).
 #[derive(Debug, Clone)]
 pub struct Validator {
@@ -105,6 +129,12 @@ impl Validator {
     /// Everything about a request that does not depend on where it runs: its sampling
     /// parameters, its prompt against the vocabulary and the context, stop strings against
     /// the tokenizer.
+    pub fn validate(&self, req: Request) -> Result<ValidRequest, Invalid> {
+        self.check(&req)?;
+        Ok(ValidRequest(req))
+    }
+
+    /// [`Validator::validate`] without taking the request.
     pub fn check(&self, req: &Request) -> Result<(), Invalid> {
         check_params(&req.params)?;
         let c = &self.model;

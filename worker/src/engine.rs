@@ -170,11 +170,13 @@ impl<B: Backend> Engine<B> {
     /// Runs `requests` to completion with continuous batching; completions come back in the
     /// order of `requests`.
     pub fn run(&mut self, requests: Vec<Request>) -> Result<Vec<Completion>, EngineError> {
-        for r in &requests {
-            self.scheduler
-                .check(r)
-                .map_err(|source| EngineError::Request { id: r.id, source })?;
-        }
+        let requests = requests
+            .into_iter()
+            .map(|r| {
+                let id = r.id;
+                (self.scheduler.check(r)).map_err(|source| EngineError::Request { id, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let order: Vec<SeqId> = requests.iter().map(|r| r.id).collect();
         let mut out: HashMap<SeqId, Completion> = requests
             .iter()
