@@ -1,11 +1,12 @@
 //! `switchyard generate`: in this process (the reference path), or from a running cluster
-//! with `--server`. Both run the one [`SamplingParams`] the flags map to.
+//! with `--server`. Both run the one `SamplingParams` the flags map to.
 
 use anyhow::{Context, Result};
 use switchyard_coordinator::client;
 use switchyard_model::{ChatMessage, Checkpoint};
+use switchyard_net::wire;
 use switchyard_proto::v1 as pb;
-use switchyard_scheduler::{Request, SamplingParams};
+use switchyard_scheduler::Request;
 use switchyard_worker::{Backend, CpuBackend, Device, Engine, EngineConfig, Hardware};
 
 use crate::flags::GenerateArgs;
@@ -96,7 +97,7 @@ pub async fn remote(a: GenerateArgs) -> Result<()> {
             })
             .collect(),
         request_id: format!("cli-{}", std::process::id()),
-        ..sampling_request(a.sampling.params())
+        ..wire::sampling_request(a.sampling.params())
     };
     let json = a.json;
     let out = client::generate(&server, request, |m| {
@@ -113,20 +114,4 @@ pub async fn remote(a: GenerateArgs) -> Result<()> {
         println!();
     }
     Ok(())
-}
-
-/// A request with `params` as its sampling fields and no input yet.
-fn sampling_request(p: SamplingParams) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        max_tokens: Some(p.max_tokens as u32),
-        temperature: p.temperature,
-        top_p: Some(p.top_p),
-        top_k: p.top_k as u32,
-        seed: p.seed,
-        stop: p.stop,
-        logprobs: p.logprobs.map(|n| n as u32),
-        prompt_logprobs: p.prompt_logprobs.map(|n| n as u32),
-        ignore_eos: p.ignore_eos,
-        ..Default::default()
-    }
 }

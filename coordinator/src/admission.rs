@@ -10,10 +10,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use switchyard_net::trace_context;
+use switchyard_net::{trace_context, wire};
 use switchyard_proto::v1 as pb;
-use switchyard_scheduler::validate::DEFAULT_MAX_TOKENS;
-use switchyard_scheduler::{Invalid, PromptInput, Request, SamplingParams};
+use switchyard_scheduler::{Invalid, PromptInput, Request};
 use tokio::sync::mpsc;
 use tonic::codegen::http::HeaderMap;
 use tonic::Status;
@@ -77,21 +76,6 @@ pub fn prompt_ids(
     cluster.tokenize(input).map_err(refusal)
 }
 
-/// The sampling parameters a request asks for, with the defaults filled in.
-pub fn params(r: &pb::GenerateRequest) -> SamplingParams {
-    SamplingParams {
-        temperature: r.temperature,
-        top_p: r.top_p.unwrap_or(1.0),
-        top_k: r.top_k as usize,
-        seed: r.seed,
-        max_tokens: r.max_tokens.map_or(DEFAULT_MAX_TOKENS, |n| n as usize),
-        stop: r.stop.clone(),
-        logprobs: r.logprobs.map(|n| n as usize),
-        prompt_logprobs: r.prompt_logprobs.map(|n| n as usize),
-        ignore_eos: r.ignore_eos,
-    }
-}
-
 /// Admission into this coordinator's own cluster.
 #[derive(Clone)]
 pub struct Local {
@@ -122,7 +106,7 @@ impl Local {
             &r.prompt_token_ids,
             &r.messages,
         )?;
-        let params = params(r);
+        let params = wire::sampling_params(r);
         if params.max_tokens == 0 && params.prompt_logprobs.is_none() {
             return Err(Status::invalid_argument(
                 "max_tokens is 0; expected at least 1 (or set prompt_logprobs to only score the prompt)",

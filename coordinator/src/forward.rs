@@ -57,6 +57,14 @@ pub struct Hop {
 pub type RelayedStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
 impl Hop {
+    fn new(t: Target) -> Hop {
+        Hop {
+            me: t.me,
+            leader: t.leader,
+            client: inference_client(t.channel),
+        }
+    }
+
     /// The leader's answer as this coordinator gives it back.
     fn reply<T>(&self, r: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
         r.map(|r| back(r, &self.leader, |m| m))
@@ -117,16 +125,7 @@ pub fn route(role: &ProcessRole, metadata: &MetadataMap) -> Result<Option<Hop>, 
     let from = metadata
         .get(FORWARDED)
         .map(|v| format!("by {}", v.to_str().unwrap_or("(unreadable)")));
-    let Target {
-        me,
-        leader,
-        channel,
-    } = role.target(from.as_deref())?;
-    Ok(Some(Hop {
-        me,
-        leader,
-        client: inference_client(channel),
-    }))
+    role.target(from.as_deref()).map(Hop::new).map(Some)
 }
 
 /// The request as sent on to the leader: the client's metadata (deadline, request id, trace
@@ -187,16 +186,12 @@ impl Admission for ToLeader {
         caller: &HeaderMap,
     ) -> Result<Started, Status> {
         let cluster = &self.cluster;
-        let Some(Hop {
+        // The caller chose this admission because the coordinator stands by.
+        let Hop {
             me,
             leader,
             mut client,
-        }) = route(cluster.role(), &MetadataMap::new())?
-        else {
-            return Err(Status::unavailable(
-                "this coordinator stopped standing by while the request arrived; retry",
-            ));
-        };
+        } = Hop::new(cluster.role().target(None)?);
         let prompt = request.prompt_token_ids.clone();
         let mut r = request.clone();
         if r.request_id.is_empty() {

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_metrics::{self as metrics, Registry};
-use switchyard_net::etcd::{Etcd, EtcdError};
-use switchyard_net::keys::{BadClusterName, Keys};
-use switchyard_net::process::{bind, shutdown_signal, BindError, EtcdMember};
+use switchyard_net::process::{bind, shutdown_signal, BindError, EtcdMember, JoinError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -38,9 +36,7 @@ pub enum RunError {
     #[error(transparent)]
     Start(#[from] StartError),
     #[error(transparent)]
-    Etcd(#[from] EtcdError),
-    #[error(transparent)]
-    ClusterName(#[from] BadClusterName),
+    Join(#[from] JoinError),
     #[error(
         "--grpc-addr {0} listens on every interface: give --advertise HOST:PORT, the \
          address other coordinators reach this one's gRPC API at (standbys forward \
@@ -90,13 +86,12 @@ pub async fn etcd_cluster(
     ports: Ports,
     member: EtcdMember,
 ) -> Result<(), RunError> {
-    let etcd = Etcd::connect(&member.url)?;
-    let keys = Keys::new(&member.cluster)?;
+    let (etcd, keys) = member.connect()?;
     let grace = config.drain_grace;
     let cluster = Cluster::new(config)?;
     let listener = bind(ports.grpc).await?;
     // Proclaimed in the election: standbys forward their clients' calls to it.
-    let address = match member.advertise {
+    let address = match member.advertise.clone() {
         Some(a) => a,
         None if ports.grpc.ip().is_unspecified() => return Err(RunError::NoAdvertise(ports.grpc)),
         None => listener.local_addr()?.to_string(),
@@ -114,7 +109,7 @@ pub async fn etcd_cluster(
         etcd,
         keys,
         address,
-        ttl: member.lease_ttl.max(Duration::from_secs(1)),
+        ttl: member.lease_ttl(),
     };
     let leader = tokio::spawn(membership::run_etcd(cluster.clone(), m, stop_rx));
     serve_until_drained(cluster, listener, grace, stop_tx).await?;

@@ -96,3 +96,9 @@ extern "C" __global__ void silu_mul(const float* __restrict__ gate, const float*
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         out[i] = f2bf(silu(gate[i]) * up[i]);
 }
+
+// residual += x, both f32: the remote experts' outputs of an exchange into the residual stream.
+extern "C" __global__ void add_f32(const float* __restrict__ x, float* __restrict__ residual, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        residual[i] += x[i];
+}

@@ -374,6 +374,28 @@ impl Gpu {
         Ok(())
     }
 
+    /// `residual += x`, elementwise, f32.
+    pub fn add_f32(
+        &self,
+        x: &CudaSlice<f32>,
+        residual: &mut CudaSlice<f32>,
+    ) -> Result<(), KernelError> {
+        let n = x.len();
+        if residual.len() != n {
+            return Err(launch_err("add_f32: buffers differ in size".into()));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as u64;
+        let blocks = n.div_ceil(ROW_THREADS as usize).min(4096);
+        let mut b = self.stream.launch_builder(self.f("add_f32"));
+        b.arg(x).arg(residual).arg(&n64);
+        // SAFETY: sizes checked above.
+        unsafe { b.launch(cfg((blocks, 1, 1), ROW_THREADS)) }?;
+        Ok(())
+    }
+
     /// `out[i, :] = x[rows[i], :]` for a matrix of `cols` columns (f32, or bf16 bits).
     pub fn gather_rows<T: Gatherable>(
         &self,

@@ -57,6 +57,7 @@ impl Module {
                 "gather_rows_f32",
                 "gather_rows_bf16",
                 "silu_mul",
+                "add_f32",
             ],
             Module::AttentionPrefill => &["attention_prefill"],
             Module::AttentionDecode => &["attention_decode", "attention_decode_reduce"],

@@ -5,6 +5,9 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
 
+use crate::etcd::{Etcd, EtcdError};
+use crate::keys::{BadClusterName, Keys};
+
 /// A port that could not be bound.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr}")]
@@ -44,8 +47,30 @@ pub struct EtcdMember {
     pub url: String,
     /// The cluster's name: its keys live under `/switchyard/NAME/`.
     pub cluster: String,
-    /// How long a dead process stays registered (or leader); at least 1 s.
+    /// How long a dead process stays registered (or leader); [`EtcdMember::lease_ttl`] raises
+    /// it to at least 1 s.
     pub lease_ttl: std::time::Duration,
     /// The address others reach this process at, when not the one it listens on.
     pub advertise: Option<String>,
+}
+
+/// Why a process could not join its cluster in etcd.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error(transparent)]
+    ClusterName(#[from] BadClusterName),
+}
+
+impl EtcdMember {
+    /// A client of the etcd endpoint and the cluster's keys.
+    pub fn connect(&self) -> Result<(Etcd, Keys), JoinError> {
+        Ok((Etcd::connect(&self.url)?, Keys::new(&self.cluster)?))
+    }
+
+    /// The lease's time to live: etcd grants whole seconds, at least one.
+    pub fn lease_ttl(&self) -> std::time::Duration {
+        self.lease_ttl.max(std::time::Duration::from_secs(1))
+    }
 }

@@ -4,7 +4,8 @@ use switchyard_proto::v1 as pb;
 
 use switchyard_scheduler::sampling::{Draw, TokenLogprob, TopLogprob};
 use switchyard_scheduler::step::{LogitsWanted, SeqInput, SeqResult, SeqWork};
-use switchyard_scheduler::{FinishReason, Update, Usage};
+use switchyard_scheduler::validate::DEFAULT_MAX_TOKENS;
+use switchyard_scheduler::{FinishReason, SamplingParams, Update, Usage};
 
 /// A message that does not say what it must: which field, and what was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +200,37 @@ pub fn update(m: pb::GenerateResponse) -> Update {
     }
 }
 
+/// The sampling fields of a client's request, with the defaults filled in.
+pub fn sampling_params(r: &pb::GenerateRequest) -> SamplingParams {
+    SamplingParams {
+        temperature: r.temperature,
+        top_p: r.top_p.unwrap_or(1.0),
+        top_k: r.top_k as usize,
+        seed: r.seed,
+        max_tokens: r.max_tokens.map_or(DEFAULT_MAX_TOKENS, |n| n as usize),
+        stop: r.stop.clone(),
+        logprobs: r.logprobs.map(|n| n as usize),
+        prompt_logprobs: r.prompt_logprobs.map(|n| n as usize),
+        ignore_eos: r.ignore_eos,
+    }
+}
+
+/// A request with `p` as its sampling fields and no input yet.
+pub fn sampling_request(p: SamplingParams) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        max_tokens: Some(p.max_tokens as u32),
+        temperature: p.temperature,
+        top_p: Some(p.top_p),
+        top_k: p.top_k as u32,
+        seed: p.seed,
+        stop: p.stop,
+        logprobs: p.logprobs.map(|n| n as u32),
+        prompt_logprobs: p.prompt_logprobs.map(|n| n as u32),
+        ignore_eos: p.ignore_eos,
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,5 +261,25 @@ mod tests {
                 }
             ))
         );
+    }
+
+    #[test]
+    fn sampling_fields_survive_the_wire_and_absent_ones_get_the_defaults() {
+        let p = SamplingParams {
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: 40,
+            seed: Some(7),
+            max_tokens: 123,
+            stop: vec!["\n\n".into()],
+            logprobs: Some(3),
+            prompt_logprobs: Some(0),
+            ignore_eos: true,
+        };
+        assert_eq!(sampling_params(&sampling_request(p.clone())), p);
+        let empty = sampling_params(&pb::GenerateRequest::default());
+        assert_eq!(empty.max_tokens, DEFAULT_MAX_TOKENS);
+        assert_eq!(empty.top_p, 1.0);
+        assert_eq!((empty.logprobs, empty.prompt_logprobs), (None, None));
     }
 }

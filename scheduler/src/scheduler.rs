@@ -130,9 +130,7 @@ impl Detached {
 
 pub struct Scheduler {
     config: SchedulerConfig,
-    model: ModelConfig,
-    tokenizer: Option<Arc<Tokenizer>>,
-    /// The checks that do not depend on the pool.
+    /// The model and its tokenizer, with the checks that do not depend on the pool.
     validator: Validator,
     blocks: BlockAllocator,
     waiting: VecDeque<Sequence>,
@@ -150,9 +148,7 @@ impl Scheduler {
             BlockAllocator::new(config.num_blocks, config.block_size, model.sliding_window);
         Scheduler {
             config,
-            validator: Validator::new(model.clone(), tokenizer.clone()),
-            model,
-            tokenizer,
+            validator: Validator::new(model, tokenizer),
             blocks,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -196,7 +192,7 @@ impl Scheduler {
     fn fits(&self, req: &Request) -> Result<(), Invalid> {
         let bad = |problem: String| Err(Invalid::Request(problem));
         self.validator.check(req)?;
-        let c = &self.model;
+        let c = self.validator.model();
         // The most blocks this sequence can ever hold at once must fit in the whole pool.
         let longest = (req.prompt.len() + req.params.max_tokens).min(c.max_position_embeddings);
         let live = match c.sliding_window {
@@ -369,7 +365,12 @@ impl Scheduler {
                 s.tokens.push(token);
                 update.token_ids.push(token);
                 update.logprobs.extend(r.logprob);
-                after_token(&self.model, self.tokenizer.as_deref(), s, token)?;
+                after_token(
+                    self.validator.model(),
+                    self.validator.tokenizer().ok(),
+                    s,
+                    token,
+                )?;
             }
             let retired = s.retired();
             update.text = take_stable_text(s, retired);

@@ -81,23 +81,8 @@ pub trait Backend: Send + Sync {
     fn cols(&self, t: &Self::Tensor) -> usize;
 
     /// `residual += x`, element by element, both `[rows, cols]` f32 (the remote experts'
-    /// outputs of an exchange into the residual stream). The default goes through the host.
-    fn add(&self, x: &Self::Tensor, residual: &mut Self::Tensor) -> Result<(), BackendError> {
-        let (rows, cols) = (self.rows(residual), self.cols(residual));
-        if (self.rows(x), self.cols(x)) != (rows, cols) {
-            return Err(BackendError::Shape(format!(
-                "add: [{}, {}] into a [{rows}, {cols}] residual",
-                self.rows(x),
-                self.cols(x)
-            )));
-        }
-        let mut sum = self.to_host(residual)?;
-        sum.iter_mut()
-            .zip(self.to_host(x)?)
-            .for_each(|(h, r)| *h += r);
-        *residual = self.tensor(sum, rows, cols)?;
-        Ok(())
-    }
+    /// outputs of an exchange into the residual stream), on the backend's device.
+    fn add(&self, x: &Self::Tensor, residual: &mut Self::Tensor) -> Result<(), BackendError>;
 
     /// `layers` layers of `num_blocks` blocks, each holding `block_size` tokens of K and V.
     fn kv_cache(

@@ -377,6 +377,14 @@ impl Backend for CudaBackend {
         t.cols
     }
 
+    fn add(&self, x: &CudaTensor, residual: &mut CudaTensor) -> Result<(), BackendError> {
+        let CudaData::F32(xf) = &x.data else {
+            return Err(shape("add: x must be an f32 tensor"));
+        };
+        let r = Self::residual_f32("add", residual, x.rows, x.cols)?;
+        self.gpu.add_f32(xf, r).map_err(dev)
+    }
+
     fn kv_cache(
         &self,
         layers: usize,

@@ -6,9 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use switchyard_metrics as metrics;
-use switchyard_net::etcd::{Etcd, EtcdError};
-use switchyard_net::keys::{BadClusterName, Keys};
-use switchyard_net::process::{bind, shutdown_signal, BindError, EtcdMember};
+use switchyard_net::process::{bind, shutdown_signal, BindError, EtcdMember, JoinError};
 use switchyard_proto::v1 as pb;
 
 use crate::backend::{Backend, Hardware};
@@ -36,9 +34,7 @@ pub enum RunError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]
-    Etcd(#[from] EtcdError),
-    #[error(transparent)]
-    ClusterName(#[from] BadClusterName),
+    Join(#[from] JoinError),
 }
 
 /// Serves `service` until Ctrl-C or SIGTERM, then drains and stops.
@@ -71,17 +67,17 @@ where
     eprintln!("switchyard: worker listening on {addr}");
     match o.etcd {
         Some(member) => {
-            let etcd = Etcd::connect(&member.url)?;
-            let address = member.advertise.unwrap_or(addr.to_string());
+            let (etcd, keys) = member.connect()?;
+            let address = member.advertise.clone().unwrap_or(addr.to_string());
             let config = RegistrationConfig {
-                keys: Keys::new(&member.cluster)?,
+                keys,
                 record: pb::WorkerRecord {
                     address,
                     device,
                     memory_bytes,
                     draining: false,
                 },
-                ttl: member.lease_ttl.max(Duration::from_secs(1)),
+                ttl: member.lease_ttl(),
                 grace: o.drain_grace,
             };
             registration::run(etcd, config, control, shutdown_signal()).await;

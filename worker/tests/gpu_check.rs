@@ -132,6 +132,10 @@ fn dense_ops_match_the_cpu() {
             cpu.tensor(x.clone(), rows, hidden).unwrap(),
             g.tensor(x.clone(), rows, hidden).unwrap(),
         );
+        let (lc_in, lg_in) = (
+            cpu.tensor(x.clone(), rows, hidden).unwrap(),
+            g.tensor(x.clone(), rows, hidden).unwrap(),
+        );
         cpu.linear_add(&lc, &w2c, &mut resc).unwrap();
         g.linear_add(&lg, &w2g, &mut resg).unwrap();
         close(
@@ -162,6 +166,14 @@ fn dense_ops_match_the_cpu() {
             &format!("mlp_add {tag}"),
             &g.to_host(&mg).unwrap(),
             &cpu.to_host(&mc).unwrap(),
+        );
+        // The exchange's remote outputs into the residual stream.
+        cpu.add(&lc_in, &mut resc).unwrap();
+        g.add(&lg_in, &mut resg).unwrap();
+        close(
+            &format!("add {tag}"),
+            &g.to_host(&resg).unwrap(),
+            &cpu.to_host(&resc).unwrap(),
         );
         let pick: Vec<usize> = (0..rows).rev().step_by(2).collect();
         let sc = cpu.select_rows(&xc, &pick).unwrap();
