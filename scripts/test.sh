@@ -14,3 +14,6 @@ source scripts/python-env.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked --no-fail-fast
+# The container image, the Helm chart and the kustomize manifests: offline validation, then the
+# chart's pods as Docker containers (skipped, loudly, without a Docker engine).
+scripts/k8s-check.sh
