@@ -172,8 +172,8 @@ def pods_of(docs, namespace, subnet):
 
 class Load:
     """Clients sending greedy completions one after another through the coordinator Service:
-    each request goes to a ready endpoint (round robin); a refusal before any answer is retried
-    on the next; an answer must equal the prompt's expected text."""
+    each request goes to a ready endpoint (round robin); a refusal (connection refused, or 503
+    from a coordinator that takes no new requests) is retried on the next; an answer must equal the prompt's expected text."""
 
     def __init__(self, endpoints, expected, clients):
         self.endpoints, self.expected = endpoints, expected
@@ -218,7 +218,8 @@ ROUND = [0]
 
 
 def complete(endpoints, prompt, n, max_tokens=8):
-    """One completion through the Service: (status or None when refused, text, reason)."""
+    """One completion through the Service: (HTTP status, None when the connection was refused,
+    or "cut" when it broke after the request was sent; text; reason)."""
     if not endpoints:
         return None, None, "no ready endpoint"
     ROUND[0] += 1
@@ -229,8 +230,10 @@ def complete(endpoints, prompt, n, max_tokens=8):
         c.request("POST", "/v1/completions", body, {"Content-Type": "application/json", "X-Request-Id": f"k8s-{n}"})
         r = c.getresponse()
         data = r.read()
-    except OSError as e:
-        return None, None, f"{pod.name}: {e}"
+    except ConnectionRefusedError as e:
+        return None, None, f"{pod.name}: {e}"  # nothing was sent: a clean refusal
+    except OSError as e:  # sent, then cut off: the request may be lost
+        return "cut", None, f"{pod.name}: {e!r}"
     if r.status != 200:
         return r.status, None, f"{pod.name}: {data[:300]!r}"
     return 200, json.loads(data)["choices"][0]["text"], None
@@ -367,6 +370,10 @@ def run(cluster, model_dir):
     ready = {p.name: p.get("/ready")[0] for p in cluster.of("coordinator")}
     assert sorted(ready.values()) == [200, 503], f"/ready per coordinator: {ready}"
     log(f"/ready: {ready}; liveness /health and readiness as rendered pass on all")
+    # What the ServiceMonitor and PodMonitor scrape.
+    for p in cluster.of("coordinator") + cluster.of("worker"):
+        status, body = p.get("/metrics", port="http" if p.component == "coordinator" else "metrics")
+        assert status == 200 and b"switchyard_" in body, f"{p.name} /metrics: {status}"
 
     # The expected output of each prompt: the cluster's own answer, undisturbed.
     cluster.wait("both coordinators are endpoints", lambda: len(cluster.endpoints()) == 2, 30)
@@ -387,8 +394,10 @@ def run(cluster, model_dir):
     timings["worker SIGTERM to exit (s)"] = took
     g = cluster.wait("re-planned without the worker", lambda: (g := cluster.grid()) and worker_address(w) not in g[1] and g, 60)[1]
     log(f"worker {w.name} drained in {took:.1f}s (exit 0); placement now {g[0]} over {len(g[1])}")
+    t = time.monotonic()
     w.start(model_dir)
-    timings["worker replaced to 2x2 (s)"] = cluster.wait("2x2 again", lambda: (g := cluster.grid()) and g[0] == "2x2", 120)[0]
+    cluster.wait("2x2 over all four workers again", lambda: cluster.grid() == ("2x2", addresses), 120)
+    timings["worker replacement started to 2x2 (s)"] = time.monotonic() - t
 
     # The leading coordinator deleted: drains, resigns, exits 0; the standby takes over.
     leader = cluster.leader()
@@ -410,7 +419,8 @@ def run(cluster, model_dir):
         "re-planned without the partitioned worker", lambda: (g := cluster.grid()) and worker_address(w) not in g[1], 60)[0]
     time.sleep(2)
     docker("network", "connect", "--ip", w.ip, NETWORK, w.container)
-    timings["reconnected to 2x2 (s)"] = cluster.wait("2x2 again", lambda: (g := cluster.grid()) and g[0] == "2x2", 120)[0]
+    timings["reconnected to 2x2 (s)"] = cluster.wait(
+        "2x2 over all four workers again", lambda: cluster.grid() == ("2x2", addresses), 120)[0]
     log(f"partition of {w.name} survived in {time.monotonic() - t:.1f}s")
     time.sleep(2)
 
