@@ -67,7 +67,7 @@ step "kustomize: committed manifests equal the chart's rendering; the overlay bu
     diff -u deploy/kustomize/base/switchyard.yaml - ||
     { echo "k8s-check: deploy/kustomize/base/switchyard.yaml drifted from the chart; regenerate it with:" \
         "helm template switchyard $chart -f $chart/ci/cpu-trial.yaml --namespace switchyard > deploy/kustomize/base/switchyard.yaml" >&2; exit 1; }
-kubectl kustomize deploy/kustomize/example >"$out/kustomize-example.yaml"
+"$KUBECTL" kustomize deploy/kustomize/example >"$out/kustomize-example.yaml"
 "$K8S_PYTHON" -m kubernetes_validate --strict --kubernetes-version 1.30.0 --quiet "$out/kustomize-example.yaml"
 
 step "checkov (policy lint)"
