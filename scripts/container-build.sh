@@ -52,7 +52,7 @@ if [ -z "$bin" ]; then
         cargo build --release --locked --target x86_64-unknown-linux-gnu --bin switchyard
     bin=$target_dir/x86_64-unknown-linux-gnu/release/switchyard
 fi
-if ldd "$bin" >/dev/null 2>&1; then
+if ldd "$bin" 2>&1 | grep -q '=>'; then # a dynamic binary names the libraries it loads
     echo "container-build.sh: $bin is dynamically linked; a scratch image needs a static one" >&2
     exit 1
 fi

@@ -2,8 +2,8 @@
 # Checks the Kubernetes deployment (deploy/helm/switchyard, deploy/kustomize, deploy/container)
 # without a cluster; run by scripts/test.sh after the Rust tests.
 #
-#   1. helm lint --strict and helm template of the chart with every values file in ci/, and
-#      the combinations the chart must refuse;
+#   1. helm lint --strict and helm template of the chart with its defaults and with every
+#      values file in ci/, and the combinations the chart must refuse;
 #   2. every rendered object against Kubernetes' schemas (kubernetes-validate --strict, 1.30
 #      and the newest it knows); custom resources against tests/k8s/schemas/;
 #   3. what schemas cannot see, against the binary (tests/k8s/manifests.py): flags, probe
@@ -30,6 +30,10 @@ cmp deploy/grafana/switchyard.json $chart/files/grafana-dashboard.json
 
 step "helm lint --strict, helm template"
 "$HELM" lint --strict $chart >/dev/null
+"$HELM" template switchyard $chart --namespace switchyard >"$out/defaults.yaml"
+# Readiness on the leader only, probed over gRPC health.
+"$HELM" template switchyard $chart --namespace switchyard --set coordinator.readiness=leader \
+    --set coordinator.replicas=1 --set coordinator.grpcProbe=true >"$out/leader-grpc.yaml"
 for values in $chart/ci/*.yaml; do
     name=$(basename "$values" .yaml)
     "$HELM" lint --strict $chart -f "$values" >/dev/null
