@@ -119,6 +119,6 @@ else
     "$HELM" template switchyard $chart -f $chart/ci/cpu-trial.yaml --namespace switchyard \
         --set model.path=/models/tiny-mixtral >"$out/containers.yaml"
     "$K8S_PYTHON" tests/k8s/containers.py --manifests "$out/containers.yaml" --model "$out/models" \
-        --namespace switchyard
+        --namespace switchyard --switchyard "$bin"
 fi
 echo "== k8s-check: passed in $((SECONDS - t_start)) s" >&2

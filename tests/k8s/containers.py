@@ -3,7 +3,7 @@ the local Docker engine from the locally built images, with the command, args, e
 user, read-only root and dropped capabilities its spec gives (the pod IP is the container's
 address on a private network; Services' DNS names are network aliases). Then, under a steady
 load of greedy completions sent through the coordinator "Service" (its ready endpoints, as
-the manifests' readiness probes find them):
+the manifests' readiness probes find them; HTTP, and gRPC checked once per coordinator):
 
   1. every container's probes answer as the manifests define them, and /ready is 200 on the
      one leading coordinator only;
@@ -16,7 +16,7 @@ the manifests' readiness probes find them):
 No request may fail or change its output (a refusal before any answer is retried on another
 endpoint, as a client of a Service whose endpoint is going away does). Timings are printed.
 
-  python containers.py --manifests FILE.yaml --model DIR --namespace NS
+  python containers.py --manifests FILE.yaml --model DIR --namespace NS --switchyard BIN
 """
 
 import argparse
@@ -324,6 +324,7 @@ def main():
     ap.add_argument("--manifests", required=True)
     ap.add_argument("--model", required=True, help="host directory mounted at /models")
     ap.add_argument("--namespace", required=True)
+    ap.add_argument("--switchyard", required=True, help="the binary, as a gRPC client")
     ap.add_argument("--subnet", default="10.213.7.0/24")
     a = ap.parse_args()
     docs = [d for d in yaml.safe_load_all(open(a.manifests)) if d]
@@ -335,7 +336,7 @@ def main():
     cluster = None
     try:
         cluster = Cluster(pods, a.model)
-        run(cluster, a.model)
+        run(cluster, a.model, a.switchyard)
     except Exception:
         for p in pods:
             print(f"--- {p.name} ({p.container}) logs:\n{p.logs()}")
@@ -352,7 +353,7 @@ def worker_address(w):
     return f"{w.ip}:{w.ports['worker']}"
 
 
-def run(cluster, model_dir):
+def run(cluster, model_dir, switchyard):
     timings = {}
     t0 = time.monotonic()
     for p in cluster.of("etcd"):
@@ -384,6 +385,13 @@ def run(cluster, model_dir):
             status, text, reason = complete([p], prompt, 0)
             assert status == 200, reason
             assert expected.setdefault(prompt, text) == text, f"{p.name} answers {text!r} to {prompt!r}"
+    # The Service's gRPC port: the same answers through the streaming gRPC API.
+    for p in cluster.of("coordinator"):
+        out = subprocess.run(
+            [switchyard, "generate", "--server", f"{p.ip}:{p.ports['grpc']}", "--prompt", prompts[0],
+             "--max-tokens", "8", "--ignore-eos", "--json"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, f"gRPC generate through {p.name}: {out.stderr}"
+        assert json.loads(out.stdout)["text"] == expected[prompts[0]], out.stdout
     load = Load(cluster.endpoints, expected, clients=4)
     time.sleep(3)
 
