@@ -24,6 +24,7 @@ import http.client
 import ipaddress
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -319,22 +320,34 @@ class Cluster:
         return took, code
 
 
+def create_network():
+    """The pods' network, on a /24 no other network of the engine uses (runs may overlap)."""
+    errors = []
+    for third in random.sample(range(256), 16):
+        subnet = f"10.213.{third}.0/24"
+        out = subprocess.run(["docker", "network", "create", "--subnet", subnet, NETWORK],
+                             capture_output=True, text=True, timeout=60)
+        if out.returncode == 0:
+            return subnet
+        errors.append(out.stderr.strip())
+    raise RuntimeError("cannot create a network: " + "; ".join(errors[-3:]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--manifests", required=True)
     ap.add_argument("--model", required=True, help="host directory mounted at /models")
     ap.add_argument("--namespace", required=True)
     ap.add_argument("--switchyard", required=True, help="the binary, as a gRPC client")
-    ap.add_argument("--subnet", default="10.213.7.0/24")
     a = ap.parse_args()
     docs = [d for d in yaml.safe_load_all(open(a.manifests)) if d]
-    pods = pods_of(docs, a.namespace, a.subnet)
-    counts = {c: sum(p.component == c for p in pods) for c in ("etcd", "coordinator", "worker")}
-    log(f"pods: {counts}")
-    assert counts == {"etcd": 1, "coordinator": 2, "worker": 4}, counts
-    docker("network", "create", "--subnet", a.subnet, NETWORK)
-    cluster = None
+    subnet = create_network()
+    pods, cluster = [], None
     try:
+        pods = pods_of(docs, a.namespace, subnet)
+        counts = {c: sum(p.component == c for p in pods) for c in ("etcd", "coordinator", "worker")}
+        log(f"pods: {counts} on {subnet}")
+        assert counts == {"etcd": 1, "coordinator": 2, "worker": 4}, counts
         cluster = Cluster(pods, a.model)
         run(cluster, a.model, a.switchyard)
     except Exception:
