@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every test Switchyard has: formatting, lints, and the whole workspace's test suites
 # (unit tests, the candle-transformers and Hugging Face comparisons, CLI end-to-end tests, the
-# membership and fault tests against a real etcd, and the NVRTC + ptxas check of every CUDA
-# kernel, which needs no GPU).
+# membership and fault tests against a real etcd, the NVRTC + ptxas check of every CUDA
+# kernel, which needs no GPU), then the container image, Helm chart and kustomize checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Debian packages: etcd, Prometheus, Chromium, Python's venv and pip, procps.
@@ -14,3 +14,6 @@ source scripts/python-env.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked --no-fail-fast
+# The container image, the Helm chart and the kustomize manifests: offline validation, then the
+# chart's pods as Docker containers (skipped, loudly, without a Docker engine).
+scripts/k8s-check.sh
