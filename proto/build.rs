@@ -1,6 +1,7 @@
 //! Compiles the .proto files with protox (pure Rust, so no `protoc` is needed) and generates
 //! the tonic services and prost messages, plus the descriptor set for server reflection.
-//! etcd's v3 API protos (`proto/etcd/`) get clients only: Switchyard talks to a real etcd.
+//! Our definitions of the part of etcd's v3 API Switchyard uses (`proto/etcd/`) get clients
+//! only: Switchyard talks to a real etcd.
 
 use prost::Message;
 
@@ -17,13 +18,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out.join("switchyard_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure().compile_fds(fds)?;
 
-    let etcd = ["rpc.proto", "v3election.proto"];
+    let etcd = ["etcd/etcdserverpb.proto", "etcd/v3electionpb.proto"];
     println!("cargo:rerun-if-changed=proto/etcd");
-    let fds = protox::compile(etcd, ["proto/etcd"])?;
+    let fds = protox::compile(etcd, ["proto"])?;
     tonic_prost_build::configure()
         .build_server(false)
-        // etcd's comments hold indented examples that rustdoc would run as doctests.
-        .disable_comments(["."])
         .compile_fds(fds)?;
     Ok(())
 }

@@ -96,7 +96,6 @@ impl Etcd {
     pub async fn grant(&self, ttl: Duration) -> Result<i64, EtcdError> {
         let r = bounded(self.lease.clone().lease_grant(pb::LeaseGrantRequest {
             ttl: ttl.as_secs().max(1) as i64,
-            id: 0,
         }))
         .await?;
         match r.error.is_empty() {
@@ -148,7 +147,6 @@ impl Etcd {
             key: key.as_bytes().to_vec(),
             value,
             lease,
-            ..Default::default()
         }))
         .await?;
         Ok(())
@@ -168,7 +166,6 @@ impl Etcd {
         let r = bounded(self.kv.clone().range(pb::RangeRequest {
             key: prefix.as_bytes().to_vec(),
             range_end: prefix_end(prefix.as_bytes()),
-            ..Default::default()
         }))
         .await?;
         let revision = r.header.map_or(0, |h| h.revision);
@@ -201,14 +198,11 @@ impl Etcd {
         // stream closed.
         let (tx, rx) = mpsc::channel(1);
         let create = pb::WatchRequest {
-            request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
-                pb::WatchCreateRequest {
-                    key: prefix.as_bytes().to_vec(),
-                    range_end: prefix_end(prefix.as_bytes()),
-                    start_revision: revision,
-                    ..Default::default()
-                },
-            )),
+            create_request: Some(pb::WatchCreateRequest {
+                key: prefix.as_bytes().to_vec(),
+                range_end: prefix_end(prefix.as_bytes()),
+                start_revision: revision,
+            }),
         };
         tx.send(create).await.map_err(|_| EtcdError::WatchClosed)?;
         let events = bounded(self.watch.clone().watch(ReceiverStream::new(rx))).await?;

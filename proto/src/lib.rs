@@ -1,5 +1,5 @@
 //! The wire: package `switchyard.v1`, generated from `proto/switchyard/v1/*.proto`, and the
-//! clients of etcd's v3 API ([`etcd`]), generated from etcd's own protos.
+//! clients of etcd's v3 API ([`etcd`]), generated from our definitions of the part we use.
 //!
 //! `Inference` is the client API the coordinator serves; `Worker` is the control and data plane
 //! between the coordinator and its workers. This crate holds only generated code, the
@@ -10,12 +10,11 @@ pub mod v1 {
     tonic::include_proto!("switchyard.v1");
 }
 
-/// etcd's v3 gRPC API (KV, Watch, Lease, Election), from the protos of etcd 3.x in
-/// `proto/etcd/` (Apache-2.0, as vendored by the etcd-client crate).
+/// The calls of etcd's v3 gRPC API that Switchyard makes (KV, Watch, Lease, Election), from our
+/// own definitions in `proto/etcd/`: etcd's package, service and method names and field
+/// numbers, only the fields we use. (The `etcd-client` crate would bring etcd's full API, but
+/// its build script needs a `protoc` binary, and Switchyard builds with only Rust installed.)
 pub mod etcd {
-    pub mod authpb {
-        tonic::include_proto!("authpb");
-    }
     pub mod mvccpb {
         tonic::include_proto!("mvccpb");
     }
