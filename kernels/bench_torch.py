@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""PyTorch's side of kernels/gpu-check: the same shapes our gpu_check timings use, measured with
-torch on the same GPU in the same call, and the report that puts both in one table.
+"""PyTorch's side of kernels/gpu-check-timing: the same shapes our gpu_check timings use, measured
+with torch on the same GPU in the same call, and the report that puts both in one table.
 
   bench_torch.py --out torch.jsonl     measure (needs torch with CUDA)
   bench_torch.py --report DIR          DIR/ours.jsonl + DIR/torch.jsonl + DIR/device.txt -> markdown
@@ -114,7 +114,7 @@ def report(d):
     gemm = next((r["flops_per_s"] for r in torch_rows if r["op"] == "bf16_gemm"), None)
     device = open(os.path.join(d, "device.txt")).read().strip() if os.path.exists(os.path.join(d, "device.txt")) else "unknown"
     print(f"## CUDA backend on {device} ({datetime.date.today()})\n")
-    print("Measured by `kernels/gpu-check` in one call; device and driver as `nvidia-smi` reports them.")
+    print("Measured by `kernels/gpu-check-timing` in one call; device and driver as `nvidia-smi` reports them.")
     if bw:
         print(f"Measured HBM bandwidth (1 GiB device copy): {bw / 1e9:.0f} GB/s.", end=" ")
     if gemm:

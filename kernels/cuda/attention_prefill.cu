@@ -1,20 +1,27 @@
 // Prefill attention, FlashAttention-2 style, over the paged KV cache.
 //
 // One block = 64 query rows of one sequence × one query head; 4 warps of 16 rows each. The
-// keys the tile may see (causal, optionally a sliding window) stream through shared memory 64
+// keys the tile may see (causal, optionally a sliding window) stream through shared memory BN
 // at a time, gathered from their cache blocks with cp.async; S = Q·Kᵀ and O += P·V run on
 // tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate) with the online softmax kept in
 // registers, so neither S nor P ever leaves the SM. GQA: head h reads KV head h / GROUP.
 //
-// Compile-time constants (NVRTC -D, the model's shape): HEAD_DIM (a multiple of 16).
+// Compile-time constants (NVRTC -D, the model's shape): HEAD_DIM (a multiple of 16, at most
+// 256).
 
 #ifndef HEAD_DIM
 #error "compile with -DHEAD_DIM=<head dim>"
 #endif
 
 #define BM 64            // query rows per block
-#define BN 64            // keys per tile
 #define DP (HEAD_DIM + 8) // padded smem row (bf16): rows 16-byte aligned, ldmatrix conflict-free
+// Keys per tile: 64, or 32 where two 64-key K/V tiles would pass the 48 KB of static shared
+// memory (HEAD_DIM ≥ 192). The smaller tile also keeps S and P small enough that the Q and O
+// fragments of HEAD_DIM 240 and 256 fit in 255 registers without spilling.
+#define BN (2 * 64 * DP * 2 <= 48 * 1024 ? 64 : 32)
+static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM <= 256, "HEAD_DIM: a multiple of 16, at most 256");
+static_assert(2 * BN * DP * 2 <= 48 * 1024, "the K and V tiles fit static shared memory");
+static_assert(BM <= 2 * BN, "the Q tile is staged in the rows of ks and vs");
 #define NT_D (HEAD_DIM / 8)
 #define KT_D (HEAD_DIM / 16)
 
@@ -49,6 +56,8 @@ attention_prefill(const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
                   int window, float scale_log2) {
     __shared__ __align__(16) bf16 ks[BN][DP];
     __shared__ __align__(16) bf16 vs[BN][DP];
+    // The Q tile passes through ks, then vs where ks has fewer rows than BM.
+    auto q_row = [&](int r) -> bf16* { return r < BN ? ks[r] : vs[r - BN]; };
 
     const int s = tile_seq[blockIdx.x], i0 = tile_row[blockIdx.x], h = blockIdx.y;
     const int g = h / (heads / kv_heads);
@@ -61,11 +70,11 @@ attention_prefill(const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
     const int hi = pos0 + rows - 1;                            // last key any row may see
     const int lo = window > 0 ? max(0, pos0 - window + 1) : 0; // first key any row may see
 
-    // Q tile → smem (reusing ks) → registers as mma A fragments.
+    // Q tile → smem → registers as mma A fragments.
     for (int i = threadIdx.x; i < BM * NT_D; i += blockDim.x) {
         const int r = i / NT_D, c = (i % NT_D) * 8;
         const bf16* src = q + (row0 + min(r, rows - 1)) * q_cols + h * HEAD_DIM + c;
-        cp_async16(&ks[r][c], src, r < rows ? 16 : 0);
+        cp_async16(q_row(r) + c, src, r < rows ? 16 : 0);
     }
     cp_async_commit();
     cp_async_wait_all();
@@ -73,7 +82,7 @@ attention_prefill(const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
     u32 qf[KT_D][4];
 #pragma unroll
     for (int kk = 0; kk < KT_D; kk++)
-        ldmatrix_x4(qf[kk], &ks[warp * 16 + lane % 16][kk * 16 + (lane / 16) * 8]);
+        ldmatrix_x4(qf[kk], q_row(warp * 16 + lane % 16) + kk * 16 + (lane / 16) * 8);
     __syncthreads();
 
     float o[NT_D][4];

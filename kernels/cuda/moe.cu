@@ -5,8 +5,9 @@
 #define MAX_EXPERTS 256
 #define MAX_TOP_K 8
 
-// Per token: logits = x · gateᵀ (f32 accumulate), softmax in f32, top-k (ties to the lower
-// expert id, as the CPU backend), weights renormalised over the chosen k. One block per token;
+// Per token: logits = x · gateᵀ (f32 accumulate), softmax in f32, top-k by logit (ties to the
+// lower expert id: `Backend::router_topk`'s rule, which the CPU backend follows too), weights
+// renormalised over the chosen k. One block per token;
 // warps take experts round-robin.
 extern "C" __global__ void __launch_bounds__(128)
 moe_router(const bf16* __restrict__ x, const bf16* __restrict__ gate, u32* __restrict__ experts,
@@ -41,6 +42,7 @@ moe_router(const bf16* __restrict__ x, const bf16* __restrict__ gate, u32* __res
     float kept = 0.0f;
     for (int j = 0; j < top_k; j++) {
         int best = -1;
+        // Ascending ids and a strict comparison: the lower id wins a tie.
         for (int e = 0; e < num_experts; e++)
             if (!taken[e] && (best < 0 || logits[e] > logits[best])) best = e;
         chosen[j] = best;

@@ -17,6 +17,27 @@ pub const MOE_GEMV_ROWS: usize = 8;
 /// Output rows per GEMV block (`GEMV_WARPS · GEMV_WROWS`).
 pub const MOE_GEMV_BLOCK_OUT: usize = 8;
 
+/// How the decode kernel spreads one key row of `head_dim / 8` 16-byte chunks over a warp's
+/// lanes (`LPK` and `CH` in attention_decode.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLanes {
+    /// Lanes per key: the largest power of two not above the chunk count, so a key's lanes are
+    /// an aligned group of the warp that the shuffle reduction stays inside.
+    pub lanes_per_key: usize,
+    /// Chunks each lane holds (1 or 2): its registers for q and the output grow with this.
+    pub chunks_per_lane: usize,
+}
+
+/// The decode kernel's lane layout for `head_dim` (a multiple of 8, at most 256).
+pub fn decode_lanes(head_dim: usize) -> DecodeLanes {
+    let chunks = (head_dim / 8).max(1);
+    let lanes_per_key = 1 << chunks.ilog2();
+    DecodeLanes {
+        lanes_per_key,
+        chunks_per_lane: chunks.div_ceil(lanes_per_key),
+    }
+}
+
 /// Prefill tiles: for each tile, its sequence and its first row within that sequence.
 pub fn prefill_tiles(seq_lens: &[usize]) -> (Vec<u32>, Vec<u32>) {
     let (mut seq, mut row) = (Vec::new(), Vec::new());
@@ -97,6 +118,47 @@ mod tests {
             covered[s] += (lens[s] - r as usize).min(PREFILL_ROWS);
         }
         assert_eq!(covered, lens);
+    }
+
+    #[test]
+    fn decode_lanes_cover_each_key_once_within_aligned_lane_groups() {
+        for head_dim in (16..=256).step_by(16) {
+            let chunks = head_dim / 8;
+            let l = decode_lanes(head_dim);
+            assert!(l.lanes_per_key.is_power_of_two() && 32 % l.lanes_per_key == 0);
+            assert!((1..=2).contains(&l.chunks_per_lane), "{head_dim}: {l:?}");
+            // Lane `sl` of a key takes chunks sl, sl + lanes: each chunk exactly once.
+            let mut seen = vec![0; chunks];
+            for sl in 0..l.lanes_per_key {
+                for c in 0..l.chunks_per_lane {
+                    if let Some(n) = seen.get_mut(sl + c * l.lanes_per_key) {
+                        *n += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "{head_dim}: {seen:?}");
+        }
+        assert_eq!(
+            decode_lanes(128),
+            DecodeLanes {
+                lanes_per_key: 16,
+                chunks_per_lane: 1
+            }
+        );
+        assert_eq!(
+            decode_lanes(96),
+            DecodeLanes {
+                lanes_per_key: 8,
+                chunks_per_lane: 2
+            }
+        );
+        assert_eq!(
+            decode_lanes(48),
+            DecodeLanes {
+                lanes_per_key: 4,
+                chunks_per_lane: 2
+            }
+        );
     }
 
     #[test]

@@ -1,13 +1,15 @@
-//! One GPU: its context and stream, the kernel modules compiled for it and the cuBLASLt plans,
-//! with a typed method per kernel. Launch wrappers check what the kernels assume (sizes,
-//! alignment) and return [`KernelError::Launch`] instead of launching out of bounds.
+//! One GPU: its context, a stream of one backend's own, the kernel modules compiled for it and
+//! the cuBLASLt plans, with a typed method per kernel. Launch wrappers check what the kernels
+//! assume (sizes, alignment) and return [`KernelError::Launch`] instead of launching out of
+//! bounds.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -29,6 +31,32 @@ pub struct Gpu {
     sm_count: usize,
     functions: HashMap<&'static str, CudaFunction>,
     blas: Blas,
+    /// Fill fresh buffers with [`Scratch::POISON`] instead of zeros (the on-GPU check does, so
+    /// an element a kernel forgot to write cannot pass for a correct zero).
+    poison: bool,
+}
+
+/// Element types of fresh device buffers, and the value a poisoned one is filled with: NaN
+/// for floats, an index far out of range for integers.
+pub trait Scratch: DeviceRepr + ValidAsZeroBits + Copy {
+    const POISON: Self;
+}
+
+impl Scratch for f32 {
+    const POISON: f32 = f32::NAN;
+}
+
+/// bf16 bits: a quiet NaN.
+impl Scratch for u16 {
+    const POISON: u16 = 0x7fc0;
+}
+
+impl Scratch for u32 {
+    const POISON: u32 = u32::MAX;
+}
+
+impl Scratch for i32 {
+    const POISON: i32 = i32::MIN;
 }
 
 fn launch_err(msg: String) -> KernelError {
@@ -43,18 +71,19 @@ fn cfg(grid: (usize, usize, usize), block: u32) -> LaunchConfig {
     }
 }
 
-/// Inputs of prefill attention (see attention_prefill.cu for the layout of each).
+/// Inputs of prefill attention (see attention_prefill.cu for the layout of each). The metadata
+/// are views: a backend uploads a step's metadata in one copy and hands out its parts.
 pub struct PrefillArgs<'a> {
     pub q: &'a CudaSlice<u16>,
     pub k_cache: &'a CudaSlice<u16>,
     pub v_cache: &'a CudaSlice<u16>,
-    pub tile_seq: &'a CudaSlice<u32>,
-    pub tile_row: &'a CudaSlice<u32>,
-    pub seq_row: &'a CudaSlice<u32>,
-    pub seq_len: &'a CudaSlice<u32>,
-    pub seq_pos: &'a CudaSlice<u32>,
-    pub seq_table: &'a CudaSlice<u32>,
-    pub tables: &'a CudaSlice<u32>,
+    pub tile_seq: CudaView<'a, u32>,
+    pub tile_row: CudaView<'a, u32>,
+    pub seq_row: CudaView<'a, u32>,
+    pub seq_len: CudaView<'a, u32>,
+    pub seq_pos: CudaView<'a, u32>,
+    pub seq_table: CudaView<'a, u32>,
+    pub tables: CudaView<'a, u32>,
     pub heads: usize,
     pub kv_heads: usize,
     pub block_size: usize,
@@ -67,10 +96,10 @@ pub struct DecodeArgs<'a> {
     pub q: &'a CudaSlice<u16>,
     pub k_cache: &'a CudaSlice<u16>,
     pub v_cache: &'a CudaSlice<u16>,
-    pub dec_row: &'a CudaSlice<u32>,
-    pub dec_pos: &'a CudaSlice<u32>,
-    pub dec_table: &'a CudaSlice<u32>,
-    pub tables: &'a CudaSlice<u32>,
+    pub dec_row: CudaView<'a, u32>,
+    pub dec_pos: CudaView<'a, u32>,
+    pub dec_table: CudaView<'a, u32>,
+    pub tables: CudaView<'a, u32>,
     pub seqs: usize,
     pub heads: usize,
     pub kv_heads: usize,
@@ -139,6 +168,12 @@ impl GpuContext {
             )));
         }
         let ctx = CudaContext::new(ordinal)?;
+        // Each `Gpu` made from this context runs on a stream of its own (several workers may
+        // share a GPU) and its buffers never cross to another's stream (backends exchange
+        // tensors through the host), so cudarc's cross-stream event tracking would only add
+        // an event record and wait per kernel argument.
+        // SAFETY: no buffer of this context is used on two streams (above).
+        unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability()?;
         if major < 8 {
             return Err(KernelError::Missing(format!(
@@ -172,7 +207,9 @@ impl Gpu {
         let (ctx, arch) = (context.ctx.clone(), context.arch);
         let sm_count =
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-        let stream = ctx.default_stream();
+        // A stream of its own rather than the legacy default stream, which would serialise
+        // every backend on this GPU with every other.
+        let stream = ctx.new_stream()?;
         let nvrtc = Nvrtc::load()?;
         let cache = DiskCache::new(DiskCache::default_dir());
         let mut functions = HashMap::new();
@@ -190,6 +227,23 @@ impl Gpu {
             sm_count,
             functions,
             blas,
+            poison: false,
+        })
+    }
+
+    /// Fresh buffers (this crate's and the backend's) start poisoned rather than zeroed; for
+    /// checks, not serving.
+    pub fn set_poison(&mut self, on: bool) {
+        self.poison = on;
+    }
+
+    /// A fresh buffer of `n` elements (at least one, so it always has an address): zeros, or
+    /// [`Scratch::POISON`] when poisoning.
+    pub fn scratch<T: Scratch>(&self, n: usize) -> Result<CudaSlice<T>, KernelError> {
+        let n = n.max(1);
+        Ok(match self.poison {
+            true => self.stream.clone_htod(&vec![T::POISON; n])?,
+            false => self.stream.alloc_zeros::<T>(n)?,
         })
     }
 
@@ -298,7 +352,7 @@ impl Gpu {
         &self,
         k: &CudaSlice<u16>,
         v: &CudaSlice<u16>,
-        slots: &CudaSlice<u32>,
+        slots: &CudaView<'_, u32>,
         caches: (&mut CudaSlice<u16>, &mut CudaSlice<u16>),
         kv_cols: usize,
         max_slot: usize,
@@ -446,11 +500,11 @@ impl Gpu {
         );
         let mut b = self.stream.launch_builder(self.f("attention_prefill"));
         b.arg(a.q).arg(a.k_cache).arg(a.v_cache).arg(out);
-        b.arg(a.tile_seq)
-            .arg(a.tile_row)
-            .arg(a.seq_row)
-            .arg(a.seq_len);
-        b.arg(a.seq_pos).arg(a.seq_table).arg(a.tables);
+        b.arg(&a.tile_seq)
+            .arg(&a.tile_row)
+            .arg(&a.seq_row)
+            .arg(&a.seq_len);
+        b.arg(&a.seq_pos).arg(&a.seq_table).arg(&a.tables);
         b.arg(&h).arg(&kvh).arg(&bs).arg(&w).arg(&sc);
         // SAFETY: the caller built the metadata from a validated batch (every visible key has a
         // cache block); PREFILL_ROWS matches BM in the kernel.
@@ -473,9 +527,9 @@ impl Gpu {
             ));
         }
         let parts = a.seqs * a.heads * a.splits;
-        let mut part_m = self.stream.alloc_zeros::<f32>(parts)?;
-        let mut part_l = self.stream.alloc_zeros::<f32>(parts)?;
-        let mut part_acc = self.stream.alloc_zeros::<f32>(parts * self.spec.head_dim)?;
+        let mut part_m = self.scratch::<f32>(parts)?;
+        let mut part_l = self.scratch::<f32>(parts)?;
+        let mut part_acc = self.scratch::<f32>(parts * self.spec.head_dim)?;
         let (h, kvh, bs, w, sl, sc) = (
             a.heads as i32,
             a.kv_heads as i32,
@@ -488,10 +542,10 @@ impl Gpu {
         b.arg(a.q)
             .arg(a.k_cache)
             .arg(a.v_cache)
-            .arg(a.dec_row)
-            .arg(a.dec_pos);
-        b.arg(a.dec_table)
-            .arg(a.tables)
+            .arg(&a.dec_row)
+            .arg(&a.dec_pos);
+        b.arg(&a.dec_table)
+            .arg(&a.tables)
             .arg(&mut part_m)
             .arg(&mut part_l);
         b.arg(&mut part_acc)
@@ -510,7 +564,7 @@ impl Gpu {
         r.arg(&part_m)
             .arg(&part_l)
             .arg(&part_acc)
-            .arg(a.dec_row)
+            .arg(&a.dec_row)
             .arg(out);
         r.arg(&h).arg(&splits);
         // SAFETY: reads the states written above.
@@ -537,8 +591,8 @@ impl Gpu {
                  top-{top_k} (1 to 8) are outside what the kernel handles"
             )));
         }
-        let mut ids = self.stream.alloc_zeros::<u32>(tokens * top_k)?;
-        let mut weights = self.stream.alloc_zeros::<f32>(tokens * top_k)?;
+        let mut ids = self.scratch::<u32>(tokens * top_k)?;
+        let mut weights = self.scratch::<f32>(tokens * top_k)?;
         if tokens == 0 {
             return Ok((ids, weights));
         }
@@ -570,11 +624,11 @@ impl Gpu {
             return Err(launch_err("moe_sort: at most 256 experts".into()));
         }
         let mut s = Sorted {
-            offsets: self.stream.alloc_zeros::<u32>(n_local + 1)?,
-            tiles: self.stream.alloc_zeros::<u32>(n_local + 1)?,
-            sorted_token: self.stream.alloc_zeros::<u32>(n.max(1))?,
-            sorted_weight: self.stream.alloc_zeros::<f32>(n.max(1))?,
-            pos_of: self.stream.alloc_zeros::<i32>(n.max(1))?,
+            offsets: self.scratch::<u32>(n_local + 1)?,
+            tiles: self.scratch::<u32>(n_local + 1)?,
+            sorted_token: self.scratch::<u32>(n)?,
+            sorted_weight: self.scratch::<f32>(n)?,
+            pos_of: self.scratch::<i32>(n)?,
         };
         let (na, k, nl, tr) = (
             n as i32,
@@ -616,8 +670,8 @@ impl Gpu {
                 "moe experts: hidden {hidden} and intermediate {inter} must be multiples of 8"
             )));
         }
-        let mut act = self.stream.alloc_zeros::<u16>(rows.max(1) * inter)?;
-        let mut y = self.stream.alloc_zeros::<f32>(rows.max(1) * hidden)?;
+        let mut act = self.scratch::<u16>(rows * inter)?;
+        let mut y = self.scratch::<f32>(rows * hidden)?;
         if rows == 0 || tables.count == 0 {
             return Ok(y);
         }

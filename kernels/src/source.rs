@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use crate::geometry::decode_lanes;
+
 const COMMON: &str = include_str!("../cuda/common.cuh");
 
 /// One NVRTC program: a `.cu` file with `common.cuh` prepended.
@@ -114,7 +116,17 @@ pub enum SpecError {
     HeadDim(usize),
     #[error("{heads} query heads over {kv_heads} KV heads: the CUDA decode kernel handles 1 to 8 query heads per KV head")]
     Group { heads: usize, kv_heads: usize },
+    #[error("head_dim {head_dim} with {group} query heads per KV head: at this head_dim the CUDA decode kernel holds 2 chunks of each row per lane and handles at most {max_group} query heads per KV head (head_dim 16, 32, 64, 128 and 256 handle up to 8)")]
+    DecodeRegisters {
+        head_dim: usize,
+        group: usize,
+        max_group: usize,
+    },
 }
+
+/// The most query heads per KV head the decode kernel keeps in registers, in q and output
+/// values per lane (`GROUP · CH ≤ 8` in attention_decode.cu).
+const DECODE_LANE_HEADS: usize = 8;
 
 impl Spec {
     /// Checks a model shape against what the kernels can be compiled for.
@@ -130,7 +142,22 @@ impl Spec {
         if !(1..=8).contains(&group) {
             return Err(group_err);
         }
+        let max_group = DECODE_LANE_HEADS / decode_lanes(head_dim).chunks_per_lane;
+        if group > max_group {
+            return Err(SpecError::DecodeRegisters {
+                head_dim,
+                group,
+                max_group,
+            });
+        }
         Ok(Spec { head_dim, group })
+    }
+
+    /// Every shape [`Spec::new`] accepts: what the kernels must compile for.
+    pub fn all() -> impl Iterator<Item = Spec> {
+        (16..=256)
+            .step_by(16)
+            .flat_map(|d| (1..=8).filter_map(move |g| Spec::new(d, g, 1).ok()))
     }
 }
 
@@ -171,5 +198,26 @@ mod tests {
         assert_eq!(Spec::new(72, 8, 8), Err(SpecError::HeadDim(72)));
         assert!(Spec::new(128, 64, 4).is_err());
         assert!(Spec::new(128, 6, 4).is_err());
+        // Head dims whose rows take two chunks per lane: up to 4 query heads per KV head.
+        for d in [48, 80, 96, 112, 144, 160, 176, 192, 208, 224, 240] {
+            assert!(Spec::new(d, 4, 1).is_ok(), "{d}");
+            let e = Spec::new(d, 8, 1).unwrap_err();
+            assert_eq!(
+                e,
+                SpecError::DecodeRegisters {
+                    head_dim: d,
+                    group: 8,
+                    max_group: 4
+                }
+            );
+            assert!(
+                e.to_string().contains("at most 4 query heads per KV head"),
+                "{e}"
+            );
+        }
+        for d in [16, 32, 64, 128, 256] {
+            assert!(Spec::new(d, 64, 8).is_ok(), "{d}");
+        }
+        assert_eq!(Spec::all().count(), 5 * 8 + 11 * 4);
     }
 }

@@ -1,5 +1,6 @@
 //! CI without a GPU: every kernel module is compiled by NVRTC to PTX for sm_80 (A100) and sm_90
-//! (H100), at the model shapes we serve, and assembled by `ptxas -v`. The test fails on any
+//! (H100), at every model shape `Spec::new` accepts, and assembled by `ptxas -v` (which also
+//! refuses more than 48 KB of static shared memory). The test fails on any
 //! compile error, any register spill or any local-memory (stack) use, and prints registers and
 //! shared memory per kernel.
 //!
@@ -8,17 +9,14 @@
 //! Without them this test FAILS rather than skips, so CI cannot go green without checking the
 //! kernels.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use switchyard_kernels::{Module, Nvrtc, Spec, Target};
 
 const ARCHS: [u32; 2] = [80, 90];
-
-/// Model shapes: Mixtral/Mistral (d 128, 4 query heads per KV head), Llama-2-70B-like (d 128,
-/// group 8), d 64 (small-mixtral), and the tiny test presets (d 16 and 32, group 2).
-const SPECS: [(usize, usize); 5] = [(128, 4), (128, 8), (64, 2), (32, 2), (16, 2)];
 
 /// One kernel's `ptxas -v` figures.
 #[derive(Debug, Default, Clone)]
@@ -81,6 +79,75 @@ fn parse(log: &str) -> BTreeMap<String, Usage> {
     out
 }
 
+/// Each kernel's figures from one run, or why the module failed to compile or assemble.
+type Report = Result<BTreeMap<String, Usage>, String>;
+
+/// One NVRTC + `ptxas -v` run: a module at one architecture and one set of `-D`s.
+struct Job {
+    arch: u32,
+    module: Module,
+    spec: Spec,
+}
+
+impl Job {
+    fn shape(&self) -> String {
+        match self.module.defines(&self.spec).is_empty() {
+            true => "-".to_string(),
+            false => format!("d={} group={}", self.spec.head_dim, self.spec.group),
+        }
+    }
+
+    fn run(&self, nvrtc: &Nvrtc, ptxas: &Path, dir: &Path) -> Report {
+        let (arch, module) = (self.arch, self.module);
+        let ptx = nvrtc
+            .compile(
+                module.file_name(),
+                &module.source(),
+                &module.defines(&self.spec),
+                Target::Ptx(arch),
+            )
+            .map_err(|e| e.to_string())?;
+        let stem = format!("{module}-{arch}-{}-{}", self.spec.head_dim, self.spec.group);
+        let path = dir.join(format!("{stem}.ptx"));
+        std::fs::write(&path, &ptx).unwrap();
+        let out = Command::new(ptxas)
+            .arg(format!("-arch=sm_{arch}"))
+            .arg("-v")
+            .arg("-o")
+            .arg(dir.join(format!("{stem}.cubin")))
+            .arg(&path)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", ptxas.display()));
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        match out.status.success() {
+            true => Ok(parse(&log)),
+            false => Err(format!("ptxas failed:\n{log}")),
+        }
+    }
+}
+
+/// Every module at every architecture, the shape-dependent ones at every shape `Spec::new`
+/// accepts (a module compiled once per distinct set of `-D`s): whatever a worker may be asked
+/// to compile is compiled here.
+fn jobs() -> Vec<Job> {
+    let mut jobs = Vec::new();
+    for arch in ARCHS {
+        for module in Module::ALL {
+            let mut seen = HashSet::new();
+            for spec in Spec::all() {
+                if seen.insert(module.defines(&spec)) {
+                    jobs.push(Job { arch, module, spec });
+                }
+            }
+        }
+    }
+    jobs
+}
+
 #[test]
 fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
     let nvrtc = Nvrtc::load().unwrap_or_else(|e| {
@@ -88,87 +155,65 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
     });
     let ptxas = ptxas();
     let dir = tempfile::tempdir().unwrap();
-    let mut failures = Vec::new();
     println!(
         "NVRTC {}.{}; ptxas {}",
         nvrtc.version().0,
         nvrtc.version().1,
         ptxas.display()
     );
+    let jobs = jobs();
+    // The runs are independent processes and compilations: one per core.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<(usize, Report)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(job) = jobs.get(i) else { break done };
+                        done.push((i, job.run(&nvrtc, &ptxas, dir.path())));
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+
     println!(
         "{:<7} {:<26} {:<24} {:>5} {:>7} {:>6} {:>7}",
         "arch", "kernel", "shape", "regs", "smem B", "stack", "spills"
     );
-    for arch in ARCHS {
-        for module in Module::ALL {
-            let specs: Vec<Spec> = if module.defines(&Spec::new(16, 1, 1).unwrap()).is_empty() {
-                vec![Spec::new(16, 1, 1).unwrap()] // shape-independent: compile once
-            } else {
-                SPECS
-                    .iter()
-                    .map(|&(d, g)| Spec::new(d, g, 1).unwrap())
-                    .collect()
+    let mut failures = Vec::new();
+    for (i, result) in results {
+        let job = &jobs[i];
+        let (arch, module, shape) = (job.arch, job.module, job.shape());
+        let usage = match result {
+            Ok(u) => u,
+            Err(e) => {
+                failures.push(format!("sm_{arch} {module} {shape}: {e}"));
+                continue;
+            }
+        };
+        for kernel in module.kernels() {
+            let Some(u) = usage.get(*kernel) else {
+                failures.push(format!("sm_{arch} {module}: no ptxas report for {kernel}"));
+                continue;
             };
-            for spec in specs {
-                let shape = match module.defines(&spec).is_empty() {
-                    true => "-".to_string(),
-                    false => format!("d={} group={}", spec.head_dim, spec.group),
-                };
-                let ptx = match nvrtc.compile(
-                    module.file_name(),
-                    &module.source(),
-                    &module.defines(&spec),
-                    Target::Ptx(arch),
-                ) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        failures.push(format!("sm_{arch} {module} {shape}: {e}"));
-                        continue;
-                    }
-                };
-                let path = dir.path().join(format!("{module}-{arch}.ptx"));
-                std::fs::write(&path, &ptx).unwrap();
-                let out = Command::new(&ptxas)
-                    .arg(format!("-arch=sm_{arch}"))
-                    .arg("-v")
-                    .arg("-o")
-                    .arg(dir.path().join("out.cubin"))
-                    .arg(&path)
-                    .output()
-                    .unwrap_or_else(|e| panic!("cannot run {}: {e}", ptxas.display()));
-                let log = format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                if !out.status.success() {
-                    failures.push(format!("sm_{arch} {module} {shape}: ptxas failed:\n{log}"));
-                    continue;
-                }
-                let usage = parse(&log);
-                for kernel in module.kernels() {
-                    let Some(u) = usage.get(*kernel) else {
-                        failures.push(format!("sm_{arch} {module}: no ptxas report for {kernel}"));
-                        continue;
-                    };
-                    println!(
-                        "sm_{:<4} {:<26} {:<24} {:>5} {:>7} {:>6} {:>3}/{:<3}",
-                        arch,
-                        kernel,
-                        shape,
-                        u.registers,
-                        u.smem,
-                        u.stack,
-                        u.spill_stores,
-                        u.spill_loads
-                    );
-                    if u.stack > 0 || u.spill_stores > 0 || u.spill_loads > 0 {
-                        failures.push(format!(
-                            "sm_{arch} {kernel} {shape}: {} bytes stack, {} / {} bytes spilled",
-                            u.stack, u.spill_stores, u.spill_loads
-                        ));
-                    }
-                }
+            println!(
+                "sm_{:<4} {:<26} {:<24} {:>5} {:>7} {:>6} {:>3}/{:<3}",
+                arch, kernel, shape, u.registers, u.smem, u.stack, u.spill_stores, u.spill_loads
+            );
+            if u.stack > 0 || u.spill_stores > 0 || u.spill_loads > 0 {
+                failures.push(format!(
+                    "sm_{arch} {kernel} {shape}: {} bytes stack, {} / {} bytes spilled",
+                    u.stack, u.spill_stores, u.spill_loads
+                ));
             }
         }
     }

@@ -141,7 +141,9 @@ pub trait Backend: Send + Sync {
         batch: &AttentionBatch,
     ) -> Result<Self::Tensor, BackendError>;
 
-    /// Router logits, softmax in f32, top-k, renormalised.
+    /// Router logits, softmax in f32, top-k, renormalised. The k experts are chosen by logit,
+    /// highest first, ties to the lower expert id (not by probability: probabilities tie where
+    /// logits do not once they underflow), so every backend plans the same exchange.
     fn router_topk(
         &self,
         x: &Self::Tensor,

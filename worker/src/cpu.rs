@@ -496,8 +496,9 @@ impl Backend for CpuBackend {
             let probs: Vec<f32> = row.iter().map(|l| (l - max).exp()).collect();
             let total: f32 = probs.iter().sum();
             let mut order: Vec<usize> = (0..probs.len()).collect();
-            // Highest first; ties to the lower expert id, deterministically.
-            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+            // The trait's rule: by logit (probabilities can tie where logits do not, e.g. when
+            // both underflow), highest first, ties to the lower expert id.
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
             let chosen = &order[..top_k];
             let kept: f32 = chosen.iter().map(|&e| probs[e] / total).sum();
             for &e in chosen {
@@ -578,6 +579,7 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_scheduler::step::{LogitsWanted, SeqInput};
 
     fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
         let mut out = vec![0.0; m * n];
@@ -628,6 +630,72 @@ mod tests {
         let e = 1.0f32.exp();
         assert!((r.weights[0] - e / (e + 1.0)).abs() < 1e-6);
         assert!((r.weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn router_picks_by_logit_when_probabilities_underflow_alike() {
+        // Logits -300, -200, 0, 1: the first two probabilities are both 0 in f32, but the
+        // logits still order them, so top-3 is 3, 2, 1 (as the GPU kernel picks).
+        let x = Mat::new(vec![1.0, 0.0], 1, 2).unwrap();
+        let gate = Mat::new(vec![-300.0, 0.0, -200.0, 0.0, 0.0, 0.0, 1.0, 0.0], 4, 2).unwrap();
+        let r = CpuBackend.router_topk(&x, &gate, 3).unwrap();
+        assert_eq!(r.experts, vec![3, 2, 1]);
+        let e = (-1.0f32).exp();
+        assert_eq!(r.weights[2], 0.0);
+        assert!((r.weights[0] - 1.0 / (1.0 + e)).abs() < 1e-6);
+        assert!((r.weights[1] - e / (1.0 + e)).abs() < 1e-6);
+        // Equal logits: the lower expert id first.
+        let gate = Mat::new(vec![1.0, 0.0, 2.0, 0.0, 1.0, 0.0, 2.0, 0.0], 4, 2).unwrap();
+        let r = CpuBackend.router_topk(&x, &gate, 3).unwrap();
+        assert_eq!(r.experts, vec![1, 3, 0]);
+    }
+
+    #[test]
+    fn empty_sequences_in_a_step_change_nothing() {
+        // Two sequences attended alone, then with empty sequences before, between and after
+        // them: the same output rows, and the empty ones write nothing into the cache.
+        let mut rng = switchyard_model::rng::Rng::new(4);
+        let (hd, heads, kvh, bs) = (8, 4, 2, 4);
+        let seq = |tokens: usize, start_pos: usize, table: Vec<u32>| SeqInput {
+            tokens: vec![0; tokens],
+            start_pos,
+            block_table: table,
+            logits: LogitsWanted::Last,
+        };
+        let n = 5;
+        let mut randn =
+            |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal() as f32).collect() };
+        let (q, k, v) = (
+            randn(n * heads * hd),
+            randn(n * kvh * hd),
+            randn(n * kvh * hd),
+        );
+        let run = |inputs: &[SeqInput]| {
+            let cpu = CpuBackend;
+            let mut cache = cpu.kv_cache(1, 4, bs, kvh, hd).unwrap();
+            let batch = AttentionBatch::new(inputs, bs, None);
+            let t = |d: &Vec<f32>, cols| Mat::new(d.clone(), n, cols).unwrap();
+            let out = cpu
+                .attention(
+                    &t(&q, heads * hd),
+                    &t(&k, kvh * hd),
+                    &t(&v, kvh * hd),
+                    &mut cache,
+                    0,
+                    &batch,
+                )
+                .unwrap();
+            (out.data, cache.k[0].clone())
+        };
+        let alone = run(&[seq(4, 0, vec![0]), seq(1, 0, vec![1])]);
+        let with_empty = run(&[
+            seq(0, 0, vec![2]),
+            seq(4, 0, vec![0]),
+            seq(0, 3, vec![3]),
+            seq(1, 0, vec![1]),
+            seq(0, 0, vec![]),
+        ]);
+        assert_eq!(alone, with_empty);
     }
 
     #[test]

@@ -1,19 +1,23 @@
 //! The CUDA backend: the [`Backend`] operations on one NVIDIA GPU, built from our kernels
 //! (`switchyard-kernels`) and cuBLASLt. Weights and the KV cache are bf16; the residual stream
 //! stays f32 (a tensor says which it holds), and every product takes bf16 operands with f32
-//! accumulation. The CPU backend is the reference it is checked against (`kernels/gpu-check`).
+//! accumulation. The CPU backend is the reference it is checked against
+//! (`worker/tests/gpu_check.rs`).
 //!
 //! What runs where in one layer:
 //! - `rms_norm`: one kernel, f32 residual in, bf16 out (the next product's operand);
 //! - `qkv_rope`: three cuBLASLt products, RoPE applied while converting Q and K to bf16;
-//! - `attention`: K/V appended to the paged cache, then prefill sequences through the
-//!   FlashAttention-2 kernel and single-token (decode) sequences through split-KV decoding;
+//! - `attention`: the step's metadata (slots, block tables, per-tile and per-sequence columns)
+//!   in one upload per step (the layers reuse it), K/V appended to the paged cache, then
+//!   prefill sequences through the FlashAttention-2 kernel and single-token (decode) sequences
+//!   through split-KV decoding;
 //! - `linear_add`: cuBLASLt with beta = 1, so the residual add is the product's epilogue;
 //! - `router_topk`: one fused kernel (the routes then go to the host, as the trait requires);
 //! - `experts_ffn_add`: GPU sort by expert, grouped SwiGLU GEMMs (GEMV or tensor cores), and
 //!   a combine into the residual.
 
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use half::bf16;
 use switchyard_kernels::blas::Out;
@@ -100,9 +104,7 @@ impl Hardware for CudaHardware {
 
 pub struct CudaBackend {
     gpu: Gpu,
-    /// Fill fresh output buffers with NaN instead of zeros (the on-GPU check does, so an element
-    /// a kernel forgot to write cannot pass for a correct zero).
-    poison: bool,
+    meta: Mutex<Option<UploadedMeta>>,
 }
 
 /// The device a worker or `generate` runs on, from `--device`: `cpu` or `cuda:N` (the value of
@@ -157,6 +159,101 @@ fn slots_and_checks(batch: &AttentionBatch, num_blocks: usize) -> Result<Vec<u32
     Ok(slots)
 }
 
+/// The sequences of a step for each attention kernel: prefill (several rows) and decode (one
+/// row). A sequence with no rows this step is in neither: it has nothing to attend, and the
+/// decode kernel would write the row that starts where it starts, which belongs to the next
+/// sequence (or lies past the end).
+fn prefill_and_decode(batch: &AttentionBatch) -> (Vec<usize>, Vec<usize>) {
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for (i, s) in batch.seqs.iter().enumerate() {
+        match s.rows.len() {
+            0 => {}
+            1 => decode.push(i),
+            _ => prefill.push(i),
+        }
+    }
+    (prefill, decode)
+}
+
+/// Everything the attention kernels of a step read besides q, k, v and the cache, packed end
+/// to end in `data` for one upload; each field says where its array lies (see
+/// attention_prefill.cu and attention_decode.cu for what each holds).
+#[derive(Debug, Default, PartialEq)]
+struct StepMeta {
+    data: Vec<u32>,
+    slots: Range<usize>,
+    tables: Range<usize>,
+    tile_seq: Range<usize>,
+    tile_row: Range<usize>,
+    seq_row: Range<usize>,
+    seq_len: Range<usize>,
+    seq_pos: Range<usize>,
+    seq_table: Range<usize>,
+    dec_row: Range<usize>,
+    dec_pos: Range<usize>,
+    dec_table: Range<usize>,
+}
+
+impl StepMeta {
+    /// The metadata of `batch` over a pool of `num_blocks` blocks, checked (see
+    /// [`slots_and_checks`]); `prefill` and `decode` from [`prefill_and_decode`].
+    fn new(
+        batch: &AttentionBatch,
+        num_blocks: usize,
+        prefill: &[usize],
+        decode: &[usize],
+    ) -> Result<StepMeta, BackendError> {
+        let mut data = Vec::new();
+        let mut push = |values: Vec<u32>| {
+            let start = data.len();
+            data.extend(values);
+            start..data.len()
+        };
+        let slots = push(slots_and_checks(batch, num_blocks)?);
+        let mut table_at = Vec::with_capacity(batch.seqs.len());
+        let mut tables = Vec::new();
+        for s in &batch.seqs {
+            table_at.push(tables.len() as u32);
+            tables.extend_from_slice(&s.block_table);
+        }
+        let tables = push(tables);
+        let seq = |i: usize| &batch.seqs[i];
+        let column = |of: &[usize], f: &dyn Fn(usize) -> u32| of.iter().map(|&i| f(i)).collect();
+        let lens: Vec<usize> = prefill.iter().map(|&i| seq(i).rows.len()).collect();
+        let (tile_seq, tile_row) = prefill_tiles(&lens);
+        let (tile_seq, tile_row) = (push(tile_seq), push(tile_row));
+        let seq_row = push(column(prefill, &|i| seq(i).rows.start as u32));
+        let seq_len = push(column(prefill, &|i| seq(i).rows.len() as u32));
+        let seq_pos = push(column(prefill, &|i| seq(i).start_pos as u32));
+        let seq_table = push(column(prefill, &|i| table_at[i]));
+        let dec_row = push(column(decode, &|i| seq(i).rows.start as u32));
+        let dec_pos = push(column(decode, &|i| seq(i).start_pos as u32));
+        let dec_table = push(column(decode, &|i| table_at[i]));
+        push(vec![0]); // never empty, so the upload always has a buffer
+        Ok(StepMeta {
+            data,
+            slots,
+            tables,
+            tile_seq,
+            tile_row,
+            seq_row,
+            seq_len,
+            seq_pos,
+            seq_table,
+            dec_row,
+            dec_pos,
+            dec_table,
+        })
+    }
+}
+
+/// The last step metadata uploaded: every layer of a step builds the same, so while it does,
+/// the device copy is reused (one upload per step rather than one per layer).
+struct UploadedMeta {
+    host: Vec<u32>,
+    device: Arc<CudaSlice<u32>>,
+}
+
 impl CudaBackend {
     /// Opens GPU `ordinal` and compiles the kernels for a model with these attention shapes.
     pub fn new(
@@ -173,12 +270,16 @@ impl CudaBackend {
     /// Compiles the kernels on an opened GPU for a model of attention shape `spec`.
     fn on(hardware: &CudaHardware, spec: Spec) -> Result<Self, BackendError> {
         let gpu = Gpu::on(&hardware.context, spec).map_err(dev)?;
-        Ok(CudaBackend { gpu, poison: false })
+        Ok(CudaBackend {
+            gpu,
+            meta: Mutex::new(None),
+        })
     }
 
-    /// Fresh outputs (and KV caches) start as NaN rather than zeros; for checks, not serving.
+    /// Fresh outputs, KV caches and the kernels' internal buffers start as NaN (indices far out
+    /// of range) rather than zeros; for checks, not serving.
     pub fn set_poison(&mut self, on: bool) {
-        self.poison = on;
+        self.gpu.set_poison(on);
     }
 
     /// The kernels and the stream, for tests and benchmarks that call kernels directly.
@@ -197,22 +298,27 @@ impl CudaBackend {
         self.stream().clone_htod(data).map_err(|e| dev(e.into()))
     }
 
-    fn zeros_f32(&self, n: usize) -> Result<CudaSlice<f32>, BackendError> {
-        if self.poison {
-            return self.upload(&vec![f32::NAN; n.max(1)]);
+    /// The step's attention metadata on the device: the last upload when it holds the same
+    /// values, else a new one.
+    fn upload_meta(&self, data: &[u32]) -> Result<Arc<CudaSlice<u32>>, BackendError> {
+        let mut last = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = last.as_ref().filter(|m| m.host == data) {
+            return Ok(m.device.clone());
         }
-        self.stream()
-            .alloc_zeros::<f32>(n.max(1))
-            .map_err(|e| dev(e.into()))
+        let device = Arc::new(self.upload(data)?);
+        *last = Some(UploadedMeta {
+            host: data.to_vec(),
+            device: device.clone(),
+        });
+        Ok(device)
     }
 
-    fn zeros_bf16(&self, n: usize) -> Result<CudaSlice<u16>, BackendError> {
-        if self.poison {
-            return self.upload(&vec![0x7fc0u16; n.max(1)]); // bf16 quiet NaN
-        }
-        self.stream()
-            .alloc_zeros::<u16>(n.max(1))
-            .map_err(|e| dev(e.into()))
+    fn fresh_f32(&self, n: usize) -> Result<CudaSlice<f32>, BackendError> {
+        self.gpu.scratch(n).map_err(dev)
+    }
+
+    fn fresh_bf16(&self, n: usize) -> Result<CudaSlice<u16>, BackendError> {
+        self.gpu.scratch(n).map_err(dev)
     }
 
     /// The bf16 operand of a product: the tensor itself, or a converted copy of an f32 one.
@@ -224,7 +330,7 @@ impl CudaBackend {
         match &x.data {
             CudaData::Bf16(b) => Ok(b),
             CudaData::F32(f) => {
-                let mut out = self.zeros_bf16(x.rows * x.cols)?;
+                let mut out = self.fresh_bf16(x.rows * x.cols)?;
                 self.gpu.cast_f32_bf16(f, &mut out).map_err(dev)?;
                 Ok(converted.insert(out))
             }
@@ -267,18 +373,34 @@ impl CudaBackend {
         w: &CudaWeight,
         f32_out: bool,
     ) -> Result<CudaTensor, BackendError> {
-        Self::check_cols("linear", x, w.cols)?;
         let mut conv = None;
         let xb = self.as_bf16(x, &mut conv)?;
-        let mnk = (x.rows, w.rows, w.cols);
+        self.product_of(xb, (x.rows, x.cols), w, f32_out)
+    }
+
+    /// `x · wᵀ` for a bf16 operand `xb` of shape `(rows, cols)`.
+    fn product_of(
+        &self,
+        xb: &CudaSlice<u16>,
+        (rows, cols): (usize, usize),
+        w: &CudaWeight,
+        f32_out: bool,
+    ) -> Result<CudaTensor, BackendError> {
+        if cols != w.cols {
+            return Err(shape(format!(
+                "linear: input has {cols} columns, weight expects {}",
+                w.cols
+            )));
+        }
+        let mnk = (rows, w.rows, w.cols);
         let data = if f32_out {
-            let mut y = self.zeros_f32(x.rows * w.rows)?;
+            let mut y = self.fresh_f32(rows * w.rows)?;
             self.gpu
                 .matmul(xb, &w.data, Out::F32(&mut y), mnk, false)
                 .map_err(dev)?;
             CudaData::F32(y)
         } else {
-            let mut y = self.zeros_bf16(x.rows * w.rows)?;
+            let mut y = self.fresh_bf16(rows * w.rows)?;
             self.gpu
                 .matmul(xb, &w.data, Out::Bf16(&mut y), mnk, false)
                 .map_err(dev)?;
@@ -286,24 +408,25 @@ impl CudaBackend {
         };
         Ok(CudaTensor {
             data,
-            rows: x.rows,
+            rows,
             cols: w.rows,
         })
     }
 
-    /// Q or K: f32 product, then RoPE into bf16.
+    /// Q or K: f32 product of the bf16 operand `xb`, then RoPE into bf16.
     fn project_rope(
         &self,
-        x: &CudaTensor,
+        xb: &CudaSlice<u16>,
+        dims: (usize, usize),
         w: &CudaWeight,
         positions: &CudaSlice<u32>,
         theta: f64,
     ) -> Result<CudaTensor, BackendError> {
-        let y = self.product(x, w, true)?;
+        let y = self.product_of(xb, dims, w, true)?;
         let CudaData::F32(yf) = &y.data else {
-            unreachable!("product(.., true) is f32")
+            unreachable!("product_of(.., true) is f32")
         };
-        let mut out = self.zeros_bf16(y.rows * y.cols)?;
+        let mut out = self.fresh_bf16(y.rows * y.cols)?;
         self.gpu
             .rope(yf, positions, &mut out, y.cols, theta)
             .map_err(dev)?;
@@ -343,7 +466,7 @@ impl Backend for CudaBackend {
             )));
         }
         let data = match data.is_empty() {
-            true => self.zeros_f32(0)?,
+            true => self.fresh_f32(0)?,
             false => self.upload(&data)?,
         };
         Ok(CudaTensor {
@@ -397,8 +520,8 @@ impl Backend for CudaBackend {
         let mut k = Vec::with_capacity(layers);
         let mut v = Vec::with_capacity(layers);
         for _ in 0..layers {
-            k.push(self.zeros_bf16(per_layer)?);
-            v.push(self.zeros_bf16(per_layer)?);
+            k.push(self.fresh_bf16(per_layer)?);
+            v.push(self.fresh_bf16(per_layer)?);
         }
         Ok(CudaKvCache {
             k,
@@ -417,7 +540,7 @@ impl Backend for CudaBackend {
                 table.rows
             )));
         }
-        let mut out = self.zeros_f32(ids.len() * table.cols)?;
+        let mut out = self.fresh_f32(ids.len() * table.cols)?;
         if !ids.is_empty() {
             let ids_d = self.upload(ids)?;
             self.gpu
@@ -443,7 +566,7 @@ impl Backend for CudaBackend {
                 "rms_norm: the input must be an f32 tensor (the residual stream)",
             ));
         };
-        let mut out = self.zeros_bf16(x.rows * x.cols)?;
+        let mut out = self.fresh_bf16(x.rows * x.cols)?;
         self.gpu
             .rms_norm(xf, &weight.data, &mut out, (x.rows, x.cols), eps)
             .map_err(dev)?;
@@ -496,18 +619,15 @@ impl Backend for CudaBackend {
                 self.gpu.spec().head_dim
             )));
         }
+        // One bf16 operand for the three products (converted once if x is f32), not copied.
         let mut conv = None;
         let xb = self.as_bf16(x, &mut conv)?;
-        let xb = CudaTensor {
-            data: CudaData::Bf16(xb.clone()),
-            rows: x.rows,
-            cols: x.cols,
-        };
+        let dims = (x.rows, x.cols);
         let pos = self.upload(positions)?;
         Ok(Qkv {
-            q: self.project_rope(&xb, wq, &pos, rope_theta)?,
-            k: self.project_rope(&xb, wk, &pos, rope_theta)?,
-            v: self.product(&xb, wv, false)?,
+            q: self.project_rope(xb, dims, wq, &pos, rope_theta)?,
+            k: self.project_rope(xb, dims, wk, &pos, rope_theta)?,
+            v: self.product_of(xb, dims, wv, false)?,
         })
     }
 
@@ -548,58 +668,44 @@ impl Backend for CudaBackend {
             )));
         }
 
-        // 1. This step's K and V into their slots.
-        let slots = slots_and_checks(batch, cache.num_blocks)?;
-        if slots.len() != q.rows {
+        // 1. All the metadata the kernels read, in one upload per step.
+        let (prefill, decode) = prefill_and_decode(batch);
+        let meta = StepMeta::new(batch, cache.num_blocks, &prefill, &decode)?;
+        if meta.slots.len() != q.rows {
             return Err(shape(
                 "attention: the batch's rows and the tensors' rows differ",
             ));
         }
-        let slots_d = self.upload(&slots)?;
-        let max_slot = cache.num_blocks * bs;
+        let meta_d = self.upload_meta(&meta.data)?;
+        let part = |r: &Range<usize>| meta_d.slice(r.clone());
+
+        // 2. This step's K and V into their slots.
         self.gpu
             .kv_append(
                 kb,
                 vb,
-                &slots_d,
+                &part(&meta.slots),
                 (&mut cache.k[layer], &mut cache.v[layer]),
                 kvh * hd,
-                max_slot,
+                cache.num_blocks * bs,
             )
             .map_err(dev)?;
 
-        // 2. Block tables, concatenated, and per-sequence metadata for both kernels.
-        let mut tables = Vec::new();
-        let mut table_at = Vec::with_capacity(batch.seqs.len());
-        for s in &batch.seqs {
-            table_at.push(tables.len() as u32);
-            tables.extend_from_slice(&s.block_table);
-        }
-        tables.push(0); // never empty, so the upload always has a buffer
-        let tables_d = self.upload(&tables)?;
+        // 3. Attention: prefill sequences, then decode sequences.
         let window = batch.window.unwrap_or(0);
-        let mut out = self.zeros_bf16(q.rows * q.cols)?;
-
-        let (prefill, decode): (Vec<usize>, Vec<usize>) =
-            (0..batch.seqs.len()).partition(|&i| batch.seqs[i].rows.len() > 1);
+        let mut out = self.fresh_bf16(q.rows * q.cols)?;
         if !prefill.is_empty() {
-            let seqs: Vec<_> = prefill.iter().map(|&i| &batch.seqs[i]).collect();
-            let lens: Vec<usize> = seqs.iter().map(|s| s.rows.len()).collect();
-            let (tile_seq, tile_row) = prefill_tiles(&lens);
-            let col = |f: &dyn Fn(usize) -> u32| -> Result<CudaSlice<u32>, BackendError> {
-                self.upload(&prefill.iter().map(|&i| f(i)).collect::<Vec<u32>>())
-            };
             let a = PrefillArgs {
                 q: qb,
                 k_cache: &cache.k[layer],
                 v_cache: &cache.v[layer],
-                tile_seq: &self.upload(&tile_seq)?,
-                tile_row: &self.upload(&tile_row)?,
-                seq_row: &col(&|i| batch.seqs[i].rows.start as u32)?,
-                seq_len: &col(&|i| batch.seqs[i].rows.len() as u32)?,
-                seq_pos: &col(&|i| batch.seqs[i].start_pos as u32)?,
-                seq_table: &col(&|i| table_at[i])?,
-                tables: &tables_d,
+                tile_seq: part(&meta.tile_seq),
+                tile_row: part(&meta.tile_row),
+                seq_row: part(&meta.seq_row),
+                seq_len: part(&meta.seq_len),
+                seq_pos: part(&meta.seq_pos),
+                seq_table: part(&meta.seq_table),
+                tables: part(&meta.tables),
                 heads,
                 kv_heads: kvh,
                 block_size: bs,
@@ -617,17 +723,14 @@ impl Backend for CudaBackend {
                 .max()
                 .unwrap_or(1);
             let split = decode_split(decode.len(), kvh, longest, self.gpu.sm_count());
-            let col = |f: &dyn Fn(usize) -> u32| -> Result<CudaSlice<u32>, BackendError> {
-                self.upload(&decode.iter().map(|&i| f(i)).collect::<Vec<u32>>())
-            };
             let a = DecodeArgs {
                 q: qb,
                 k_cache: &cache.k[layer],
                 v_cache: &cache.v[layer],
-                dec_row: &col(&|i| batch.seqs[i].rows.start as u32)?,
-                dec_pos: &col(&|i| batch.seqs[i].start_pos as u32)?,
-                dec_table: &col(&|i| table_at[i])?,
-                tables: &tables_d,
+                dec_row: part(&meta.dec_row),
+                dec_pos: part(&meta.dec_pos),
+                dec_table: part(&meta.dec_table),
+                tables: part(&meta.tables),
                 seqs: decode.len(),
                 heads,
                 kv_heads: kvh,
@@ -762,7 +865,7 @@ impl Backend for CudaBackend {
         let (CudaData::F32(g), CudaData::F32(u)) = (&gate.data, &up.data) else {
             unreachable!("product(.., true) is f32")
         };
-        let mut act = self.zeros_bf16(gate.rows * gate.cols)?;
+        let mut act = self.fresh_bf16(gate.rows * gate.cols)?;
         self.gpu.silu_mul(g, u, &mut act).map_err(dev)?;
         let act = CudaTensor {
             data: CudaData::Bf16(act),
@@ -780,21 +883,21 @@ impl Backend for CudaBackend {
         let n = rows.len() * x.cols;
         let data = if idx.is_empty() {
             match &x.data {
-                CudaData::F32(_) => CudaData::F32(self.zeros_f32(0)?),
-                CudaData::Bf16(_) => CudaData::Bf16(self.zeros_bf16(0)?),
+                CudaData::F32(_) => CudaData::F32(self.fresh_f32(0)?),
+                CudaData::Bf16(_) => CudaData::Bf16(self.fresh_bf16(0)?),
             }
         } else {
             let idx_d = self.upload(&idx)?;
             match &x.data {
                 CudaData::F32(f) => {
-                    let mut out = self.zeros_f32(n)?;
+                    let mut out = self.fresh_f32(n)?;
                     self.gpu
                         .gather_rows(f, &idx_d, &mut out, x.cols)
                         .map_err(dev)?;
                     CudaData::F32(out)
                 }
                 CudaData::Bf16(b) => {
-                    let mut out = self.zeros_bf16(n)?;
+                    let mut out = self.fresh_bf16(n)?;
                     self.gpu
                         .gather_rows(b, &idx_d, &mut out, x.cols)
                         .map_err(dev)?;
@@ -853,6 +956,62 @@ mod tests {
         freed[0].block_table[0] = FREED;
         let batch = AttentionBatch::new(&freed, 16, Some(2));
         assert!(slots_and_checks(&batch, 8).is_err());
+    }
+
+    fn seq(tokens: usize, start_pos: usize, block_table: Vec<u32>) -> SeqInput {
+        SeqInput {
+            tokens: vec![5; tokens],
+            start_pos,
+            block_table,
+            logits: switchyard_scheduler::step::LogitsWanted::Last,
+        }
+    }
+
+    #[test]
+    fn sequences_without_rows_reach_no_kernel() {
+        let inputs = [
+            seq(0, 3, vec![0]),
+            seq(4, 0, vec![1]),
+            seq(0, 7, vec![0]),
+            seq(1, 9, vec![2]),
+            seq(0, 0, vec![]),
+        ];
+        let batch = AttentionBatch::new(&inputs, 16, None);
+        assert_eq!(prefill_and_decode(&batch), (vec![1], vec![3]));
+    }
+
+    #[test]
+    fn step_metadata_packs_each_kernels_columns() {
+        // A prefill chunk over two blocks, a decode row, and an empty sequence between them.
+        let inputs = [
+            seq(3, 15, vec![4, 7]),
+            seq(0, 5, vec![1]),
+            seq(1, 0, vec![2]),
+        ];
+        let batch = AttentionBatch::new(&inputs, 16, None);
+        let (prefill, decode) = prefill_and_decode(&batch);
+        let m = StepMeta::new(&batch, 8, &prefill, &decode).unwrap();
+        let at = |r: &Range<usize>| m.data[r.clone()].to_vec();
+        assert_eq!(at(&m.slots), vec![4 * 16 + 15, 7 * 16, 7 * 16 + 1, 2 * 16]);
+        assert_eq!(at(&m.tables), vec![4, 7, 1, 2]);
+        assert_eq!((at(&m.tile_seq), at(&m.tile_row)), (vec![0], vec![0]));
+        assert_eq!(
+            (
+                at(&m.seq_row),
+                at(&m.seq_len),
+                at(&m.seq_pos),
+                at(&m.seq_table)
+            ),
+            (vec![0], vec![3], vec![15], vec![0])
+        );
+        assert_eq!(
+            (at(&m.dec_row), at(&m.dec_pos), at(&m.dec_table)),
+            (vec![3], vec![0], vec![3])
+        );
+        // Every layer of the step builds the same metadata, so one upload serves them all.
+        assert_eq!(m, StepMeta::new(&batch, 8, &prefill, &decode).unwrap());
+        // A key without a block is refused before anything is uploaded.
+        assert!(StepMeta::new(&batch, 5, &prefill, &decode).is_err());
     }
 
     #[test]
