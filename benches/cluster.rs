@@ -6,7 +6,7 @@
 //! `cargo bench -p switchyard --bench cluster` (env `BENCH_CONCURRENCY`, default
 //! `1,8,32,64`; `BENCH_PROMPT` 64 and `BENCH_OUTPUT` 32 tokens; `BENCH_MODEL=DIR` reuses a
 //! model directory; `BENCH_TLS=1`: the cluster plane over mutual TLS and the client API over
-//! TLS, with certificates from `switchyard certs`).
+//! TLS, with certificates from `switchyard certs`; `BENCH_TLS=both`: off, then on, in one run).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -177,15 +177,12 @@ fn main() {
     };
     let config = switchyard_model::ModelConfig::load(&dir).unwrap();
     let certs = tempfile::tempdir().unwrap();
-    let with_tls = std::env::var("BENCH_TLS").is_ok_and(|v| v == "1");
-    if with_tls {
-        install_tls(certs.path());
-    }
-    println!(
-        "small-mixtral f32, prompt {prompt_len} tokens, {output} output tokens per stream, {} threads, TLS {}",
-        rayon_threads(),
-        if with_tls { "+ mTLS on" } else { "off" }
-    );
+    // Off, on, or both in this process (the same weights, the same minutes).
+    let modes: &[bool] = match std::env::var("BENCH_TLS").as_deref() {
+        Ok("1") => &[true],
+        Ok("both") => &[false, true],
+        _ => &[false],
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -195,31 +192,55 @@ fn main() {
         .iter()
         .map(|&n| engine_run(&dir, n, prompt_len, output))
         .collect();
-    let mut grids = Vec::new();
-    let mut exchange = None;
+    for &with_tls in modes {
+        if with_tls {
+            install_tls(certs.path());
+        }
+        println!(
+            "small-mixtral f32, prompt {prompt_len} tokens, {output} output tokens per stream, {} threads, TLS {}",
+            rayon_threads(),
+            if with_tls { "+ mTLS on" } else { "off" }
+        );
+        let (grids, exchange) =
+            rt.block_on(run_grids(&dir, &config, &concurrency, prompt_len, output));
+        print_table(&concurrency, &engine, &grids);
+        if let Some(x) = exchange {
+            println!("{x}");
+        }
+    }
+}
+
+/// Grids 1×1 and 2×2, each at every concurrency; the 2×2 exchange report.
+async fn run_grids(
+    dir: &std::path::Path,
+    config: &switchyard_model::ModelConfig,
+    concurrency: &[usize],
+    prompt_len: usize,
+    output: usize,
+) -> (Vec<Vec<Run>>, Option<String>) {
+    let (mut grids, mut exchange) = (Vec::new(), None);
     for grid in ["1x1", "2x2"] {
         let grid: Grid = grid.parse().unwrap();
-        let runs = rt.block_on(async {
-            let (cluster, address) = start_cluster(&dir, grid).await;
-            let mut runs = Vec::new();
-            for &n in &concurrency {
-                runs.push(cluster_run(&address, n, prompt_len, output).await);
-            }
-            if grid.shards > 1 {
-                exchange = Some(
-                    exchange_report(&cluster, &config, &concurrency, prompt_len, output).await,
-                );
-            }
-            runs
-        });
-        grids.push((grid, runs));
+        let (cluster, address) = start_cluster(dir, grid).await;
+        let mut runs = Vec::new();
+        for &n in concurrency {
+            runs.push(cluster_run(&address, n, prompt_len, output).await);
+        }
+        if grid.shards > 1 {
+            exchange =
+                Some(exchange_report(&cluster, config, concurrency, prompt_len, output).await);
+        }
+        grids.push(runs);
     }
+    (grids, exchange)
+}
 
+fn print_table(concurrency: &[usize], engine: &[Run], grids: &[Vec<Run>]) {
     println!("| streams | engine tok/s | 1x1 tok/s | 1x1 / engine | 1x1 TTFT p50 / p99 s | 2x2 tok/s | 2x2 / engine | 2x2 TTFT p50 / p99 s |");
     println!("|---|---|---|---|---|---|---|---|");
     for (i, n) in concurrency.iter().enumerate() {
         let e = engine[i].tokens_per_s;
-        let (a, b) = (&grids[0].1[i], &grids[1].1[i]);
+        let (a, b) = (&grids[0][i], &grids[1][i]);
         println!(
             "| {n} | {e:.1} | {:.1} | {:.2} | {:.2} / {:.2} | {:.1} | {:.2} | {:.2} / {:.2} |",
             a.tokens_per_s,
@@ -231,9 +252,6 @@ fn main() {
             b.ttft_p50,
             b.ttft_p99
         );
-    }
-    if let Some(x) = exchange {
-        println!("{x}");
     }
 }
 

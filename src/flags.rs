@@ -48,11 +48,11 @@ pub enum Command {
     /// from a running cluster with --server.
     Generate(GenerateArgs),
     /// A coordinator and P×E workers in this process (each worker a gRPC server on loopback).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// One worker process: it waits for a coordinator to assign it a part of a model.
-    Worker(WorkerArgs),
+    Worker(Box<WorkerArgs>),
     /// A coordinator over separately started workers.
-    Coordinator(CoordinatorArgs),
+    Coordinator(Box<CoordinatorArgs>),
     /// Load-test a running server (gRPC or OpenAI HTTP API): throughput, TTFT, TPOT, ITL,
     /// end-to-end latency, goodput; sweeps and plots.
     Bench(Box<switchyard_bench::Args>),
@@ -510,7 +510,7 @@ mod tests {
         let mut all = vec!["coordinator", "--model", "m", "--etcd", "http://e:1"];
         all.extend_from_slice(args);
         match parse(&all).unwrap().command {
-            Command::Coordinator(c) => c,
+            Command::Coordinator(c) => *c,
             _ => unreachable!(),
         }
     }

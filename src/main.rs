@@ -63,9 +63,9 @@ fn run(command: Command, runtime: &tokio::runtime::Runtime) -> Result<()> {
             runtime.block_on(generate::remote(args))?
         }
         Command::Generate(args) => generate::local(args)?,
-        Command::Serve(args) => runtime.block_on(serve(args))?,
-        Command::Worker(args) => runtime.block_on(run_worker(args))?,
-        Command::Coordinator(args) => runtime.block_on(run_coordinator(args))?,
+        Command::Serve(args) => runtime.block_on(serve(*args))?,
+        Command::Worker(args) => runtime.block_on(run_worker(*args))?,
+        Command::Coordinator(args) => runtime.block_on(run_coordinator(*args))?,
         Command::Bench(args) => runtime.block_on(bench(*args))?,
         Command::Certs(args) => certs::write_all(&args)?,
         Command::Status { server } => runtime.block_on(status(&server))?,
