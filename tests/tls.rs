@@ -40,6 +40,19 @@ fn arg(dir: &Path, name: &str) -> String {
     file(dir, name).to_str().unwrap().to_string()
 }
 
+/// The cluster identity flags for the certificates in `dir`.
+fn cluster_flags(dir: &Path) -> Vec<String> {
+    let mut flags = Vec::new();
+    for (flag, name) in [
+        ("--cluster-ca", "ca.pem"),
+        ("--cluster-cert", "node.pem"),
+        ("--cluster-key", "node.key"),
+    ] {
+        flags.extend([flag.to_string(), arg(dir, name)]);
+    }
+    flags
+}
+
 /// A TLS client trusting `ca`'s CA, presenting `dir/name.pem` when `identity` names one.
 fn tls_client(ca: &Path, identity: Option<(&Path, &str)>) -> Arc<ClientConfig> {
     let files = identity.map(|(d, n)| (file(d, &format!("{n}.pem")), file(d, &format!("{n}.key"))));
@@ -134,25 +147,23 @@ fn a_tls_and_mtls_serve_generates_and_refuses_strangers() {
     certs(ca.path());
     certs(other.path());
     let c = ca.path();
-    let server = serve(&[
+    let (cert, key, client_ca) = (arg(c, "server.pem"), arg(c, "server.key"), arg(c, "ca.pem"));
+    let mut args = vec![
         "--model",
         dir.path().to_str().unwrap(),
         // Two shards: the expert exchange between the workers runs over mutual TLS too.
         "--grid",
         "1x2",
         "--tls-cert",
-        &arg(c, "server.pem"),
+        &cert,
         "--tls-key",
-        &arg(c, "server.key"),
+        &key,
         "--tls-client-ca",
-        &arg(c, "ca.pem"),
-        "--cluster-ca",
-        &arg(c, "ca.pem"),
-        "--cluster-cert",
-        &arg(c, "node.pem"),
-        "--cluster-key",
-        &arg(c, "node.key"),
-    ]);
+        &client_ca,
+    ];
+    let cluster = cluster_flags(c);
+    args.extend(cluster.iter().map(String::as_str));
+    let server = serve(&args);
     let prompt = [1, 17, 93, 5, 250, 44];
     let want = offline(dir.path(), &[(prompt.to_vec(), 12)], None).remove(0);
     let rt = common::runtime();
@@ -205,20 +216,10 @@ fn a_worker_refuses_callers_without_a_cluster_certificate() {
     certs(ca.path());
     certs(other.path());
     let c = ca.path();
-    let worker = common::start(
-        &[
-            "worker",
-            "--listen",
-            "127.0.0.1:0",
-            "--cluster-ca",
-            &arg(c, "ca.pem"),
-            "--cluster-cert",
-            &arg(c, "node.pem"),
-            "--cluster-key",
-            &arg(c, "node.key"),
-        ],
-        "worker listening on ",
-    );
+    let mut args = vec!["worker", "--listen", "127.0.0.1:0"];
+    let cluster = cluster_flags(c);
+    args.extend(cluster.iter().map(String::as_str));
+    let worker = common::start(&args, "worker listening on ");
     let rt = common::runtime();
     rt.block_on(async {
         let stats = |tls: Option<Arc<ClientConfig>>| {
