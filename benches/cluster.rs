@@ -5,7 +5,8 @@
 //!
 //! `cargo bench -p switchyard --bench cluster` (env `BENCH_CONCURRENCY`, default
 //! `1,8,32,64`; `BENCH_PROMPT` 64 and `BENCH_OUTPUT` 32 tokens; `BENCH_MODEL=DIR` reuses a
-//! model directory).
+//! model directory; `BENCH_TLS=1`: the cluster plane over mutual TLS and the client API over
+//! TLS, with certificates from `switchyard certs`; `BENCH_TLS=both`: off, then on, in one run).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,6 +15,7 @@ use switchyard_coordinator::{server, Cluster, ClusterConfig, Grid};
 use switchyard_model::init::{preset, write_model_dir};
 use switchyard_model::safetensors::Dtype;
 use switchyard_net::grpc::{channel, worker_client};
+use switchyard_net::tls::{self, ClusterFiles, ClusterTls, Connector, ServerTls};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_client::InferenceClient;
 use switchyard_scheduler::{Request, SamplingParams};
@@ -73,9 +75,13 @@ async fn cluster_run(address: &str, n: usize, prompt_len: usize, output: usize) 
         .map(|i| {
             let address = address.to_string();
             tokio::spawn(async move {
-                let mut client = InferenceClient::connect(format!("http://{address}"))
-                    .await
-                    .unwrap();
+                let endpoint =
+                    tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap();
+                let channel = match tls::cluster() {
+                    Some(t) => endpoint.connect_with_connector(Connector(t.client)).await,
+                    None => endpoint.connect().await,
+                };
+                let mut client = InferenceClient::new(channel.unwrap());
                 let request = pb::GenerateRequest {
                     prompt_token_ids: prompt(i, prompt_len),
                     max_tokens: Some(output as u32),
@@ -126,9 +132,22 @@ async fn start_cluster(dir: &std::path::Path, grid: Grid) -> (Arc<Cluster>, Stri
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
+    // With TLS on, the client API serves the cluster certificate (the clients here trust the
+    // cluster CA).
+    let api_tls = CERTS.get().map(|dir| {
+        ServerTls {
+            cert: dir.join("node.pem"),
+            key: dir.join("node.key"),
+            client_ca: None,
+        }
+        .config(&[tls::H2])
+        .unwrap()
+    });
     tokio::spawn(server::serve(
         cluster.clone(),
         listener,
+        api_tls,
+        Default::default(),
         std::future::pending(),
     ));
     (cluster, address)
@@ -157,10 +176,13 @@ fn main() {
         }
     };
     let config = switchyard_model::ModelConfig::load(&dir).unwrap();
-    println!(
-        "small-mixtral f32, prompt {prompt_len} tokens, {output} output tokens per stream, {} threads",
-        rayon_threads()
-    );
+    let certs = tempfile::tempdir().unwrap();
+    // Off, on, or both in this process (the same weights, the same minutes).
+    let modes: &[bool] = match std::env::var("BENCH_TLS").as_deref() {
+        Ok("1") => &[true],
+        Ok("both") => &[false, true],
+        _ => &[false],
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -170,31 +192,55 @@ fn main() {
         .iter()
         .map(|&n| engine_run(&dir, n, prompt_len, output))
         .collect();
-    let mut grids = Vec::new();
-    let mut exchange = None;
+    for &with_tls in modes {
+        if with_tls {
+            install_tls(certs.path());
+        }
+        println!(
+            "small-mixtral f32, prompt {prompt_len} tokens, {output} output tokens per stream, {} threads, TLS {}",
+            rayon_threads(),
+            if with_tls { "+ mTLS on" } else { "off" }
+        );
+        let (grids, exchange) =
+            rt.block_on(run_grids(&dir, &config, &concurrency, prompt_len, output));
+        print_table(&concurrency, &engine, &grids);
+        if let Some(x) = exchange {
+            println!("{x}");
+        }
+    }
+}
+
+/// Grids 1×1 and 2×2, each at every concurrency; the 2×2 exchange report.
+async fn run_grids(
+    dir: &std::path::Path,
+    config: &switchyard_model::ModelConfig,
+    concurrency: &[usize],
+    prompt_len: usize,
+    output: usize,
+) -> (Vec<Vec<Run>>, Option<String>) {
+    let (mut grids, mut exchange) = (Vec::new(), None);
     for grid in ["1x1", "2x2"] {
         let grid: Grid = grid.parse().unwrap();
-        let runs = rt.block_on(async {
-            let (cluster, address) = start_cluster(&dir, grid).await;
-            let mut runs = Vec::new();
-            for &n in &concurrency {
-                runs.push(cluster_run(&address, n, prompt_len, output).await);
-            }
-            if grid.shards > 1 {
-                exchange = Some(
-                    exchange_report(&cluster, &config, &concurrency, prompt_len, output).await,
-                );
-            }
-            runs
-        });
-        grids.push((grid, runs));
+        let (cluster, address) = start_cluster(dir, grid).await;
+        let mut runs = Vec::new();
+        for &n in concurrency {
+            runs.push(cluster_run(&address, n, prompt_len, output).await);
+        }
+        if grid.shards > 1 {
+            exchange =
+                Some(exchange_report(&cluster, config, concurrency, prompt_len, output).await);
+        }
+        grids.push(runs);
     }
+    (grids, exchange)
+}
 
+fn print_table(concurrency: &[usize], engine: &[Run], grids: &[Vec<Run>]) {
     println!("| streams | engine tok/s | 1x1 tok/s | 1x1 / engine | 1x1 TTFT p50 / p99 s | 2x2 tok/s | 2x2 / engine | 2x2 TTFT p50 / p99 s |");
     println!("|---|---|---|---|---|---|---|---|");
     for (i, n) in concurrency.iter().enumerate() {
         let e = engine[i].tokens_per_s;
-        let (a, b) = (&grids[0].1[i], &grids[1].1[i]);
+        let (a, b) = (&grids[0][i], &grids[1][i]);
         println!(
             "| {n} | {e:.1} | {:.1} | {:.2} | {:.2} / {:.2} | {:.1} | {:.2} | {:.2} / {:.2} |",
             a.tokens_per_s,
@@ -206,9 +252,6 @@ fn main() {
             b.ttft_p50,
             b.ttft_p99
         );
-    }
-    if let Some(x) = exchange {
-        println!("{x}");
     }
 }
 
@@ -246,6 +289,29 @@ async fn exchange_report(
         floor / token_layers,
         bytes as f64 / floor
     )
+}
+
+/// Where `switchyard certs` wrote this run's certificates, when TLS is on.
+static CERTS: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Makes certificates in `dir` and gives this process the cluster identity they hold.
+fn install_tls(dir: &std::path::Path) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["certs", "--out", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let files = ClusterFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("node.pem"),
+        key: dir.join("node.key"),
+    };
+    tls::install_cluster(Some(ClusterTls::new(&files).unwrap()));
+    CERTS.set(dir.to_path_buf()).unwrap();
 }
 
 fn rayon_threads() -> usize {

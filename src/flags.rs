@@ -5,11 +5,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use switchyard_bench::config::parse_duration_or_zero as duration;
+use switchyard_coordinator::auth::ApiKeys;
 use switchyard_coordinator::run::Ports;
 use switchyard_coordinator::{ClusterConfig, Grid, PlanOptions};
+use switchyard_net::etcd::{Credentials, EtcdAccess};
 use switchyard_net::process::EtcdMember;
+use switchyard_net::tls::{self, ClusterFiles, ClusterTls, ServerTls};
 use switchyard_scheduler::SamplingParams;
 use switchyard_worker::Device;
 
@@ -44,14 +48,17 @@ pub enum Command {
     /// from a running cluster with --server.
     Generate(GenerateArgs),
     /// A coordinator and P×E workers in this process (each worker a gRPC server on loopback).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// One worker process: it waits for a coordinator to assign it a part of a model.
-    Worker(WorkerArgs),
+    Worker(Box<WorkerArgs>),
     /// A coordinator over separately started workers.
-    Coordinator(CoordinatorArgs),
+    Coordinator(Box<CoordinatorArgs>),
     /// Load-test a running server (gRPC or OpenAI HTTP API): throughput, TTFT, TPOT, ITL,
     /// end-to-end latency, goodput; sweeps and plots.
     Bench(Box<switchyard_bench::Args>),
+    /// Make a CA and certificates for a trial cluster: for the client ports (--tls-cert),
+    /// the cluster plane (--cluster-ca/--cluster-cert) and a client (--tls-client-ca).
+    Certs(CertsArgs),
     /// A running cluster's grid, workers (memory), lanes (KV usage) and queue.
     Status {
         #[arg(long, default_value = "127.0.0.1:50051")]
@@ -101,6 +108,64 @@ pub struct ClusterArgs {
     /// drains (SIGTERM).
     #[arg(long = "drain-grace", alias = "drain-grace-s", default_value = "30s", value_parser = duration)]
     pub drain_grace: Duration,
+    #[command(flatten)]
+    pub front: FrontDoorArgs,
+}
+
+/// TLS and API keys of the client ports: the gRPC API and the HTTP port.
+#[derive(Args)]
+pub struct FrontDoorArgs {
+    /// Serve the client gRPC API and the HTTP port over TLS with this certificate (PEM, leaf
+    /// first); read again when the file changes.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM; may hold several) on both ports.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Accept this API key (repeatable): clients send `Authorization: Bearer KEY` (HTTP) or
+    /// `authorization` metadata (gRPC). Command lines are visible to local users: prefer
+    /// --api-key-file.
+    #[arg(long = "api-key", value_name = "KEY")]
+    pub api_keys: Vec<String>,
+    /// Accept the API keys in this file, one a line (# starts a comment).
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Require an API key for /health, /ready, /metrics, the dashboard and the gRPC health
+    /// service too (open by default, for probes and scrapers).
+    #[arg(long)]
+    pub auth_health: bool,
+}
+
+/// Mutual TLS on the cluster plane (coordinator ↔ workers ↔ workers): every process presents
+/// a certificate the cluster CA signed and accepts only such certificates.
+#[derive(Args)]
+pub struct ClusterTlsArgs {
+    /// The cluster CA (PEM).
+    #[arg(long, requires_all = ["cluster_cert", "cluster_key"])]
+    pub cluster_ca: Option<PathBuf>,
+    /// This process's certificate, signed by the cluster CA (PEM); read again when it changes.
+    #[arg(long, requires = "cluster_ca")]
+    pub cluster_cert: Option<PathBuf>,
+    /// The private key of --cluster-cert (PEM).
+    #[arg(long, requires = "cluster_ca")]
+    pub cluster_key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct CertsArgs {
+    /// Directory to write into (made when missing). A CA already there (ca.pem, ca.key) signs
+    /// the new certificates: run again to renew them.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Host names and IP addresses the server certificates are valid for.
+    #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1,::1")]
+    pub hosts: Vec<String>,
+    /// How long the new certificates are valid, in days.
+    #[arg(long, default_value_t = 90)]
+    pub days: u32,
 }
 
 #[derive(Args)]
@@ -120,6 +185,25 @@ pub struct EtcdArgs {
     /// --grpc-addr is 0.0.0.0 or [::]).
     #[arg(long)]
     pub advertise: Option<String>,
+    /// etcd's CA (PEM): talk to etcd over TLS (give an https:// --etcd URL).
+    #[arg(long, requires = "etcd")]
+    pub etcd_ca: Option<PathBuf>,
+    /// This process's client certificate for etcd (PEM; etcd's --client-cert-auth).
+    #[arg(long, requires_all = ["etcd_ca", "etcd_key"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// The private key of --etcd-cert (PEM).
+    #[arg(long, requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// Log in to etcd as this user (etcd's own authentication).
+    #[arg(long, requires = "etcd")]
+    pub etcd_user: Option<String>,
+    /// The password of --etcd-user. Command lines are visible to local users: prefer
+    /// --etcd-password-file.
+    #[arg(long, requires = "etcd_user", conflicts_with = "etcd_password_file")]
+    pub etcd_password: Option<String>,
+    /// A file holding the password of --etcd-user (its first line).
+    #[arg(long, requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -127,6 +211,8 @@ pub struct ServeArgs {
     /// Model directory; without it, a demo tiny-mixtral made once into ~/.cache/switchyard.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster_tls: ClusterTlsArgs,
     /// Where the workers run: cpu; cuda:N (all on GPU N); or cuda (worker i on GPU i, as
     /// many GPUs as grid cells).
     #[arg(long, default_value = "cpu")]
@@ -172,6 +258,8 @@ pub struct WorkerArgs {
     pub metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub cluster_tls: ClusterTlsArgs,
     /// With --etcd: how long a draining worker (SIGTERM) waits to be released.
     #[arg(long = "drain-grace", alias = "drain-grace-s", default_value = "60s", value_parser = duration)]
     pub drain_grace: Duration,
@@ -194,6 +282,8 @@ pub struct CoordinatorArgs {
     /// With --etcd, --grid is the largest grid wanted: fewer workers get the best smaller one.
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub cluster_tls: ClusterTlsArgs,
 }
 
 #[derive(Subcommand)]
@@ -316,34 +406,95 @@ impl ClusterArgs {
         }
     }
 
-    pub fn ports(&self) -> Ports {
-        Ports {
+    /// The client ports, their TLS and the API keys (reading --api-key-file).
+    pub fn ports(&self) -> anyhow::Result<Ports> {
+        let f = &self.front;
+        let mut keys = f.api_keys.clone();
+        if let Some(path) = &f.api_key_file {
+            keys.extend(ApiKeys::read_file(path)?);
+        }
+        let tls = match (&f.tls_cert, &f.tls_key) {
+            (Some(cert), Some(key)) => Some(ServerTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: f.tls_client_ca.clone(),
+            }),
+            _ => None,
+        };
+        Ok(Ports {
             grpc: self.grpc_addr,
             http: self.http_addr,
-        }
-    }
-}
-
-impl EtcdArgs {
-    /// How this process joins its cluster in etcd, when --etcd is given.
-    pub fn member(&self) -> Option<EtcdMember> {
-        Some(EtcdMember {
-            url: self.etcd.clone()?,
-            cluster: self.cluster.clone(),
-            lease_ttl: self.lease_ttl,
-            advertise: self.advertise.clone(),
+            tls,
+            keys: std::sync::Arc::new(ApiKeys::new(keys, f.auth_health)),
         })
     }
 }
 
+impl ClusterTlsArgs {
+    /// Gives this process its cluster identity, when the flags name one (reading the files
+    /// now, so a bad one stops the start).
+    pub fn install(&self) -> anyhow::Result<()> {
+        let (Some(ca), Some(cert), Some(key)) =
+            (&self.cluster_ca, &self.cluster_cert, &self.cluster_key)
+        else {
+            return Ok(());
+        };
+        let files = ClusterFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        tls::install_cluster(Some(ClusterTls::new(&files)?));
+        Ok(())
+    }
+}
+
+impl EtcdArgs {
+    /// How this process joins its cluster in etcd, when --etcd is given (reading the TLS and
+    /// password files now).
+    pub fn member(&self) -> anyhow::Result<Option<EtcdMember>> {
+        let Some(url) = self.etcd.clone() else {
+            return Ok(None);
+        };
+        let tls = match &self.etcd_ca {
+            Some(ca) => {
+                let identity = self.etcd_cert.as_deref().zip(self.etcd_key.as_deref());
+                Some(tls::client_config(ca, identity)?)
+            }
+            None => None,
+        };
+        let password = match (&self.etcd_password, &self.etcd_password_file) {
+            (Some(p), _) => p.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .with_context(|| format!("--etcd-password-file {}", path.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            (None, None) => String::new(),
+        };
+        let user = self
+            .etcd_user
+            .clone()
+            .map(|user| Credentials { user, password });
+        Ok(Some(EtcdMember {
+            url,
+            cluster: self.cluster.clone(),
+            lease_ttl: self.lease_ttl,
+            advertise: self.advertise.clone(),
+            access: EtcdAccess { tls, user },
+        }))
+    }
+}
+
 impl WorkerArgs {
-    pub fn options(&self) -> switchyard_worker::run::Options {
-        switchyard_worker::run::Options {
+    pub fn options(&self) -> anyhow::Result<switchyard_worker::run::Options> {
+        Ok(switchyard_worker::run::Options {
             listen: self.listen,
             metrics_addr: self.metrics_addr,
-            etcd: self.etcd.member(),
+            etcd: self.etcd.member()?,
             drain_grace: self.drain_grace,
-        }
+        })
     }
 }
 
@@ -359,7 +510,7 @@ mod tests {
         let mut all = vec!["coordinator", "--model", "m", "--etcd", "http://e:1"];
         all.extend_from_slice(args);
         match parse(&all).unwrap().command {
-            Command::Coordinator(c) => c,
+            Command::Coordinator(c) => *c,
             _ => unreachable!(),
         }
     }

@@ -2,6 +2,7 @@
 //! lifecycles live in `switchyard_coordinator::run` and `switchyard_worker::run`, the load
 //! tester in `switchyard_bench`.
 
+mod certs;
 mod flags;
 mod generate;
 mod telemetry;
@@ -62,10 +63,11 @@ fn run(command: Command, runtime: &tokio::runtime::Runtime) -> Result<()> {
             runtime.block_on(generate::remote(args))?
         }
         Command::Generate(args) => generate::local(args)?,
-        Command::Serve(args) => runtime.block_on(serve(args))?,
-        Command::Worker(args) => runtime.block_on(run_worker(args))?,
-        Command::Coordinator(args) => runtime.block_on(run_coordinator(args))?,
+        Command::Serve(args) => runtime.block_on(serve(*args))?,
+        Command::Worker(args) => runtime.block_on(run_worker(*args))?,
+        Command::Coordinator(args) => runtime.block_on(run_coordinator(*args))?,
         Command::Bench(args) => runtime.block_on(bench(*args))?,
+        Command::Certs(args) => certs::write_all(&args)?,
         Command::Status { server } => runtime.block_on(status(&server))?,
     }
     Ok(())
@@ -73,6 +75,8 @@ fn run(command: Command, runtime: &tokio::runtime::Runtime) -> Result<()> {
 
 /// A coordinator and P×E workers in this process, each worker a gRPC server on loopback.
 async fn serve(a: ServeArgs) -> Result<()> {
+    a.cluster_tls.install()?;
+    let ports = a.cluster.ports()?;
     let model = match a.model {
         Some(m) => m,
         None => demo_model()?,
@@ -94,11 +98,12 @@ async fn serve(a: ServeArgs) -> Result<()> {
         metrics.push(w.metrics.registry.clone());
     }
     let config = a.cluster.config(model, workers);
-    Ok(coordinator::static_cluster(config, a.cluster.ports(), metrics).await?)
+    Ok(coordinator::static_cluster(config, ports, metrics).await?)
 }
 
 async fn run_worker(a: WorkerArgs) -> Result<()> {
-    let options = a.options();
+    a.cluster_tls.install()?;
+    let options = a.options()?;
     match a.device {
         Device::Cpu => worker::run(WorkerService::new(CpuBackend), options).await?,
         Device::Cuda(n) => worker::run(WorkerService::new(open_gpu(n)?), options).await?,
@@ -107,9 +112,10 @@ async fn run_worker(a: WorkerArgs) -> Result<()> {
 }
 
 async fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
+    a.cluster_tls.install()?;
     let config = a.cluster.config(a.model, a.workers);
-    let ports = a.cluster.ports();
-    match a.etcd.member() {
+    let ports = a.cluster.ports()?;
+    match a.etcd.member()? {
         Some(member) => coordinator::etcd_cluster(config, ports, member).await?,
         None => coordinator::static_cluster(config, ports, Vec::new()).await?,
     }

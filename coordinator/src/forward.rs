@@ -206,8 +206,9 @@ impl Admission for ToLeader {
         if let Ok(v) = MetadataValue::try_from(request_id.as_str()) {
             call.metadata_mut().insert("x-request-id", v);
         }
-        // The client's trace context goes along, so the leader's spans join the client's trace.
-        for key in ["traceparent", "tracestate"] {
+        // The client's trace context goes along, so the leader's spans join the client's
+        // trace; and its API key, which the leader checks as this coordinator did.
+        for key in ["traceparent", "tracestate", "authorization"] {
             if let Some(v) = caller
                 .get(key)
                 .and_then(|v| MetadataValue::try_from(v.as_bytes()).ok())

@@ -1,6 +1,7 @@
 //! The coordinator's HTTP port: the OpenAI-compatible API under `/v1`, `GET /health` (the
 //! process is alive), `GET /ready` (a complete placement is serving), `GET /metrics`
-//! (Prometheus), and the live dashboard (`/`, fed by `GET /api/dashboard`).
+//! (Prometheus), and the live dashboard (`/`, fed by `GET /api/dashboard`). API keys, when
+//! configured, guard it ([`crate::auth::http_guard`]).
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use axum::{Json, Router};
 use switchyard_metrics::{self as metrics, Registry};
 
 use crate::api::InferenceApi;
+use crate::auth::{self, ApiKeys};
 use crate::cluster::Cluster;
 use crate::monitor::Monitor;
 use crate::openai;
@@ -26,9 +28,14 @@ struct Dashboard {
     local_workers: Arc<Vec<Arc<Registry>>>,
 }
 
-/// The whole HTTP application over `cluster`. `local_workers` are the metric registries of
-/// workers running in this process, whose metrics `/metrics` includes.
-pub fn router(cluster: Arc<Cluster>, local_workers: Vec<Arc<Registry>>) -> Router {
+/// The whole HTTP application over `cluster`, letting in the calls `keys` accept.
+/// `local_workers` are the metric registries of workers running in this process, whose
+/// metrics `/metrics` includes.
+pub fn router(
+    cluster: Arc<Cluster>,
+    local_workers: Vec<Arc<Registry>>,
+    keys: Arc<ApiKeys>,
+) -> Router {
     let api = InferenceApi::new(cluster.clone());
     let dashboard = Dashboard {
         monitor: Monitor::spawn(cluster.clone()),
@@ -54,6 +61,7 @@ pub fn router(cluster: Arc<Cluster>, local_workers: Vec<Arc<Registry>>) -> Route
         .route("/", get(|| async { Html(DASHBOARD) }))
         .route("/api/dashboard", get(snapshot))
         .with_state(dashboard)
+        .layer(axum::middleware::from_fn_with_state(keys, auth::http_guard))
 }
 
 async fn ready(State(d): State<Dashboard>) -> Response {

@@ -1,7 +1,8 @@
 //! The coordinator: it plans where the model's layers and experts live ([`placement`]), brings
 //! the workers up ([`cluster`]), runs one scheduler and pipeline driver per lane ([`lane`]) and
 //! serves clients: the gRPC server ([`server`], [`api`]) and the HTTP port ([`http`],
-//! [`openai`], the dashboard fed by [`monitor`]). Every request enters through [`admission`]. It
+//! [`openai`], the dashboard fed by [`monitor`]), both behind TLS and API keys when asked
+//! ([`auth`]). Every request enters through [`admission`]. It
 //! holds no weights and no KV memory: workers do; it owns the decisions (what runs when, which
 //! KV blocks a sequence holds) and the client streams.
 //!
@@ -13,6 +14,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod forward;

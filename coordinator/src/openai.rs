@@ -56,9 +56,18 @@ impl ApiError {
         }
     }
 
+    /// A call without a valid API key ([`crate::auth`]).
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.into(),
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self.status {
-            StatusCode::BAD_REQUEST => "invalid_request_error",
+            // OpenAI's type for a missing or wrong key, too.
+            StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED => "invalid_request_error",
             StatusCode::NOT_FOUND => "not_found_error",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             StatusCode::SERVICE_UNAVAILABLE => "service_unavailable_error",
@@ -84,6 +93,7 @@ impl From<Status> for ApiError {
                 StatusCode::BAD_REQUEST
             }
             Code::NotFound => StatusCode::NOT_FOUND,
+            Code::Unauthenticated => StatusCode::UNAUTHORIZED,
             Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
             Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,

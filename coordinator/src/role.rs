@@ -9,7 +9,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use switchyard_net::grpc::endpoint;
+use switchyard_net::grpc::{cluster_lazy, endpoint};
 use tonic::transport::Channel;
 use tonic::Status;
 use tracing::info;
@@ -160,13 +160,17 @@ impl ProcessRole {
     }
 }
 
+/// The channel to the leader's client API: over mutual TLS with the cluster identity, when
+/// this process has one (the leader's client port then needs a certificate the cluster CA
+/// signed, and accepts the cluster CA's client certificates where it asks for any).
 fn leader_channel(address: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(endpoint(address)?
-        .connect_timeout(CONNECT_TIMEOUT)
-        // A leader that vanishes without closing its connections is found out.
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy())
+    Ok(cluster_lazy(
+        endpoint(address)?
+            .connect_timeout(CONNECT_TIMEOUT)
+            // A leader that vanishes without closing its connections is found out.
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5)),
+    ))
 }
 
 #[cfg(test)]

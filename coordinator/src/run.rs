@@ -9,21 +9,38 @@ use std::time::Duration;
 
 use switchyard_metrics::{self as metrics, Registry};
 use switchyard_net::process::{bind, shutdown_signal, BindError, EtcdMember, JoinError};
+use switchyard_net::tls::{self, Incoming, ServerTls, TlsError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::auth::ApiKeys;
 use crate::cluster::{Cluster, ClusterConfig, StartError};
 use crate::http;
 use crate::membership::{self, EtcdMembership};
 use crate::server::{self, ServeError};
 
-/// Where a coordinator listens.
+/// Where a coordinator listens, and whom it lets in.
 #[derive(Debug, Clone)]
 pub struct Ports {
     /// The client gRPC API.
     pub grpc: SocketAddr,
     /// The HTTP port: the OpenAI-compatible API, the dashboard, metrics, health.
     pub http: SocketAddr,
+    /// TLS on both ports; none: plain TCP.
+    pub tls: Option<ServerTls>,
+    /// The API keys both ports accept.
+    pub keys: Arc<ApiKeys>,
+}
+
+impl Ports {
+    /// The TLS configurations of the gRPC and the HTTP port, read now (so a bad file stops
+    /// the start, naming it).
+    fn tls(&self) -> Result<[Option<Arc<tokio_rustls::rustls::ServerConfig>>; 2], TlsError> {
+        Ok(match &self.tls {
+            Some(t) => [Some(t.config(&[tls::H2])?), Some(t.config(&[tls::HTTP1])?)],
+            None => [None, None],
+        })
+    }
 }
 
 /// Why a coordinator could not start or stopped with an error.
@@ -46,6 +63,8 @@ pub enum RunError {
     #[error(transparent)]
     Serve(#[from] ServeError),
     #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
     Task(#[from] tokio::task::JoinError),
 }
 
@@ -57,12 +76,13 @@ pub async fn static_cluster(
     local_workers: Vec<Arc<Registry>>,
 ) -> Result<(), RunError> {
     let grace = config.drain_grace;
+    let [grpc_tls, http_tls] = ports.tls()?;
     let cluster = Cluster::start(config).await?;
     let listener = bind(ports.grpc).await?;
     if let Some(s) = cluster.serving() {
         eprint!("{}", s.placement);
     }
-    let _web = spawn_http(&cluster, ports.http, local_workers).await?;
+    let _web = spawn_http(&cluster, &ports, http_tls, local_workers).await?;
     eprintln!(
         "switchyard: listening on {} (gRPC), serving {}",
         listener.local_addr()?,
@@ -75,7 +95,8 @@ pub async fn static_cluster(
             let _ = rx.wait_for(|s| *s).await;
         }
     }));
-    serve_until_drained(cluster, listener, grace, stop_tx).await?;
+    let front = (grpc_tls, ports.keys);
+    serve_until_drained(cluster, listener, front, grace, stop_tx).await?;
     let _ = leader.await;
     Ok(())
 }
@@ -88,6 +109,7 @@ pub async fn etcd_cluster(
 ) -> Result<(), RunError> {
     let (etcd, keys) = member.connect()?;
     let grace = config.drain_grace;
+    let [grpc_tls, http_tls] = ports.tls()?;
     let cluster = Cluster::new(config)?;
     let listener = bind(ports.grpc).await?;
     // Proclaimed in the election: standbys forward their clients' calls to it.
@@ -97,7 +119,7 @@ pub async fn etcd_cluster(
         None => listener.local_addr()?.to_string(),
     };
     // The HTTP port first: its line comes before the one that says the coordinator is up.
-    let _web = spawn_http(&cluster, ports.http, Vec::new()).await?;
+    let _web = spawn_http(&cluster, &ports, http_tls, Vec::new()).await?;
     eprintln!(
         "switchyard: listening on {address} (gRPC), serving {} in cluster {:?} (etcd {})",
         cluster.model_name(),
@@ -112,39 +134,49 @@ pub async fn etcd_cluster(
         ttl: member.lease_ttl(),
     };
     let leader = tokio::spawn(membership::run_etcd(cluster.clone(), m, stop_rx));
-    serve_until_drained(cluster, listener, grace, stop_tx).await?;
+    let front = (grpc_tls, ports.keys);
+    serve_until_drained(cluster, listener, front, grace, stop_tx).await?;
     let _ = leader.await;
     Ok(())
 }
 
-/// Binds the HTTP port and serves it until Ctrl-C / SIGTERM.
+/// Binds the HTTP port and serves it (over TLS with `tls`) until Ctrl-C / SIGTERM.
 async fn spawn_http(
     cluster: &Arc<Cluster>,
-    addr: SocketAddr,
+    ports: &Ports,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     local_workers: Vec<Arc<Registry>>,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, RunError> {
-    let web = bind(addr).await?;
-    let router = http::router(cluster.clone(), local_workers);
+    let web = bind(ports.http).await?;
+    let router = http::router(cluster.clone(), local_workers, ports.keys.clone());
+    let over_tls = if tls.is_some() { "TLS; " } else { "" };
     eprintln!(
-        "switchyard: HTTP on {} (OpenAI API at /v1, dashboard at /, metrics at /metrics)",
+        "switchyard: HTTP on {} ({over_tls}OpenAI API at /v1, dashboard at /, metrics at /metrics)",
         web.local_addr()?
     );
     Ok(tokio::spawn(metrics::serve_http(
-        web,
+        Incoming::new(web, tls)?,
         router,
         shutdown_signal(),
     )))
 }
 
+/// What the client gRPC API serves behind: its TLS, and the keys it accepts.
+type Front = (
+    Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    Arc<ApiKeys>,
+);
+
 /// Serves the client API until a signal, drains, tells `stop` and stops the server.
 async fn serve_until_drained(
     cluster: Arc<Cluster>,
     listener: TcpListener,
+    (tls, keys): Front,
     grace: Duration,
     stop: watch::Sender<bool>,
 ) -> Result<(), RunError> {
     let (server_tx, server_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::serve(cluster.clone(), listener, async {
+    let server = tokio::spawn(server::serve(cluster.clone(), listener, tls, keys, async {
         let _ = server_rx.await;
     }));
     shutdown_signal().await;

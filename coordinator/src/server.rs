@@ -1,21 +1,31 @@
 //! The coordinator's gRPC server: the client API ([`crate::api`]), the standard health service
 //! (`SERVING` only while a complete, warmed-up placement serves) and server reflection, so
-//! generic clients (grpcurl, grpc_health_probe) work without a .proto file.
+//! generic clients (grpcurl, grpc_health_probe) work without a .proto file. With TLS,
+//! connections are encrypted (and client certificates required where asked); with API keys,
+//! `Inference` calls need one (health calls too where asked; reflection stays open: it tells
+//! only the API's shape).
 
 use std::sync::Arc;
 
+use switchyard_net::tls::Incoming;
 use switchyard_proto::v1::inference_server::InferenceServer;
+use tokio_rustls::rustls::ServerConfig;
 use tonic::server::NamedService;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::api::InferenceApi;
+use crate::auth::{ApiKeys, Scope};
 use crate::cluster::Cluster;
 
-/// Serves the client API on `listener` until `shutdown`.
+/// Serves the client API on `listener` (over TLS with `tls`, letting in the calls `keys`
+/// accept) until `shutdown`.
 pub async fn serve(
     cluster: Arc<Cluster>,
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<ServerConfig>>,
+    keys: Arc<ApiKeys>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -40,16 +50,15 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let api = InferenceServer::new(InferenceApi::new(cluster));
     Server::builder()
-        .add_service(health_service)
+        .add_service(InterceptedService::new(
+            health_service,
+            keys.interceptor(Scope::Health),
+        ))
         .add_service(reflection)
-        .add_service(InferenceServer::new(InferenceApi::new(cluster)))
-        .serve_with_incoming_shutdown(
-            // Replies must not wait for Nagle's algorithm: an exchange is many small
-            // round trips.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .add_service(InterceptedService::new(api, keys.interceptor(Scope::Api)))
+        .serve_with_incoming_shutdown(Incoming::new(listener, tls)?, shutdown)
         .await?;
     Ok(())
 }
@@ -58,6 +67,8 @@ pub async fn serve(
 pub enum ServeError {
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("gRPC server: {0}")]
+    Listen(#[from] std::io::Error),
     #[error("gRPC server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }

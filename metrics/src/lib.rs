@@ -350,12 +350,17 @@ where
     )
 }
 
-/// Serves `router` on `listener` until `shutdown`.
-pub async fn serve_http(
-    listener: tokio::net::TcpListener,
+/// Serves `router` on `listener` (a `TcpListener`, or any other axum listener: one that
+/// speaks TLS) until `shutdown`.
+pub async fn serve_http<L>(
+    listener: L,
     router: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await

@@ -2,17 +2,27 @@
 //! the four things cluster membership needs. Every call but a campaign (which waits for
 //! leadership by design) is bounded by [`CALL_TIMEOUT`], so an etcd that is down or
 //! unreachable is an error after a short while, never a hang.
+//!
+//! An etcd that wants more ([`EtcdAccess`]) is reached over TLS (its CA, and a client
+//! certificate when it asks for one) and with its own user/password authentication: the
+//! client asks etcd for a token before its first call and sends it with every call, and asks
+//! again after etcd refused it (tokens expire).
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use switchyard_proto::etcd::etcdserverpb as pb;
+use switchyard_proto::etcd::etcdserverpb::auth_client::AuthClient;
 use switchyard_proto::etcd::etcdserverpb::kv_client::KvClient;
 use switchyard_proto::etcd::etcdserverpb::lease_client::LeaseClient;
 use switchyard_proto::etcd::etcdserverpb::watch_client::WatchClient;
 use switchyard_proto::etcd::v3electionpb as election;
 use switchyard_proto::etcd::v3electionpb::election_client::ElectionClient;
 use tokio::sync::mpsc;
+use tokio_rustls::rustls::ClientConfig;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::Streaming;
 use tracing::warn;
@@ -38,15 +48,83 @@ pub enum EtcdError {
     LeaseExpired(i64),
     #[error("etcd closed the watch")]
     WatchClosed,
+    #[error("etcd refused user {user:?}: {}", .status.message())]
+    Authenticate {
+        user: String,
+        #[source]
+        status: tonic::Status,
+    },
+}
+
+/// What an etcd asks of its clients beyond an address.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdAccess {
+    /// TLS: the CA of etcd's certificate, and this client's certificate where etcd asks for
+    /// one (`--client-cert-auth`).
+    pub tls: Option<Arc<ClientConfig>>,
+    /// etcd's own authentication (`etcdctl auth enable`).
+    pub user: Option<Credentials>,
+}
+
+/// An etcd user and password.
+#[derive(Clone)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The password is never logged.
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The token etcd gave this client, sent with every call (none before the first
+/// authentication, or without authentication).
+#[derive(Clone, Default)]
+struct Token(Arc<RwLock<Option<MetadataValue<Ascii>>>>);
+
+impl Token {
+    fn get(&self) -> Option<MetadataValue<Ascii>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, t: Option<MetadataValue<Ascii>>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = t;
+    }
+}
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = self.get() {
+            r.metadata_mut().insert("token", t);
+        }
+        Ok(r)
+    }
+}
+
+/// A channel whose calls carry the token.
+type Authed = InterceptedService<Channel, Token>;
+
+/// How this client logs in, when etcd wants it to.
+#[derive(Clone)]
+struct Login {
+    credentials: Credentials,
+    auth: AuthClient<Channel>,
 }
 
 /// Handles to one etcd endpoint; clones share the connection.
 #[derive(Clone)]
 pub struct Etcd {
-    kv: KvClient<Channel>,
-    lease: LeaseClient<Channel>,
-    watch: WatchClient<Channel>,
-    election: ElectionClient<Channel>,
+    kv: KvClient<Authed>,
+    lease: LeaseClient<Authed>,
+    watch: WatchClient<Authed>,
+    election: ElectionClient<Authed>,
+    token: Token,
+    login: Option<Login>,
 }
 
 /// Who holds an election: what [`Etcd::resign`] needs.
@@ -77,27 +155,98 @@ impl Etcd {
     /// A client of the etcd at `url` (`http://host:port`, or `host:port`), connected on first
     /// use and reconnected after failures.
     pub fn connect(url: &str) -> Result<Etcd, EtcdError> {
-        let channel = crate::grpc::endpoint(url)
-            .map_err(|e| EtcdError::Address {
-                url: url.into(),
-                reason: e.to_string(),
-            })?
-            .connect_timeout(Duration::from_secs(1))
-            .connect_lazy();
+        Etcd::connect_with(url, &EtcdAccess::default())
+    }
+
+    /// [`Etcd::connect`] to an etcd that wants TLS or authentication. An `https://` URL needs
+    /// a CA in `access`.
+    pub fn connect_with(url: &str, access: &EtcdAccess) -> Result<Etcd, EtcdError> {
+        let address = |reason: &str| EtcdError::Address {
+            url: url.into(),
+            reason: reason.into(),
+        };
+        // The TLS happens in the connector, under HTTP/2: the endpoint stays http://.
+        let plain = match (url.strip_prefix("https://"), &access.tls) {
+            (Some(_), None) => return Err(address("https needs the CA of etcd's certificate")),
+            (Some(rest), Some(_)) => format!("http://{rest}"),
+            (None, _) => url.to_string(),
+        };
+        let endpoint = crate::grpc::endpoint(&plain)
+            .map_err(|e| address(&e.to_string()))?
+            .connect_timeout(Duration::from_secs(1));
+        let channel = match &access.tls {
+            Some(tls) => endpoint.connect_with_connector_lazy(crate::tls::Connector(tls.clone())),
+            None => endpoint.connect_lazy(),
+        };
+        let token = Token::default();
+        let authed = InterceptedService::new(channel.clone(), token.clone());
         Ok(Etcd {
-            kv: KvClient::new(channel.clone()),
-            lease: LeaseClient::new(channel.clone()),
-            watch: WatchClient::new(channel.clone()),
-            election: ElectionClient::new(channel),
+            kv: KvClient::new(authed.clone()),
+            lease: LeaseClient::new(authed.clone()),
+            watch: WatchClient::new(authed.clone()),
+            election: ElectionClient::new(authed),
+            token,
+            login: access.user.clone().map(|credentials| Login {
+                credentials,
+                auth: AuthClient::new(channel),
+            }),
         })
+    }
+
+    /// Makes sure the calls that follow carry a token, when etcd wants one: asks for one if
+    /// none is held.
+    async fn log_in(&self) -> Result<(), EtcdError> {
+        let Some(login) = &self.login else {
+            return Ok(());
+        };
+        if self.token.get().is_some() {
+            return Ok(());
+        }
+        let c = &login.credentials;
+        let r = bounded(login.auth.clone().authenticate(pb::AuthenticateRequest {
+            name: c.user.clone(),
+            password: c.password.clone(),
+        }))
+        .await
+        .map_err(|e| match e {
+            EtcdError::Status(status) => EtcdError::Authenticate {
+                user: c.user.clone(),
+                status,
+            },
+            e => e,
+        })?;
+        let token = MetadataValue::try_from(r.token.as_str()).map_err(|_| {
+            EtcdError::Status(tonic::Status::internal(
+                "etcd sent a token that is not ASCII",
+            ))
+        })?;
+        self.token.set(Some(token));
+        Ok(())
+    }
+
+    /// Runs one call with a token (when etcd wants one) within [`CALL_TIMEOUT`]; a token etcd
+    /// refused is forgotten, so the next call asks for a new one.
+    async fn call<T, F>(&self, call: F) -> Result<T, EtcdError>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.log_in().await?;
+        let r = bounded(call).await;
+        if let Err(EtcdError::Status(s)) = &r {
+            if s.code() == tonic::Code::Unauthenticated {
+                self.token.set(None);
+            }
+        }
+        r
     }
 
     /// A new lease that expires `ttl` after its last keep-alive.
     pub async fn grant(&self, ttl: Duration) -> Result<i64, EtcdError> {
-        let r = bounded(self.lease.clone().lease_grant(pb::LeaseGrantRequest {
-            ttl: ttl.as_secs().max(1) as i64,
-        }))
-        .await?;
+        let r = self
+            .call(self.lease.clone().lease_grant(pb::LeaseGrantRequest {
+                ttl: ttl.as_secs().max(1) as i64,
+            }))
+            .await?;
         match r.error.is_empty() {
             true => Ok(r.id),
             false => Err(EtcdError::Status(tonic::Status::unavailable(r.error))),
@@ -107,7 +256,7 @@ impl Etcd {
     /// Renews `lease` once; an error says whether it already expired.
     pub async fn keep_alive(&self, lease: i64) -> Result<(), EtcdError> {
         let once = tokio_stream::once(pb::LeaseKeepAliveRequest { id: lease });
-        let mut replies = bounded(self.lease.clone().lease_keep_alive(once)).await?;
+        let mut replies = self.call(self.lease.clone().lease_keep_alive(once)).await?;
         let reply = tokio::time::timeout(CALL_TIMEOUT, replies.message())
             .await
             .map_err(|_| EtcdError::Timeout(CALL_TIMEOUT))??;
@@ -132,7 +281,7 @@ impl Etcd {
 
     /// Ends `lease` now, deleting every key attached to it.
     pub async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {
-        bounded(
+        self.call(
             self.lease
                 .clone()
                 .lease_revoke(pb::LeaseRevokeRequest { id: lease }),
@@ -143,7 +292,7 @@ impl Etcd {
 
     /// Sets `key` to `value`, attached to `lease` (0: none).
     pub async fn put(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<(), EtcdError> {
-        bounded(self.kv.clone().put(pb::PutRequest {
+        self.call(self.kv.clone().put(pb::PutRequest {
             key: key.as_bytes().to_vec(),
             value,
             lease,
@@ -153,21 +302,23 @@ impl Etcd {
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, EtcdError> {
-        let r = bounded(self.kv.clone().range(pb::RangeRequest {
-            key: key.as_bytes().to_vec(),
-            ..Default::default()
-        }))
-        .await?;
+        let r = self
+            .call(self.kv.clone().range(pb::RangeRequest {
+                key: key.as_bytes().to_vec(),
+                ..Default::default()
+            }))
+            .await?;
         Ok(r.kvs.into_iter().next().map(|kv| kv.value))
     }
 
     /// Every key under `prefix` with its value, and the store's revision they were read at.
     pub async fn list(&self, prefix: &str) -> Result<(Vec<(String, Vec<u8>)>, i64), EtcdError> {
-        let r = bounded(self.kv.clone().range(pb::RangeRequest {
-            key: prefix.as_bytes().to_vec(),
-            range_end: prefix_end(prefix.as_bytes()),
-        }))
-        .await?;
+        let r = self
+            .call(self.kv.clone().range(pb::RangeRequest {
+                key: prefix.as_bytes().to_vec(),
+                range_end: prefix_end(prefix.as_bytes()),
+            }))
+            .await?;
         let revision = r.header.map_or(0, |h| h.revision);
         let kvs = r
             .kvs
@@ -205,7 +356,9 @@ impl Etcd {
             }),
         };
         tx.send(create).await.map_err(|_| EtcdError::WatchClosed)?;
-        let events = bounded(self.watch.clone().watch(ReceiverStream::new(rx))).await?;
+        let events = self
+            .call(self.watch.clone().watch(ReceiverStream::new(rx)))
+            .await?;
         Ok(Watch {
             _requests: tx,
             events,
@@ -220,6 +373,7 @@ impl Etcd {
         lease: i64,
         value: Vec<u8>,
     ) -> Result<LeaderKey, EtcdError> {
+        self.log_in().await?;
         let r = self
             .election
             .clone()
@@ -236,7 +390,7 @@ impl Etcd {
 
     /// Gives up leadership so that the next campaigner takes over.
     pub async fn resign(&self, leader: LeaderKey) -> Result<(), EtcdError> {
-        bounded(self.election.clone().resign(election::ResignRequest {
+        self.call(self.election.clone().resign(election::ResignRequest {
             leader: Some(leader),
         }))
         .await?;
@@ -245,10 +399,11 @@ impl Etcd {
 
     /// What the current leader of `name` proclaims, if there is one.
     pub async fn leader(&self, name: &str) -> Result<Option<Vec<u8>>, EtcdError> {
-        match bounded(self.election.clone().leader(election::LeaderRequest {
-            name: name.as_bytes().to_vec(),
-        }))
-        .await
+        match self
+            .call(self.election.clone().leader(election::LeaderRequest {
+                name: name.as_bytes().to_vec(),
+            }))
+            .await
         {
             Ok(r) => Ok(r.kv.map(|kv| kv.value)),
             // etcd answers "election: no leader" when nobody campaigns.

@@ -1,5 +1,6 @@
 //! gRPC channels between Switchyard's processes: one endpoint builder (connect timeout, no
-//! Nagle delay) and the message limit every client and server of the cluster uses.
+//! Nagle delay), channels of the cluster plane (mutual TLS when the process has a cluster
+//! identity, [`crate::tls`]) and the message limit every client and server of the cluster uses.
 
 use std::time::Duration;
 
@@ -22,9 +23,20 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
         .tcp_nodelay(true))
 }
 
-/// A channel to a worker or coordinator at `addr`, connected on first use.
+/// A channel of the cluster plane to a worker or coordinator at `addr`, connected on first
+/// use: mutual TLS with the cluster identity installed ([`crate::tls::install_cluster`]), if
+/// any, else plain.
 pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(endpoint(addr)?.connect_lazy())
+    Ok(cluster_lazy(endpoint(addr)?))
+}
+
+/// A channel of the cluster plane to `endpoint`, connected on first use: mutual TLS with the
+/// cluster identity installed, if any, else plain.
+pub fn cluster_lazy(endpoint: Endpoint) -> Channel {
+    match crate::tls::cluster() {
+        Some(tls) => endpoint.connect_with_connector_lazy(crate::tls::Connector(tls.client)),
+        None => endpoint.connect_lazy(),
+    }
 }
 
 pub fn worker_client(channel: Channel) -> WorkerClient<Channel> {

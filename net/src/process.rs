@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
 
-use crate::etcd::{Etcd, EtcdError};
+use crate::etcd::{Etcd, EtcdAccess, EtcdError};
 use crate::keys::{BadClusterName, Keys};
 
 /// A port that could not be bound.
@@ -52,6 +52,8 @@ pub struct EtcdMember {
     pub lease_ttl: std::time::Duration,
     /// The address others reach this process at, when not the one it listens on.
     pub advertise: Option<String>,
+    /// TLS and authentication, where etcd wants them.
+    pub access: EtcdAccess,
 }
 
 /// Why a process could not join its cluster in etcd.
@@ -66,7 +68,10 @@ pub enum JoinError {
 impl EtcdMember {
     /// A client of the etcd endpoint and the cluster's keys.
     pub fn connect(&self) -> Result<(Etcd, Keys), JoinError> {
-        Ok((Etcd::connect(&self.url)?, Keys::new(&self.cluster)?))
+        Ok((
+            Etcd::connect_with(&self.url, &self.access)?,
+            Keys::new(&self.cluster)?,
+        ))
     }
 
     /// The lease's time to live: etcd grants whole seconds, at least one.

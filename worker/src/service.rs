@@ -33,6 +33,7 @@ use crate::exchange::GrpcExchange;
 use crate::metrics::WorkerMetrics;
 use crate::model::{ExpertExchange, Model, ModelError};
 use switchyard_net::grpc::{channel, worker_client, MAX_MESSAGE_BYTES};
+use switchyard_net::tls::{self, Incoming};
 use switchyard_net::{trace_context, wire};
 use switchyard_scheduler::step::{sample_step, SeqInput};
 
@@ -640,9 +641,9 @@ where
             .tcp_nodelay(true)
             .add_service(server)
             .serve_with_incoming_shutdown(
-                // Replies must not wait for Nagle's algorithm: an exchange is many small
-                // round trips.
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                // Mutual TLS with the process's cluster identity, if it has one: only
+                // certificates the cluster CA signed get in.
+                Incoming::new(listener, tls::cluster().map(|t| t.server))?,
                 shutdown,
             ),
     );
