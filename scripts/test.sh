@@ -11,6 +11,8 @@ source scripts/system-deps.sh
 source scripts/cuda-toolchain.sh
 # The openai package the HTTP tests drive the API with.
 source scripts/python-env.sh
+# etcd 3.5 beside Debian's 3.4, for the etcd client's tests.
+source scripts/etcd-newer.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked --no-fail-fast

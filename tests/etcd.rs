@@ -1,6 +1,7 @@
 //! The etcd client (`switchyard_net::etcd`) against a real etcd: every call Switchyard makes,
-//! through our own definitions of etcd's API (`proto/proto/etcd/`). Each test starts the
-//! `etcd` on the PATH (Debian's 3.4 in CI) in a temporary directory.
+//! through our own definitions of etcd's API (`proto/proto/etcd/`). Each test starts every etcd
+//! in `SWITCHYARD_ETCD_BINARIES` (colon-separated; scripts/etcd-newer.sh sets Debian's 3.4 and
+//! 3.5, the default is the `etcd` on the PATH), one after the other, in temporary directories.
 
 mod common;
 
@@ -15,12 +16,16 @@ use tokio::time::{sleep, timeout};
 /// The watch and election tests time what they wait for: one etcd at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Runs `test` against a client of a fresh etcd.
-fn with_etcd<F: Future<Output = ()>>(test: impl FnOnce(Etcd) -> F) {
+/// Runs `test` against a client of a fresh etcd, once for each etcd binary under test.
+fn with_etcd<F: Future<Output = ()>>(test: impl Fn(Etcd) -> F) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let server = EtcdServer::start();
-    // The client's lazy connection needs the runtime around it.
-    runtime().block_on(async { test(Etcd::connect(&server.url).unwrap()).await });
+    let binaries = std::env::var("SWITCHYARD_ETCD_BINARIES").unwrap_or_else(|_| "etcd".into());
+    for binary in binaries.split(':').filter(|b| !b.is_empty()) {
+        eprintln!("against {binary}");
+        let server = EtcdServer::start_binary(binary);
+        // The client's lazy connection needs the runtime around it.
+        runtime().block_on(async { test(Etcd::connect(&server.url).unwrap()).await });
+    }
 }
 
 /// `future`'s output, or a failed test naming `what` if it takes longer than `limit`.

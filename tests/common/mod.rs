@@ -253,6 +253,7 @@ pub fn http_with_headers(
 /// It can be stopped and started again on the same ports and data (etcd down for a while).
 pub struct EtcdServer {
     pub url: String,
+    binary: String,
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
@@ -268,10 +269,17 @@ pub fn free_port() -> u16 {
 }
 
 impl EtcdServer {
+    /// The `etcd` on the PATH.
     pub fn start() -> EtcdServer {
+        EtcdServer::start_binary("etcd")
+    }
+
+    /// The etcd at `binary` (a path, or a name on the PATH).
+    pub fn start_binary(binary: &str) -> EtcdServer {
         let (client_port, peer_port) = (free_port(), free_port());
         let mut e = EtcdServer {
             url: format!("http://127.0.0.1:{client_port}"),
+            binary: binary.to_string(),
             dir: tempfile::tempdir().unwrap(),
             client_port,
             peer_port,
@@ -285,7 +293,7 @@ impl EtcdServer {
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "etcd is running");
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let mut child = Command::new("etcd")
+        let mut child = Command::new(&self.binary)
             .args(["--name", "t", "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &self.url])
