@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
+use switchyard_net::grpc;
 use switchyard_proto::v1::inference_server::InferenceServer;
 use tonic::server::NamedService;
-use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::api::InferenceApi;
@@ -40,16 +40,11 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    Server::builder()
+    grpc::server()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(InferenceServer::new(InferenceApi::new(cluster)))
-        .serve_with_incoming_shutdown(
-            // Replies must not wait for Nagle's algorithm: an exchange is many small
-            // round trips.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(grpc::incoming(listener), shutdown)
         .await?;
     Ok(())
 }

@@ -5,6 +5,10 @@
 //! Values are atomics so the hot paths (a step, an exchange) record without locks; a family's
 //! label map is locked only to find or create a child.
 
+mod serve;
+
+pub use serve::serve_http;
+
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -348,17 +352,6 @@ where
             }
         }),
     )
-}
-
-/// Serves `router` on `listener` until `shutdown`.
-pub async fn serve_http(
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
 }
 
 #[cfg(test)]
