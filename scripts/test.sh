@@ -2,7 +2,7 @@
 # Every test Switchyard has: formatting, lints, and the whole workspace's test suites
 # (unit tests, the candle-transformers and Hugging Face comparisons, CLI end-to-end tests, the
 # membership and fault tests against a real etcd, and the NVRTC + ptxas check of every CUDA
-# kernel, which needs no GPU).
+# kernel, which needs no GPU), then a bounded run of every fuzz target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Debian packages: etcd, Prometheus, Chromium, Python's venv and pip, procps.
@@ -14,3 +14,5 @@ source scripts/python-env.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked --no-fail-fast
+# Each fuzz target for a bounded time (its own instrumented build; see the script).
+scripts/fuzz.sh
