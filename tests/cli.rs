@@ -220,11 +220,7 @@ fn bad_input_gets_clear_errors() {
         ("--max-running", "0", "at least 1"),
         ("--request-timeout-s", "1e300", "expected a time"),
         ("--request-timeout", "1e10", "expected at most 365 days"),
-        (
-            "--step-timeout",
-            "18446744073709551615",
-            "expected at most 365 days",
-        ),
+        ("--step-timeout", "100000000", "expected at most 365 days"),
     ] {
         let e = fails(&[
             "serve",
