@@ -147,6 +147,13 @@ impl ModelConfig {
 
         let hidden_size = req_usize(o, "hidden_size")?;
         let num_heads = req_usize(o, "num_attention_heads")?;
+        // Divided by below: a zero is refused before.
+        if num_heads == 0 {
+            return Err(field_err(
+                "num_attention_heads",
+                "is 0; expected a positive integer",
+            ));
+        }
         let num_kv_heads = opt_usize(o, "num_key_value_heads")?.unwrap_or(num_heads);
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(field_err(
@@ -553,6 +560,14 @@ mod tests {
         ));
         assert!(
             e.contains("num_local_experts") && e.contains("expected at most 1024"),
+            "{e}"
+        );
+        // Found by fuzzing (fuzz/corpus/config_json/zero_heads): a division by zero.
+        let e =
+            err(&MIXTRAL_CLASSIC
+                .replace("\"num_attention_heads\": 32", "\"num_attention_heads\": 0"));
+        assert!(
+            e.contains("num_attention_heads") && e.contains("is 0"),
             "{e}"
         );
         for theta in ["0", "-1e6"] {
