@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use switchyard_bench::config::parse_duration_or_zero as duration;
+use switchyard_bench::config::parse_duration_or_zero;
 use switchyard_coordinator::auth::ApiKeys;
 use switchyard_coordinator::run::Ports;
 use switchyard_coordinator::{ClusterConfig, Grid, PlanOptions};
@@ -81,14 +81,14 @@ pub struct ClusterArgs {
     /// KV cache per worker, in MiB.
     #[arg(long, default_value_t = 256)]
     pub kv_cache_mb: u64,
-    /// Tokens per KV block.
-    #[arg(long, default_value_t = 16)]
+    /// Tokens per KV block (1 to 1024).
+    #[arg(long, default_value_t = 16, value_parser = block_size)]
     pub block_size: usize,
     /// Most tokens one step processes per lane (longer prompts are prefilled in chunks).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = at_least_one)]
     pub max_step_tokens: usize,
     /// Most sequences running at once per lane.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub max_running: usize,
     /// Requests waiting beyond this are refused with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1024)]
@@ -166,6 +166,40 @@ pub struct CertsArgs {
     /// How long the new certificates are valid, in days.
     #[arg(long, default_value_t = 90)]
     pub days: u32,
+}
+
+/// The longest time a serving flag takes: deadlines computed from it stay far from overflow.
+const MAX_SERVING_TIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A serving time (timeouts, grace periods, lease times): `500ms`, `30s`, `2m` or seconds, 0
+/// to a year.
+fn duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration_or_zero(s).map_err(|e| e.to_string())?;
+    match d <= MAX_SERVING_TIME {
+        true => Ok(d),
+        false => Err(format!(
+            "{s} is more than a year; expected at most 365 days"
+        )),
+    }
+}
+
+/// A count that must be at least 1 (0 would leave every request waiting).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s} is not a whole number of at least 1")),
+    }
+}
+
+/// Tokens per KV block: as many as the workers take.
+fn block_size(s: &str) -> Result<usize, String> {
+    let max = switchyard_worker::checks::MAX_BLOCK_SIZE as usize;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{s} is not a block size; expected 1 to {max} tokens"
+        )),
+    }
 }
 
 #[derive(Args)]
@@ -256,6 +290,10 @@ pub struct WorkerArgs {
     /// Serve Prometheus metrics on this address (`/metrics`).
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Load only model directories under this one (symbolic links out of it are refused).
+    /// Without it the worker loads any directory a coordinator names that it can read.
+    #[arg(long)]
+    pub model_root: Option<PathBuf>,
     #[command(flatten)]
     pub etcd: EtcdArgs,
     #[command(flatten)]

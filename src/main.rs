@@ -81,6 +81,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
         Some(m) => m,
         None => demo_model()?,
     };
+    // Absolute, so the workers (whose model root it is) find it wherever they resolve it.
+    let model = std::fs::canonicalize(&model)
+        .with_context(|| format!("--model {}: cannot open it", model.display()))?;
     let (mut workers, mut metrics) = (Vec::new(), Vec::new());
     let any = "127.0.0.1:0".parse()?;
     for i in 0..a.cluster.grid.cells() {
@@ -90,9 +93,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
             ServeDevices::EachGpu => Some(i),
             ServeDevices::Gpu(n) => Some(n),
         };
+        // The in-process workers load this model and nothing else.
         let w = match gpu {
-            None => spawn_worker(WorkerService::new(CpuBackend), any, forever).await?,
-            Some(n) => spawn_worker(WorkerService::new(open_gpu(n)?), any, forever).await?,
+            None => spawn_worker(service(CpuBackend, Some(&model))?, any, forever).await?,
+            Some(n) => spawn_worker(service(open_gpu(n)?, Some(&model))?, any, forever).await?,
         };
         workers.push(w.address.to_string());
         metrics.push(w.metrics.registry.clone());
@@ -104,11 +108,24 @@ async fn serve(a: ServeArgs) -> Result<()> {
 async fn run_worker(a: WorkerArgs) -> Result<()> {
     a.cluster_tls.install()?;
     let options = a.options()?;
+    let root = a.model_root.as_deref();
     match a.device {
-        Device::Cpu => worker::run(WorkerService::new(CpuBackend), options).await?,
-        Device::Cuda(n) => worker::run(WorkerService::new(open_gpu(n)?), options).await?,
+        Device::Cpu => worker::run(service(CpuBackend, root)?, options).await?,
+        Device::Cuda(n) => worker::run(service(open_gpu(n)?, root)?, options).await?,
     }
     Ok(())
+}
+
+/// A worker's service on `hardware`, loading models only under `model_root` when given.
+fn service<H: switchyard_worker::Hardware>(
+    hardware: H,
+    model_root: Option<&Path>,
+) -> Result<WorkerService<H>> {
+    match model_root {
+        None => Ok(WorkerService::new(hardware)),
+        Some(root) => WorkerService::with_model_root(hardware, root)
+            .with_context(|| format!("--model-root {}: cannot use it", root.display())),
+    }
 }
 
 async fn run_coordinator(a: CoordinatorArgs) -> Result<()> {

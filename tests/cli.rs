@@ -210,6 +210,35 @@ fn bad_input_gets_clear_errors() {
     assert!(e.contains("cannot be used with"), "{e}");
     let e = fails(&["generate", "--model", d, "--prompt-ids", "1,x"]);
     assert!(e.contains("invalid"), "{e}");
+
+    // Issue 18: these panicked at start (a block of 0 tokens, a deadline past the end of
+    // time) or made every request hang (steps of 0 tokens, 0 sequences running).
+    for (flag, value, expected) in [
+        ("--block-size", "0", "expected 1 to 1024 tokens"),
+        ("--block-size", "4096", "expected 1 to 1024 tokens"),
+        ("--max-step-tokens", "0", "at least 1"),
+        ("--max-running", "0", "at least 1"),
+        ("--request-timeout-s", "1e300", "expected a time"),
+        ("--request-timeout", "1e10", "expected at most 365 days"),
+        ("--step-timeout", "100000000", "expected at most 365 days"),
+    ] {
+        let e = fails(&[
+            "serve",
+            "--model",
+            d,
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            flag,
+            value,
+        ]);
+        let name = flag.trim_end_matches("-s");
+        assert!(
+            e.contains(name) && e.contains(value) && e.contains(expected),
+            "{flag} {value}: {e}"
+        );
+    }
 }
 
 /// A GPU that cannot be used is refused at start, saying why, by every command that takes

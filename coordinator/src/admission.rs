@@ -19,14 +19,14 @@ use tonic::Status;
 use tracing::{field, info, info_span};
 
 use crate::cluster::Cluster;
-use crate::lane::{code_label, Admitted, Outcome, RequestLife, Work};
+use crate::lane::{code_label, outcome_stream, Admitted, Outcome, RequestLife, Work};
 use crate::metrics::RequestTimes;
 
 /// A request the cluster has taken: its id, its prompt and the stream of its outcomes.
 pub struct Started {
     pub request_id: String,
     pub prompt: Vec<u32>,
-    pub updates: mpsc::UnboundedReceiver<Outcome>,
+    pub updates: mpsc::Receiver<Outcome>,
 }
 
 /// Starts requests: here, or on the leader.
@@ -40,6 +40,10 @@ pub trait Admission: Send + Sync {
         caller: &HeaderMap,
     ) -> Result<Started, Status>;
 }
+
+/// The longest request id taken: it names the request in logs and spans and comes back in
+/// every streamed message.
+pub const MAX_REQUEST_ID_BYTES: usize = 256;
 
 /// The client's `x-request-id` header (set by proxies and tracers), if it sent one: it names
 /// the request in logs and spans.
@@ -98,6 +102,17 @@ impl Local {
         let id = cluster.next_seq();
         let request_id = match r.request_id.as_str() {
             "" => format!("req-{id}"),
+            given if given.len() > MAX_REQUEST_ID_BYTES => {
+                return Err(Status::invalid_argument(format!(
+                    "the request id is {} bytes long; expected at most {MAX_REQUEST_ID_BYTES}",
+                    given.len()
+                )))
+            }
+            given if given.chars().any(char::is_control) => {
+                return Err(Status::invalid_argument(
+                    "the request id holds control characters; expected printable text",
+                ))
+            }
             given => given.to_string(),
         };
         let prompt = prompt_ids(
@@ -137,7 +152,7 @@ impl Local {
         );
         trace_context::adopt(&span, caller);
         span.in_scope(|| info!("generate"));
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = outcome_stream();
         cluster.submit(Admitted {
             work: Work::New(req),
             life: RequestLife {
@@ -145,6 +160,8 @@ impl Local {
                 span,
                 deadline,
                 out: tx,
+                held: Default::default(),
+                stalled_since: None,
                 moves: 0,
                 times: RequestTimes::new(arrived),
                 prompt_tokens: prompt.len(),

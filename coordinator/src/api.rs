@@ -10,10 +10,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use switchyard_net::grpc::grpc_timeout;
 use switchyard_net::wire;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_server::Inference;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Response, Status};
 
@@ -127,25 +128,22 @@ impl InferenceApi {
     }
 }
 
-/// The deadline a client set with `grpc-timeout` (e.g. `500m`, `10S`), or the server's default.
-fn deadline(metadata: &tonic::metadata::MetadataMap, default: Option<Duration>) -> Option<Instant> {
-    let from_header = metadata
-        .get("grpc-timeout")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (n, unit) = v.split_at(v.len().checked_sub(1)?);
-            let n: u64 = n.parse().ok()?;
-            Some(match unit {
-                "H" => Duration::from_secs(n * 3600),
-                "M" => Duration::from_secs(n * 60),
-                "S" => Duration::from_secs(n),
-                "m" => Duration::from_millis(n),
-                "u" => Duration::from_micros(n),
-                "n" => Duration::from_nanos(n),
-                _ => return None,
-            })
-        });
-    from_header.or(default).map(|d| Instant::now() + d)
+/// The deadline a client set with `grpc-timeout` (e.g. `500m`, `10S`), or the server's default;
+/// a header that is not a gRPC timeout is refused.
+fn deadline(
+    metadata: &tonic::metadata::MetadataMap,
+    default: Option<Duration>,
+) -> Result<Option<Instant>, Status> {
+    let from_header = match metadata.get("grpc-timeout") {
+        None => None,
+        Some(v) => {
+            let v = v.to_str().unwrap_or("(not text)");
+            Some(grpc_timeout(v).map_err(|e| Status::invalid_argument(e.to_string()))?)
+        }
+    };
+    Ok(from_header
+        .or(default)
+        .and_then(|d| Instant::now().checked_add(d)))
 }
 
 #[tonic::async_trait]
@@ -159,7 +157,7 @@ impl Inference for InferenceApi {
         if let Some(hop) = route(self.cluster.role(), request.metadata())? {
             return hop.generate(request).await;
         }
-        let deadline = deadline(request.metadata(), self.cluster.config().request_timeout);
+        let deadline = deadline(request.metadata(), self.cluster.config().request_timeout)?;
         let (metadata, _, mut r) = request.into_parts();
         if let (true, Some(id)) = (
             r.request_id.is_empty(),
@@ -169,7 +167,7 @@ impl Inference for InferenceApi {
         }
         let started = self.local.start(&r, deadline, metadata.as_ref())?;
         let request_id = started.request_id;
-        let stream = UnboundedReceiverStream::new(started.updates)
+        let stream = ReceiverStream::new(started.updates)
             .map(move |outcome| outcome.map(|u| wire::generate_response(&request_id, u)));
         Ok(Response::new(Box::pin(stream)))
     }

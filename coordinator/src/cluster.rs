@@ -79,6 +79,9 @@ impl ClusterConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A setting that cannot work (a block of 0 tokens, a step of 0 tokens, …).
+    #[error("{0}")]
+    Setting(String),
     #[error("model directory {dir}: {source}")]
     Model {
         dir: String,
@@ -163,6 +166,17 @@ pub struct Cluster {
 impl Cluster {
     /// The model, with no placement yet.
     pub fn new(config: ClusterConfig) -> Result<Arc<Cluster>, StartError> {
+        for (name, value) in [
+            ("block_size", config.plan.block_size),
+            ("max_step_tokens", config.max_step_tokens),
+            ("max_running", config.max_running),
+        ] {
+            if value == 0 {
+                return Err(StartError::Setting(format!(
+                    "{name} is 0; expected at least 1"
+                )));
+            }
+        }
         let dir = config.model_dir.clone();
         let checkpoint = Checkpoint::open(&dir).map_err(|source| StartError::Model {
             dir: dir.display().to_string(),
@@ -355,25 +369,28 @@ impl Cluster {
         let now = Instant::now();
         for p in parked {
             let a = &p.admitted;
-            if a.life.out.is_closed() {
+            let end = if a.life.out.is_closed() {
                 continue;
-            }
-            if a.life.deadline.is_some_and(|d| d <= now) {
-                let _ = a.life.out.send(Err(Status::deadline_exceeded(
+            } else if a.life.deadline.is_some_and(|d| d <= now) {
+                Status::deadline_exceeded(
                     "the request's deadline passed while it waited for a placement",
-                )));
+                )
             } else if a.life.moves > MAX_MOVES {
-                let _ = a.life.out.send(Err(Status::unavailable(format!(
+                Status::unavailable(format!(
                     "the request was recomputed on {MAX_MOVES} placements and failed each time; last trouble: {why}"
-                ))));
+                ))
             } else if now - p.since >= self.config.recovery_timeout {
-                let _ = a.life.out.send(Err(Status::unavailable(format!(
+                Status::unavailable(format!(
                     "no placement could serve the request within {:?}: {why}",
                     self.config.recovery_timeout
-                ))));
-            } else if let Some(admitted) = self.route(p.admitted) {
-                self.park(admitted, p.since);
-            }
+                ))
+            } else {
+                if let Some(admitted) = self.route(p.admitted) {
+                    self.park(admitted, p.since);
+                }
+                continue;
+            };
+            p.admitted.life.close(Err(end));
         }
     }
 
@@ -408,7 +425,7 @@ impl Cluster {
         let status = Status::unavailable(why);
         self.stop_serving(why).await;
         for p in std::mem::take(&mut *self.parked.lock().expect("not poisoned")) {
-            let _ = p.admitted.life.out.send(Err(status.clone()));
+            p.admitted.life.close(Err(status.clone()));
         }
     }
 

@@ -23,7 +23,6 @@ use std::time::Instant;
 use switchyard_net::wire;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_client::InferenceClient;
-use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::codegen::http::HeaderMap;
 use tonic::metadata::{MetadataMap, MetadataValue};
@@ -34,6 +33,7 @@ use tracing::debug;
 use crate::admission::{Admission, Started};
 use crate::client::inference_client;
 use crate::cluster::Cluster;
+use crate::lane::outcome_stream;
 use crate::role::{ProcessRole, Role, Target};
 
 /// Set on a forwarded request: the forwarding coordinator's address. A coordinator that is
@@ -217,12 +217,12 @@ impl Admission for ToLeader {
             }
         }
         let call = onward(call, &me);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = outcome_stream();
         tokio::spawn(async move {
             let mut stream = match client.generate(call).await {
                 Ok(s) => s.into_inner(),
                 Err(s) => {
-                    let _ = tx.send(Err(from_leader(s, &me, &leader)));
+                    let _ = tx.send(Err(from_leader(s, &me, &leader))).await;
                     return;
                 }
             };
@@ -237,7 +237,8 @@ impl Admission for ToLeader {
                     .map(wire::update)
                     .map_err(|s| from_leader(s, &me, &leader));
                 let end = outcome.is_err();
-                if tx.send(outcome).is_err() || end {
+                // Waiting for room here holds back the leader's stream, and so its lane.
+                if tx.send(outcome).await.is_err() || end {
                     return;
                 }
             }

@@ -4,12 +4,17 @@
 //! streams each request's updates to its client. A client that goes away, or whose deadline
 //! passes, has its sequence dropped and its KV blocks freed at once.
 //!
+//! Each request's stream holds at most [`OUTPUT_UPDATES`] updates its client has not read.
+//! When it is full the request is paused (no more steps; what it already generated waits
+//! here, at most one update per step in flight); it goes on once its client reads, and is
+//! cancelled when the client has not read for [`STALL_TIMEOUT`].
+//!
 //! A step that fails or does not answer within the step timeout means a worker of the
 //! placement is in trouble: the lane stops stepping, keeps its sequences and reports the
 //! failure; the cluster then stops the lane ([`Lane::stop`]), which hands every sequence back,
 //! with what its client has seen, to be recomputed on the next placement.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +36,17 @@ use crate::metrics::{Metrics, RequestRecord, RequestTimes};
 /// What a request's stream receives: updates, or the status it ends with.
 pub type Outcome = Result<Update, Status>;
 
+/// Updates a request's stream holds before its generation pauses: its client is not reading.
+pub const OUTPUT_UPDATES: usize = 64;
+
+/// A request whose client has read nothing of its full stream for this long is cancelled.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The stream of a request's outcomes, bounded by [`OUTPUT_UPDATES`].
+pub fn outcome_stream() -> (mpsc::Sender<Outcome>, mpsc::Receiver<Outcome>) {
+    mpsc::channel(OUTPUT_UPDATES)
+}
+
 /// A sequence is recomputed on a new placement at most this many times; a step failure that
 /// follows it everywhere is not a lost worker.
 pub const MAX_MOVES: u32 = 5;
@@ -47,13 +63,33 @@ pub struct RequestLife {
     /// The request's span: open until its last outcome; every step serving it links to it.
     pub span: Span,
     pub deadline: Option<Instant>,
-    pub out: mpsc::UnboundedSender<Outcome>,
+    pub out: mpsc::Sender<Outcome>,
+    /// Updates waiting for room in `out`, and since when it has been full.
+    pub held: VecDeque<Outcome>,
+    pub stalled_since: Option<Instant>,
     /// Placements it was moved off so far.
     pub moves: u32,
     /// Its life so far (arrival, first token…), for the metrics.
     pub times: RequestTimes,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+}
+
+impl RequestLife {
+    /// Sends the request's last outcome. It waits its turn behind what is held, for as long
+    /// as a stalled client is given; the caller does not wait for it.
+    pub fn close(self, last: Outcome) {
+        let (out, mut held) = (self.out, self.held);
+        held.push_back(last);
+        tokio::spawn(async move {
+            for outcome in held {
+                match tokio::time::timeout(STALL_TIMEOUT, out.send(outcome)).await {
+                    Ok(Ok(())) => {}
+                    _ => return,
+                }
+            }
+        });
+    }
 }
 
 pub enum Work {
@@ -241,6 +277,7 @@ impl Driver {
                     return self.stop(rx, reply);
                 }
             }
+            self.flush_held();
             self.drop_gone_clients();
             self.launch();
             self.publish_stats();
@@ -348,6 +385,14 @@ impl Driver {
                     *id,
                     Status::deadline_exceeded("the request's deadline passed before it finished"),
                 ));
+            } else if c.stalled_since.is_some_and(|t| now - t >= STALL_TIMEOUT) {
+                debug!(request_id = %c.request_id, "client stopped reading; cancelled");
+                gone.push((
+                    *id,
+                    Status::cancelled(format!(
+                        "the client read nothing of its stream for {STALL_TIMEOUT:?}; cancelled"
+                    )),
+                ));
             }
         }
         for (id, status) in gone {
@@ -444,7 +489,20 @@ impl Driver {
                 self.metrics.success.with(&[&reason]).inc();
                 self.end(id, Ok(u));
             } else {
-                let _ = c.out.send(Ok(u));
+                c.held.push_back(Ok(u));
+                if !deliver(c) {
+                    self.scheduler.pause(id, true);
+                }
+            }
+        }
+    }
+
+    /// Moves held updates into streams that have room again; their requests go on.
+    fn flush_held(&mut self) {
+        for (id, c) in &mut self.lives {
+            if c.stalled_since.is_some() {
+                let caught_up = deliver(c);
+                self.scheduler.pause(*id, !caught_up);
             }
         }
     }
@@ -478,7 +536,7 @@ impl Driver {
             m.prompt_tokens.add(c.prompt_tokens as u64);
         }
         m.record(RequestRecord {
-            request_id: c.request_id,
+            request_id: c.request_id.clone(),
             lane: self.config.lane,
             prompt_tokens: c.prompt_tokens,
             completion_tokens: c.completion_tokens,
@@ -492,7 +550,7 @@ impl Driver {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
         });
-        let _ = c.out.send(last);
+        c.close(last);
     }
 
     /// A worker of the placement failed this step: stop stepping and report it. The step's
@@ -544,6 +602,29 @@ impl Driver {
         self.preemptions_seen = stats.preemptions;
         *self.stats.lock().expect("not poisoned") = stats;
     }
+}
+
+/// Sends what `c` holds while its stream has room; whether all of it went. The stall clock
+/// runs from the last time the client made room; a closed stream is dropped by
+/// `drop_gone_clients`.
+fn deliver(c: &mut RequestLife) -> bool {
+    let mut sent = false;
+    while let Some(outcome) = c.held.pop_front() {
+        match c.out.try_send(outcome) {
+            Ok(()) => sent = true,
+            Err(mpsc::error::TrySendError::Full(outcome)) => {
+                c.held.push_front(outcome);
+                match (sent, &mut c.stalled_since) {
+                    (false, Some(_)) => {}
+                    (_, since) => *since = Some(Instant::now()),
+                }
+                return false;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => c.held.clear(),
+        }
+    }
+    c.stalled_since = None;
+    true
 }
 
 /// A status code as a metric label: `resource_exhausted`, `deadline_exceeded`, …

@@ -20,7 +20,7 @@ use switchyard_proto::v1 as pb;
 use switchyard_scheduler::sampling::TokenLogprob;
 use switchyard_scheduler::Update;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{StreamExt, StreamMap};
 use tonic::{Code, Status};
 use tracing::{info_span, Instrument};
@@ -33,6 +33,9 @@ use crate::lane::Outcome;
 /// OpenAI's `logprobs`/`top_logprobs` limit: the scheduler's, as this API's integer type.
 const MAX_LOGPROBS: u32 = switchyard_scheduler::validate::MAX_LOGPROBS as u32;
 const MAX_N: u32 = 16;
+/// Choices one request may start (prompts × `n`): each is a request in the queue (as many as
+/// the queue holds by default).
+const MAX_CHOICES: usize = 1024;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]
@@ -211,8 +214,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
 }
 
 impl Common {
-    fn check(&self, api: &InferenceApi) -> ApiResult<()> {
-        let served = api.cluster().model_name();
+    fn check(&self, served: &str) -> ApiResult<()> {
         if let Some(model) = self.model.as_deref().filter(|m| *m != served) {
             return Err(ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -255,7 +257,12 @@ impl Common {
         }
         let top_k = match self.top_k.unwrap_or(0) {
             k if k <= 0 => 0,
-            k => k as u32,
+            k => u32::try_from(k).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "top_k is {k}; expected -1 or 0 (off) or 1 to {}",
+                    u32::MAX
+                ))
+            })?,
         };
         Ok(pb::GenerateRequest {
             max_tokens,
@@ -370,7 +377,7 @@ struct Choice {
     echo: Option<String>,
 }
 
-type Choices = Vec<(Choice, mpsc::UnboundedReceiver<Outcome>)>;
+type Choices = Vec<(Choice, mpsc::Receiver<Outcome>)>;
 
 /// Starts every choice, or none: if one is refused the others are dropped (and so cancelled).
 fn start_all(
@@ -384,7 +391,7 @@ fn start_all(
         .cluster()
         .config()
         .request_timeout
-        .map(|d| Instant::now() + d);
+        .and_then(|d| Instant::now().checked_add(d));
     let context = api.cluster().model().max_position_embeddings;
     let mut choices = Vec::with_capacity(requests.len());
     for (index, (mut request, echo)) in requests.into_iter().enumerate() {
@@ -696,7 +703,7 @@ fn streamed(api: InferenceApi, meta: Meta, choices: Choices, kind: Kind) -> Resp
                     return;
                 }
             }
-            updates.insert(i, UnboundedReceiverStream::new(rx));
+            updates.insert(i, ReceiverStream::new(rx));
             state.push((c, Tracker::default()));
         }
         let mut usages = vec![Usage::default(); state.len()];
@@ -781,13 +788,51 @@ async fn respond(api: InferenceApi, meta: Meta, choices: Choices, kind: Kind) ->
     .await
 }
 
+/// A request body as the gRPC requests of its choices, with everything checked that needs no
+/// tokenizer or placement, and what the response needs to know of it.
+pub struct Decoded {
+    /// Each choice's request, and whether its prompt is echoed.
+    pub requests: Vec<(pb::GenerateRequest, bool)>,
+    n: u32,
+    logprobs: bool,
+    stream: bool,
+    include_usage: bool,
+}
+
+impl Decoded {
+    fn meta(&self, api: &InferenceApi, choices: &Choices, kind: Kind) -> Meta {
+        let (prefix, object) = match (kind, self.stream) {
+            (Kind::Completion, _) => ("cmpl", "text_completion"),
+            (Kind::Chat, true) => ("chatcmpl", "chat.completion.chunk"),
+            (Kind::Chat, false) => ("chatcmpl", "chat.completion"),
+        };
+        Meta {
+            id: format!("{prefix}-{}", choices[0].0.request_id),
+            object,
+            model: api.cluster().model_name().to_string(),
+            created: now_s(),
+            n: self.n,
+            logprobs: self.logprobs,
+            stream: self.stream,
+            include_usage: self.include_usage,
+        }
+    }
+}
+
 fn start_completions(
     api: &InferenceApi,
     body: &[u8],
     caller: &HeaderMap,
 ) -> ApiResult<(Meta, Choices)> {
+    let mut d = completion_requests(body, api.cluster().model_name())?;
+    let choices = start_all(api, std::mem::take(&mut d.requests), caller)?;
+    Ok((d.meta(api, &choices, Kind::Completion), choices))
+}
+
+/// Decodes and checks a `/v1/completions` body for the model `served`.
+pub fn completion_requests(body: &[u8], served: &str) -> ApiResult<Decoded> {
     let r: CompletionRequest = parse(body)?;
-    r.common.check(api)?;
+    r.common.check(served)?;
     let n = r.common.n.unwrap_or(1);
     if r.best_of.is_some_and(|b| b != n) {
         return Err(ApiError::bad_request(
@@ -819,6 +864,7 @@ fn start_completions(
             "prompt is empty; expected text, a list of texts or token ids",
         ));
     }
+    check_choices(prompts.len(), n)?;
     let mut requests = Vec::new();
     for (text, ids) in prompts {
         for choice in 0..n {
@@ -834,18 +880,23 @@ fn start_completions(
             requests.push((req, r.echo));
         }
     }
-    let choices = start_all(api, requests, caller)?;
-    let meta = Meta {
-        id: format!("cmpl-{}", choices[0].0.request_id),
-        object: "text_completion",
-        model: api.cluster().model_name().to_string(),
-        created: now_s(),
+    Ok(Decoded {
+        requests,
         n,
         logprobs: r.logprobs.is_some(),
         stream: r.common.stream,
         include_usage: r.common.include_usage(),
-    };
-    Ok((meta, choices))
+    })
+}
+
+/// Refuses more than [`MAX_CHOICES`] choices (`prompts` × `n`) in one request.
+fn check_choices(prompts: usize, n: u32) -> ApiResult<()> {
+    match prompts.saturating_mul(n as usize) {
+        c if c > MAX_CHOICES => Err(ApiError::bad_request(format!(
+            "{prompts} prompts × n = {n} is {c} choices; expected at most {MAX_CHOICES}"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// OpenAI chat messages as the chat template takes them: text only.
@@ -884,8 +935,15 @@ fn chat_messages(given: Vec<ChatMessage>) -> ApiResult<Vec<pb::ChatMessage>> {
 }
 
 fn start_chat(api: &InferenceApi, body: &[u8], caller: &HeaderMap) -> ApiResult<(Meta, Choices)> {
+    let mut d = chat_requests(body, api.cluster().model_name())?;
+    let choices = start_all(api, std::mem::take(&mut d.requests), caller)?;
+    Ok((d.meta(api, &choices, Kind::Chat), choices))
+}
+
+/// Decodes and checks a `/v1/chat/completions` body for the model `served`.
+pub fn chat_requests(body: &[u8], served: &str) -> ApiResult<Decoded> {
     let r: ChatRequest = parse(body)?;
-    r.common.check(api)?;
+    r.common.check(served)?;
     if r.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::bad_request("tools are not supported"));
     }
@@ -918,20 +976,11 @@ fn start_chat(api: &InferenceApi, body: &[u8], caller: &HeaderMap) -> ApiResult<
         }
         requests.push((req, false));
     }
-    let choices = start_all(api, requests, caller)?;
-    let meta = Meta {
-        id: format!("chatcmpl-{}", choices[0].0.request_id),
-        object: if r.common.stream {
-            "chat.completion.chunk"
-        } else {
-            "chat.completion"
-        },
-        model: api.cluster().model_name().to_string(),
-        created: now_s(),
+    Ok(Decoded {
+        requests,
         n,
         logprobs: r.logprobs,
         stream: r.common.stream,
         include_usage: r.common.include_usage(),
-    };
-    Ok((meta, choices))
+    })
 }

@@ -155,7 +155,7 @@ async fn spawn_http(
         web.local_addr()?
     );
     Ok(tokio::spawn(metrics::serve_http(
-        Incoming::new(web, tls)?,
+        Incoming::new(web, tls, metrics::MAX_CONNECTIONS)?,
         router,
         shutdown_signal(),
     )))

@@ -7,12 +7,11 @@
 
 use std::sync::Arc;
 
-use switchyard_net::tls::Incoming;
+use switchyard_net::grpc;
 use switchyard_proto::v1::inference_server::InferenceServer;
 use tokio_rustls::rustls::ServerConfig;
 use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::api::InferenceApi;
@@ -51,14 +50,14 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let api = InferenceServer::new(InferenceApi::new(cluster));
-    Server::builder()
+    grpc::server()
         .add_service(InterceptedService::new(
             health_service,
             keys.interceptor(Scope::Health),
         ))
         .add_service(reflection)
         .add_service(InterceptedService::new(api, keys.interceptor(Scope::Api)))
-        .serve_with_incoming_shutdown(Incoming::new(listener, tls)?, shutdown)
+        .serve_with_incoming_shutdown(grpc::incoming(listener, tls)?, shutdown)
         .await?;
     Ok(())
 }

@@ -5,6 +5,10 @@
 //! Values are atomics so the hot paths (a step, an exchange) record without locks; a family's
 //! label map is locked only to find or create a child.
 
+mod serve;
+
+pub use serve::{serve_http, MAX_CONNECTIONS};
+
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -348,22 +352,6 @@ where
             }
         }),
     )
-}
-
-/// Serves `router` on `listener` (a `TcpListener`, or any other axum listener: one that
-/// speaks TLS) until `shutdown`.
-pub async fn serve_http<L>(
-    listener: L,
-    router: axum::Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()>
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
 }
 
 #[cfg(test)]

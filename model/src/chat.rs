@@ -43,7 +43,19 @@ pub enum ChatError {
     Invalid(String),
     #[error("the chat template failed: {0}")]
     Render(#[source] minijinja::Error),
+    #[error("the chat template ran past its limit of {TEMPLATE_FUEL} instructions")]
+    OutOfFuel,
+    #[error("the chat template's output passed its limit of {MAX_RENDER_BYTES} bytes")]
+    TooLong,
 }
+
+/// Instructions one render of a chat template may run: a template's loops over a conversation
+/// take thousands; one that runs away (nested loops over large ranges) stops here, in well
+/// under a second.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// Bytes one rendered chat may have: far more than any model's context holds as text.
+pub const MAX_RENDER_BYTES: usize = 16 << 20;
 
 fn chat_error(message: impl Into<String>) -> ChatError {
     ChatError::Invalid(message.into())
@@ -132,6 +144,7 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_template_owned(TEMPLATE_NAME, source)?;
         Ok(Self {
             env,
@@ -204,14 +217,45 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(ChatError::Render)?;
-        template
-            .render(context! {
+        let mut out = Bounded::default();
+        let rendered = template.render_captured_to(
+            context! {
                 messages => messages,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
                 add_generation_prompt => true,
-            })
-            .map_err(ChatError::Render)
+            },
+            &mut out,
+        );
+        match rendered {
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|_| chat_error("the chat template wrote text that is not UTF-8")),
+            Err(_) if out.full => Err(ChatError::TooLong),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(ChatError::OutOfFuel),
+            Err(e) => Err(ChatError::Render(e)),
+        }
+    }
+}
+
+/// A render's output, refusing to grow past [`MAX_RENDER_BYTES`].
+#[derive(Default)]
+struct Bounded {
+    bytes: Vec<u8>,
+    full: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_RENDER_BYTES {
+            self.full = true;
+            return Err(std::io::Error::other("the output limit is reached"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -321,5 +365,23 @@ mod tests {
         assert_eq!(split_marked(&format!("{CLOSE}x"), &controls()), None);
         assert_eq!(split_marked(&format!("{OPEN}x"), &controls()), None);
         assert_eq!(split_marked(&format!("{OPEN}x{OPEN}"), &controls()), None);
+    }
+
+    /// Issue 18: a template with nested loops hung the request, and `'x' * 10**8` took
+    /// gigabytes; each now ends with an error naming its limit.
+    #[test]
+    fn runaway_templates_stop_at_their_limits() {
+        let render = |source: &str| {
+            let t = ChatTemplate::new(source.into(), "<s>".into(), "</s>".into()).unwrap();
+            t.render(&[ChatMessage::new("user", "hi")], &controls())
+                .unwrap_err()
+                .to_string()
+        };
+        let e = render(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        );
+        assert!(e.contains("limit of 5000000 instructions"), "{e}");
+        let e = render("{{ 'x' * 10**8 }}");
+        assert!(e.contains("limit of 16777216 bytes"), "{e}");
     }
 }

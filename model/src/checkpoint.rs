@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{ConfigError, ModelConfig};
 use crate::safetensors::{self, Dtype, SafetensorsError, SafetensorsFile};
-use crate::weights::{Subset, TensorSpec};
+use crate::weights::{LayerNames, Subset, TensorSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -30,6 +30,12 @@ pub enum CheckpointError {
     },
     #[error("tensor {name} has dtype {found}; expected one of F32, F16, BF16")]
     Dtype { name: String, found: String },
+    #[error("tensor {name} holds {value} at element {index}; expected finite weights")]
+    NotFinite {
+        name: String,
+        index: usize,
+        value: f32,
+    },
 }
 
 /// An opened model directory.
@@ -111,9 +117,29 @@ impl Checkpoint {
     }
 
     /// Checks that every tensor `subset` needs is present with a float dtype and the shape the
-    /// config implies. Reads headers only.
+    /// config implies. Reads headers only. The config's counts are compared with the file's
+    /// tensors first (each layer's norm is there; the router has one row per expert), so a
+    /// config that claims more layers or experts than the file holds is refused before the
+    /// list of tensors is made from them.
     pub fn validate(&self, subset: &Subset) -> Result<(), CheckpointError> {
-        for spec in self.config.tensor_specs(subset) {
+        let c = &self.config;
+        let h = c.hidden_size;
+        for layer in subset.layers.clone() {
+            let norm = LayerNames::new(layer).input_norm();
+            if !self.index.contains_key(&norm) {
+                return Err(CheckpointError::Missing {
+                    name: norm,
+                    expected: vec![h],
+                });
+            }
+        }
+        if let (Some(moe), Some(first)) = (c.moe, subset.layers.clone().next()) {
+            self.check(&TensorSpec {
+                name: LayerNames::new(first).router(),
+                shape: vec![moe.num_experts, h],
+            })?;
+        }
+        for spec in c.tensor_specs(subset) {
             self.check(&spec)?;
         }
         Ok(())
@@ -154,10 +180,15 @@ impl Checkpoint {
             shape: shape.to_vec(),
         };
         let (dtype, file) = self.check(&spec)?;
-        Ok(safetensors::to_f32(
-            dtype,
-            file.bytes(file.get(name).expect("checked")),
-        ))
+        let values = safetensors::to_f32(dtype, file.bytes(file.get(name).expect("checked")));
+        match values.iter().position(|v| !v.is_finite()) {
+            None => Ok(values),
+            Some(index) => Err(CheckpointError::NotFinite {
+                name: name.to_string(),
+                index,
+                value: values[index],
+            }),
+        }
     }
 
     /// Bytes on disk per dtype over all tensors of the checkpoint.

@@ -147,6 +147,13 @@ impl ModelConfig {
 
         let hidden_size = req_usize(o, "hidden_size")?;
         let num_heads = req_usize(o, "num_attention_heads")?;
+        // Divided by below: a zero is refused before.
+        if num_heads == 0 {
+            return Err(field_err(
+                "num_attention_heads",
+                "is 0; expected a positive integer",
+            ));
+        }
         let num_kv_heads = opt_usize(o, "num_key_value_heads")?.unwrap_or(num_heads);
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(field_err(
@@ -256,10 +263,19 @@ impl ModelConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: opt_f64(o, "rms_norm_eps")?.unwrap_or(match arch {
-                Arch::Mixtral => 1e-5,
-                _ => 1e-6,
-            }),
+            rms_norm_eps: match opt_f64(o, "rms_norm_eps")? {
+                Some(eps) if !(eps.is_finite() && eps >= 0.0) => {
+                    return Err(field_err(
+                        "rms_norm_eps",
+                        format!("is {eps}; expected a finite number >= 0"),
+                    ))
+                }
+                Some(eps) => eps,
+                None => match arch {
+                    Arch::Mixtral => 1e-5,
+                    _ => 1e-6,
+                },
+            },
             rope_theta,
             max_position_embeddings: opt_usize(o, "max_position_embeddings")?.unwrap_or(4096 * 32),
             sliding_window,
@@ -281,6 +297,22 @@ impl ModelConfig {
         ] {
             if v == 0 {
                 return Err(field_err(name, "is 0; expected a positive integer"));
+            }
+        }
+        let sizes = [
+            ("vocab_size", config.vocab_size),
+            ("hidden_size", config.hidden_size),
+            ("intermediate_size", config.intermediate_size),
+            ("num_hidden_layers", config.num_layers),
+            ("num_attention_heads", config.num_heads),
+            ("head_dim", config.head_dim),
+            ("max_position_embeddings", config.max_position_embeddings),
+            ("num_local_experts", config.moe.map_or(0, |m| m.num_experts)),
+        ];
+        for (name, v) in sizes {
+            let max = max_size(name);
+            if v > max {
+                return Err(field_err(name, format!("is {v}; expected at most {max}")));
             }
         }
         Ok(config)
@@ -338,7 +370,32 @@ impl ModelConfig {
     }
 }
 
+/// The largest value a size may have: far above any published model, and small enough that
+/// every size computed from them (parameter counts, bytes of weights and KV cache) fits in 64
+/// bits. A config that claims more is refused before anything is sized from it.
+fn max_size(field: &str) -> usize {
+    match field {
+        "vocab_size" | "max_position_embeddings" => 1 << 24,
+        "hidden_size" => 1 << 17,
+        "intermediate_size" => 1 << 20,
+        "head_dim" | "num_attention_heads" => 1 << 12,
+        // num_hidden_layers, num_local_experts
+        _ => 1 << 10,
+    }
+}
+
 fn rope_theta(o: &Map<String, Value>, arch: Arch) -> Result<f64, ConfigError> {
+    let theta = rope_theta_given(o, arch)?;
+    match theta.is_finite() && theta > 0.0 {
+        true => Ok(theta),
+        false => Err(field_err(
+            "rope_theta",
+            format!("is {theta}; expected a finite number above 0"),
+        )),
+    }
+}
+
+fn rope_theta_given(o: &Map<String, Value>, arch: Arch) -> Result<f64, ConfigError> {
     // transformers 5 moves RoPE settings into `rope_parameters`; older files use `rope_theta`
     // and optionally `rope_scaling`. Only plain RoPE is implemented.
     let scaling = o.get("rope_parameters").or_else(|| o.get("rope_scaling"));
@@ -482,5 +539,43 @@ mod tests {
         assert!(e.contains("yarn"), "{e}");
         let e = err("[1, 2]");
         assert!(e.contains("JSON object"), "{e}");
+    }
+
+    /// Issue 18: configs whose sizes would allocate gigabytes, or whose RoPE base is zero, are
+    /// refused by name before anything is sized from them.
+    #[test]
+    fn absurd_sizes_and_rope_bases_are_refused() {
+        let err = |s: &str| ModelConfig::from_json_str(s).unwrap_err().to_string();
+        let e = err(&MIXTRAL_CLASSIC.replace(
+            "\"num_hidden_layers\": 32",
+            "\"num_hidden_layers\": 1000000000",
+        ));
+        assert!(
+            e.contains("num_hidden_layers") && e.contains("is 1000000000; expected at most 1024"),
+            "{e}"
+        );
+        let e = err(&MIXTRAL_CLASSIC.replace(
+            "\"num_local_experts\": 8",
+            "\"num_local_experts\": 1000000000",
+        ));
+        assert!(
+            e.contains("num_local_experts") && e.contains("expected at most 1024"),
+            "{e}"
+        );
+        // Found by fuzzing (fuzz/corpus/config_json/zero_heads): a division by zero.
+        let e =
+            err(&MIXTRAL_CLASSIC
+                .replace("\"num_attention_heads\": 32", "\"num_attention_heads\": 0"));
+        assert!(
+            e.contains("num_attention_heads") && e.contains("is 0"),
+            "{e}"
+        );
+        for theta in ["0", "-1e6"] {
+            let e = err(&MIXTRAL_CLASSIC.replace("1e6", theta));
+            assert!(
+                e.contains("rope_theta") && e.contains("above 0"),
+                "{theta}: {e}"
+            );
+        }
     }
 }

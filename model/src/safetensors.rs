@@ -119,55 +119,11 @@ impl SafetensorsFile {
         let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; checkpoints are not modified while being served.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let corrupt = |problem: String| SafetensorsError::Corrupt {
-            path: path.to_path_buf(),
-            problem,
-        };
-        let len = mmap.len();
-        if len < 8 {
-            return Err(corrupt(format!(
-                "file is {len} bytes; a safetensors file starts with an 8-byte header length"
-            )));
-        }
-        let header_len = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
-        if header_len > (len - 8) as u64 {
-            return Err(corrupt(format!(
-                "header length {header_len} runs past the end of the file ({len} bytes): truncated or not a safetensors file"
-            )));
-        }
-        let data_start = 8 + header_len as usize;
-        let header: Value = serde_json::from_slice(&mmap[8..data_start])
-            .map_err(|e| corrupt(format!("header is not valid JSON: {e}")))?;
-        let Value::Object(entries) = header else {
-            return Err(corrupt("header is not a JSON object".into()));
-        };
-        let data_len = len - data_start;
-        let mut tensors = BTreeMap::new();
-        for (name, entry) in entries {
-            if name == "__metadata__" {
-                continue;
-            }
-            let info = parse_entry(&entry).map_err(|p| corrupt(format!("tensor {name}: {p}")))?;
-            let elems: usize = info.shape.iter().product();
-            let size = header_dtype_size(&info.dtype)
-                .ok_or_else(|| corrupt(format!("tensor {name}: unknown dtype {:?}", info.dtype)))?;
-            if info.begin > info.end || info.end > data_len {
-                return Err(corrupt(format!(
-                    "tensor {name}: data_offsets [{}, {}] point past the end of the data ({data_len} bytes): truncated file?",
-                    info.begin, info.end
-                )));
-            }
-            if info.end - info.begin != elems * size {
-                return Err(corrupt(format!(
-                    "tensor {name}: holds {} bytes but shape {:?} of {} needs {}",
-                    info.end - info.begin,
-                    info.shape,
-                    info.dtype,
-                    elems * size
-                )));
-            }
-            tensors.insert(name, info);
-        }
+        let (data_start, tensors) =
+            parse_header(&mmap).map_err(|problem| SafetensorsError::Corrupt {
+                path: path.to_path_buf(),
+                problem,
+            })?;
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             mmap,
@@ -192,6 +148,79 @@ impl SafetensorsFile {
     pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
         &self.mmap[self.data_start + info.begin..self.data_start + info.end]
     }
+}
+
+/// The largest header read: the format's own limit.
+pub const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// Reads the header of a safetensors file's bytes `file`: where the data starts and each
+/// tensor's entry, checked against the file's size (every size computed with checked
+/// arithmetic: a shape whose element count overflows is refused, not wrapped). What is wrong
+/// is said without quoting the file's bytes.
+pub fn parse_header(file: &[u8]) -> Result<(usize, BTreeMap<String, TensorInfo>), String> {
+    let len = file.len();
+    let Some(prefix) = file.first_chunk::<8>() else {
+        return Err(
+            "the file is shorter than the 8-byte header length a safetensors file starts with"
+                .into(),
+        );
+    };
+    let header_len = u64::from_le_bytes(*prefix);
+    if header_len > MAX_HEADER_BYTES {
+        return Err(format!(
+            "the header length (the first 8 bytes) is over the format's limit of \
+             {MAX_HEADER_BYTES} bytes: not a safetensors file"
+        ));
+    }
+    if header_len > (len - 8) as u64 {
+        return Err(
+            "the header length (the first 8 bytes) runs past the end of the file: truncated or \
+             not a safetensors file"
+                .into(),
+        );
+    }
+    let data_start = 8 + header_len as usize;
+    let header: Value = serde_json::from_slice(&file[8..data_start])
+        .map_err(|e| format!("header is not valid JSON: {e}"))?;
+    let Value::Object(entries) = header else {
+        return Err("header is not a JSON object".into());
+    };
+    let data_len = len - data_start;
+    let mut tensors = BTreeMap::new();
+    for (name, entry) in entries {
+        if name == "__metadata__" {
+            continue;
+        }
+        let info = parse_entry(&entry).map_err(|p| format!("tensor {name}: {p}"))?;
+        let size = header_dtype_size(&info.dtype)
+            .ok_or_else(|| format!("tensor {name}: unknown dtype {:?}", info.dtype))?;
+        let bytes = info
+            .shape
+            .iter()
+            .try_fold(size, |n, d| n.checked_mul(*d))
+            .ok_or_else(|| {
+                format!(
+                    "tensor {name}: shape {:?} of {} has more bytes than a file can hold",
+                    info.shape, info.dtype
+                )
+            })?;
+        if info.begin > info.end || info.end > data_len {
+            return Err(format!(
+                "tensor {name}: data_offsets [{}, {}] point past the end of the data ({data_len} bytes): truncated file?",
+                info.begin, info.end
+            ));
+        }
+        if info.end - info.begin != bytes {
+            return Err(format!(
+                "tensor {name}: holds {} bytes but shape {:?} of {} needs {bytes}",
+                info.end - info.begin,
+                info.shape,
+                info.dtype,
+            ));
+        }
+        tensors.insert(name, info);
+    }
+    Ok((data_start, tensors))
 }
 
 fn parse_entry(v: &Value) -> Result<TensorInfo, String> {

@@ -90,8 +90,21 @@ fn a_subset_needs_only_its_tensors() {
         head: true,
     };
     c.validate(&subset).unwrap();
+    // The whole model is not there: the first layer the file lacks is named (layers are
+    // counted against the file before each tensor is checked).
     let e = c
         .validate(&Subset::all(c.config()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.layers.0.input_layernorm.weight") && e.contains("missing"),
+        "{e}"
+    );
+    let e = c
+        .validate(&Subset {
+            embedding: true,
+            ..subset
+        })
         .unwrap_err()
         .to_string();
     assert!(
@@ -207,4 +220,79 @@ fn broken_directories_are_named() {
         e.contains("FalconForCausalLM") && e.contains("LlamaForCausalLM"),
         "{e}"
     );
+}
+
+/// Issue 18: a shape whose element count overflows (2^58 × 64 × 4 bytes) wrapped to 0 bytes,
+/// passed validation, and `generate` panicked.
+#[test]
+fn a_shape_whose_size_overflows_is_refused() {
+    let dir = tiny(Dtype::F32, None);
+    let path = dir.path().join("model.safetensors");
+    let header = serde_json::json!({
+        Q0: {"dtype": "F32", "shape": [1u64 << 58, 64], "data_offsets": [0, 0]},
+    })
+    .to_string();
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header.as_bytes());
+    std::fs::write(&path, file).unwrap();
+    let e = validate_err(dir.path());
+    assert!(
+        e.contains(Q0) && e.contains("has more bytes than a file can hold"),
+        "{e}"
+    );
+}
+
+/// Issue 18: a config claiming 10^9 layers or experts allocated gigabytes before any check.
+/// Sizes past any model are refused when config.json is read; counts the file does not hold
+/// are refused before the list of tensors is made from them.
+#[test]
+fn configs_claiming_more_than_the_file_holds_are_refused() {
+    let dir = tiny(Dtype::F32, None);
+    let config_path = dir.path().join("config.json");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let with = |field: &str, value: u64| {
+        let mut c = config.clone();
+        c[field] = value.into();
+        std::fs::write(&config_path, c.to_string()).unwrap();
+        validate_err(dir.path())
+    };
+    let e = with("num_hidden_layers", 1_000_000_000);
+    assert!(
+        e.contains("num_hidden_layers") && e.contains("at most 1024"),
+        "{e}"
+    );
+    let e = with("num_local_experts", 1_000_000_000);
+    assert!(
+        e.contains("num_local_experts") && e.contains("at most 1024"),
+        "{e}"
+    );
+    let e = with("num_hidden_layers", 1000);
+    assert!(
+        e.contains("model.layers.2.input_layernorm.weight") && e.contains("missing"),
+        "{e}"
+    );
+    let e = with("num_local_experts", 1000);
+    assert!(
+        e.contains("block_sparse_moe.gate.weight") && e.contains("expected [1000, 64]"),
+        "{e}"
+    );
+}
+
+/// Issue 18: NaN and infinite weights were loaded as they were.
+#[test]
+fn non_finite_weights_are_reported_by_tensor() {
+    for bad in [f32::NAN, f32::INFINITY] {
+        let dir = tiny(Dtype::F32, None);
+        rewrite(dir.path(), |t| {
+            let q = t.iter_mut().find(|t| t.name == Q0).unwrap();
+            q.data[40..44].copy_from_slice(&bad.to_le_bytes());
+        });
+        let c = Checkpoint::open(dir.path()).unwrap();
+        let e = c.read_f32(Q0, &[64, 64]).unwrap_err().to_string();
+        assert!(
+            e.contains(Q0) && e.contains("at element 10") && e.contains("expected finite"),
+            "{bad}: {e}"
+        );
+    }
 }

@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
 };
@@ -416,8 +416,14 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for Connector {
     }
 }
 
-/// An accepted connection, plain or TLS.
-pub enum Conn {
+/// An accepted connection, plain or TLS, counted against its port's connection limit until it
+/// closes.
+pub struct Conn {
+    io: Io,
+    _permit: OwnedSemaphorePermit,
+}
+
+enum Io {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
@@ -426,9 +432,9 @@ impl Connected for Conn {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        match self {
-            Conn::Plain(s) => s.connect_info(),
-            Conn::Tls(s) => s.get_ref().0.connect_info(),
+        match &self.io {
+            Io::Plain(s) => s.connect_info(),
+            Io::Tls(s) => s.get_ref().0.connect_info(),
         }
     }
 }
@@ -439,9 +445,9 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -452,9 +458,9 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -463,47 +469,58 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Conn::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Conn::Plain(s) => s.is_write_vectored(),
-            Conn::Tls(s) => s.is_write_vectored(),
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s) => Pin::new(s).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
 
-/// The connections accepted on a listening socket, TLS when a configuration is given: a
-/// `Stream` for tonic's servers and an `axum::serve::Listener` for axum's. The socket closes
-/// when this is dropped.
+/// The connections accepted on a listening socket, TLS when a configuration is given, at most
+/// `max_connections` open at once (more are closed as they arrive; a TLS handshake counts): a
+/// `Stream` for tonic's servers and an `axum::serve::Listener` for the HTTP ports. The socket
+/// closes when this is dropped.
 pub struct Incoming {
     connections: mpsc::Receiver<(Conn, SocketAddr)>,
     local: SocketAddr,
 }
 
 impl Incoming {
-    pub fn new(listener: TcpListener, tls: Option<Arc<ServerConfig>>) -> std::io::Result<Incoming> {
+    pub fn new(
+        listener: TcpListener,
+        tls: Option<Arc<ServerConfig>>,
+        max_connections: usize,
+    ) -> std::io::Result<Incoming> {
         let local = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(accept_loop(listener, tls.map(TlsAcceptor::from), tx));
+        let permits = Arc::new(Semaphore::new(max_connections));
+        tokio::spawn(accept_loop(
+            listener,
+            tls.map(TlsAcceptor::from),
+            permits,
+            tx,
+        ));
         Ok(Incoming {
             connections: rx,
             local,
@@ -514,6 +531,7 @@ impl Incoming {
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    permits: Arc<Semaphore>,
     tx: mpsc::Sender<(Conn, SocketAddr)>,
 ) {
     loop {
@@ -530,10 +548,18 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            debug!("connection limit reached; closed a new one from {peer}");
+            continue;
+        };
         // Replies must not wait for Nagle's algorithm: an exchange is many small round trips.
         let _ = tcp.set_nodelay(true);
         let Some(acceptor) = tls.clone() else {
-            if tx.send((Conn::Plain(tcp), peer)).await.is_err() {
+            let conn = Conn {
+                io: Io::Plain(tcp),
+                _permit: permit,
+            };
+            if tx.send((conn, peer)).await.is_err() {
                 return;
             }
             continue;
@@ -542,7 +568,11 @@ async fn accept_loop(
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => {
-                    let _ = tx.send((Conn::Tls(Box::new(s)), peer)).await;
+                    let conn = Conn {
+                        io: Io::Tls(Box::new(s)),
+                        _permit: permit,
+                    };
+                    let _ = tx.send((conn, peer)).await;
                 }
                 Ok(Err(e)) => debug!("TLS handshake with {peer} failed: {e}"),
                 Err(_) => debug!("TLS handshake with {peer} took over {HANDSHAKE_TIMEOUT:?}"),
@@ -646,7 +676,7 @@ mod tests {
     async fn echo(tls: Arc<ServerConfig>) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
-        let mut incoming = Incoming::new(listener, Some(tls)).unwrap();
+        let mut incoming = Incoming::new(listener, Some(tls), 8).unwrap();
         tokio::spawn(async move {
             while let Some(Ok(mut c)) = incoming.next().await {
                 tokio::spawn(async move {

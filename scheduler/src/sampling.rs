@@ -44,6 +44,8 @@ pub fn token_logprob(logprobs: &[f32], token: u32, n: usize) -> TokenLogprob {
 
 /// The `n` largest entries, highest first (ties to the lower id).
 fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
+    // `n` is what a message asked for: never more room than there are values.
+    let n = n.min(values.len());
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
     if n == 0 {
         return best;

@@ -89,6 +89,8 @@ struct Sequence {
     computed: usize,
     /// Part of a planned step whose results are not applied yet.
     in_flight: bool,
+    /// Its client is not reading: no more steps until it catches up ([`Scheduler::pause`]).
+    paused: bool,
     cancelled: bool,
     prompt_logprobs: Vec<Option<TokenLogprob>>,
     prompt_logprobs_sent: bool,
@@ -219,6 +221,7 @@ impl Scheduler {
             tokens: req.prompt.clone(),
             computed: 0,
             in_flight: false,
+            paused: false,
             cancelled: false,
             prompt_logprobs: Vec::new(),
             prompt_logprobs_sent: false,
@@ -256,6 +259,15 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Stops planning steps for a request (`paused`), or takes it up again: its client is not
+    /// reading what it generated. It keeps its place and its blocks.
+    pub fn pause(&mut self, id: SeqId, paused: bool) {
+        let all = self.running.iter_mut().chain(self.waiting.iter_mut());
+        if let Some(s) = all.into_iter().find(|s| s.req.id == id) {
+            s.paused = paused;
+        }
+    }
+
     /// Drops a request (its client went away): at once when it is not in a step in flight,
     /// otherwise when that step's results come back. Its blocks go back to the pool.
     pub fn cancel(&mut self, id: SeqId) {
@@ -277,7 +289,11 @@ impl Scheduler {
         self.admit();
         let mut budget = self.config.max_step_tokens;
         let mut work = Vec::new();
-        for s in self.running.iter_mut().filter(|s| !s.in_flight) {
+        for s in self
+            .running
+            .iter_mut()
+            .filter(|s| !s.in_flight && !s.paused)
+        {
             if budget == 0 {
                 break;
             }

@@ -8,10 +8,12 @@
 
 pub mod backend;
 pub mod batch;
+pub mod checks;
 pub mod cpu;
 pub mod cuda;
 pub mod engine;
 pub mod exchange;
+mod message_limit;
 pub mod metrics;
 pub mod model;
 pub mod registration;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use switchyard_metrics as metrics;
 use switchyard_net::process::{bind, shutdown_signal, BindError, EtcdMember, JoinError};
+use switchyard_net::tls::Incoming;
 use switchyard_proto::v1 as pb;
 
 use crate::backend::{Backend, Hardware};
@@ -62,7 +63,8 @@ where
         );
         let m = w.metrics.clone();
         let router = metrics::router(move || m.registry.render());
-        tokio::spawn(metrics::serve_http(listener, router, shutdown_signal()));
+        let incoming = Incoming::new(listener, None, metrics::MAX_CONNECTIONS)?;
+        tokio::spawn(metrics::serve_http(incoming, router, shutdown_signal()));
     }
     eprintln!("switchyard: worker listening on {addr}");
     match o.etcd {

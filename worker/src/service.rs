@@ -10,11 +10,19 @@
 //!
 //! Fencing: the worker keeps the highest placement epoch it has seen (assigned, or published
 //! in etcd: [`crate::registration`] watches the placement) and refuses steps, exchanges and
-//! assignments of older epochs, so a coordinator that lost its leadership cannot drive it.
+//! assignments of older epochs, so a coordinator that lost its leadership cannot drive it. An
+//! assignment raises the fence only once its part has loaded.
+//!
+//! No message is trusted ([`crate::checks`]): an assignment is checked whole (its model
+//! directory under the model root, its sizes against the model and the device's memory)
+//! before the part held is touched, and a refused one leaves the worker as it was; steps and
+//! exchanges are checked against the part before anything is allocated, and messages larger
+//! than the part's largest step are refused from their length prefix, before they are read.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -23,23 +31,26 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::worker_client::WorkerClient;
 use switchyard_proto::v1::worker_server::{Worker, WorkerServer};
 use tokio::sync::Notify;
-use tonic::transport::{Channel, Server};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, info_span, Instrument};
 
 use crate::backend::{Backend, Hardware, Routes};
 use crate::batch::AttentionBatch;
+use crate::checks::{self, PartLimits, CONTROL_MESSAGE_BYTES};
 use crate::exchange::GrpcExchange;
+use crate::message_limit::MessageLimit;
 use crate::metrics::WorkerMetrics;
 use crate::model::{ExpertExchange, Model, ModelError};
 use switchyard_net::grpc::{channel, worker_client, MAX_MESSAGE_BYTES};
-use switchyard_net::tls::{self, Incoming};
+use switchyard_net::tls;
 use switchyard_net::{trace_context, wire};
 use switchyard_scheduler::step::{sample_step, SeqInput};
 
 /// The part of the model this worker was assigned, loaded, with its KV memory.
 struct Part<B: Backend> {
     assignment: pb::Assignment,
+    limits: PartLimits,
     /// Both shared with the next part when only the epoch or the peers change.
     backend: Arc<B>,
     model: Arc<Model<B>>,
@@ -47,6 +58,7 @@ struct Part<B: Backend> {
     next: Option<WorkerClient<Channel>>,
     exchange: Option<GrpcExchange>,
     weight_bytes: u64,
+    kv_bytes: u64,
 }
 
 /// A loaded part's backend and model, kept for the next assignment of the same weights.
@@ -66,6 +78,12 @@ struct WorkerState<H: Hardware> {
     part: RwLock<Option<Arc<Part<H::Backend>>>>,
     metrics: Arc<WorkerMetrics>,
     control: ControlState,
+    /// Assignments may only name model directories under this one (canonical).
+    model_root: Option<PathBuf>,
+    /// One assignment at a time: each sees the part the one before left.
+    assigning: tokio::sync::Mutex<()>,
+    /// The largest `Step` / `RunExperts` message the part held takes.
+    data_limit: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
@@ -145,18 +163,34 @@ impl<H: Hardware> PartSlot for WorkerState<H> {
         *part = None;
         drop(part);
         self.metrics.ready.set(0.0);
+        self.data_limit
+            .store(CONTROL_MESSAGE_BYTES, Ordering::SeqCst);
         self.control.released.notify_waiters();
         Some(held)
     }
 }
 
 impl<H: Hardware> WorkerService<H> {
+    /// A worker that loads any model directory its process can read.
     pub fn new(hardware: H) -> Self {
+        Self::build(hardware, None)
+    }
+
+    /// A worker that loads only model directories under `root` (`--model-root`); symbolic
+    /// links that lead out of it are refused.
+    pub fn with_model_root(hardware: H, root: &Path) -> std::io::Result<Self> {
+        Ok(Self::build(hardware, Some(std::fs::canonicalize(root)?)))
+    }
+
+    fn build(hardware: H, model_root: Option<PathBuf>) -> Self {
         WorkerService(Arc::new(WorkerState {
             hardware,
             part: RwLock::new(None),
             metrics: Arc::default(),
             control: ControlState::default(),
+            model_root,
+            assigning: tokio::sync::Mutex::new(()),
+            data_limit: Arc::new(AtomicUsize::new(CONTROL_MESSAGE_BYTES)),
         }))
     }
 
@@ -198,33 +232,78 @@ impl<H: Hardware> WorkerState<H> {
         Ok(part)
     }
 
-    /// Loads the part `a` names; `reuse` is the backend and model of the previous part when `a`
-    /// holds the same layers and experts of the same model (a new epoch, other peers): no
-    /// reload.
-    fn load(
-        &self,
-        a: pb::Assignment,
-        reuse: Option<Reused<H::Backend>>,
-    ) -> Result<Part<H::Backend>, Status> {
-        let invalid = |m: String| Status::invalid_argument(m);
-        let dir = PathBuf::from(&a.model_dir);
-        let checkpoint = Checkpoint::open(&dir).map_err(|e| invalid(e.to_string()))?;
-        let c = checkpoint.config().clone();
-        let layers = a.layer_start as usize..a.layer_end as usize;
-        if layers.is_empty() || layers.end > c.num_layers {
-            return Err(invalid(format!(
-                "layers {layers:?}: expected a non-empty range within 0..{}",
-                c.num_layers
-            )));
+    /// The model directory `given` names, if it is one this worker may load: under the model
+    /// root when there is one. Whether a refused path exists is not told.
+    fn model_dir(&self, given: &str) -> Result<PathBuf, Status> {
+        let Some(root) = &self.model_root else {
+            return Ok(PathBuf::from(given));
+        };
+        let refused = || {
+            Status::invalid_argument(format!(
+                "model_dir {given:?} is not a model directory under this worker's model root \
+                 ({})",
+                root.display()
+            ))
+        };
+        // Relative paths are taken from the root; `..` and links are resolved first, for the
+        // directory and each file in it.
+        let under_root = |p: &Path| std::fs::canonicalize(p).is_ok_and(|p| p.starts_with(root));
+        let dir = std::fs::canonicalize(root.join(given)).map_err(|_| refused())?;
+        let entries = std::fs::read_dir(&dir).map_err(|_| refused())?;
+        let mut files = entries.map(|e| e.map(|e| e.path()));
+        match dir.starts_with(root) && files.all(|f| f.is_ok_and(|f| under_root(&f))) {
+            true => Ok(dir),
+            false => Err(refused()),
         }
+    }
+
+    /// Everything about `a` that can be checked without loading a weight: the model directory
+    /// and its headers, every field against the model, its memory against the device's. The
+    /// part held is not touched.
+    fn prepare(&self, a: &pb::Assignment) -> Result<Prepared, Status> {
+        let invalid = |m: String| Status::invalid_argument(m);
+        let dir = self.model_dir(&a.model_dir)?;
+        let checkpoint = Checkpoint::open(&dir).map_err(|e| invalid(e.to_string()))?;
+        let c = checkpoint.config();
+        let kv_bytes = checks::check_assignment(a, c, H::Backend::VALUE_BYTES)
+            .map_err(|e| invalid(format!("assignment refused: {e}")))?;
         let subset = Subset {
-            layers,
+            layers: a.layer_start as usize..a.layer_end as usize,
             experts: c
                 .moe
                 .map(|_| a.experts.iter().map(|e| *e as usize).collect()),
             embedding: a.embedding,
             head: a.head,
         };
+        checkpoint
+            .validate(&subset)
+            .map_err(|e| invalid(e.to_string()))?;
+        for addr in a.stage_peers.iter().chain(Some(&a.next_stage)) {
+            if !addr.is_empty() {
+                switchyard_net::grpc::endpoint(addr)
+                    .map_err(|e| invalid(format!("worker address {addr:?}: {e}")))?;
+            }
+        }
+        let weight_bytes = c.subset_params(&subset) * H::Backend::VALUE_BYTES;
+        Ok(Prepared {
+            checkpoint,
+            subset,
+            weight_bytes,
+            kv_bytes,
+        })
+    }
+
+    /// Loads the part `a` names; `reuse` is the backend and model of the previous part when `a`
+    /// holds the same layers and experts of the same model (a new epoch, other peers): no
+    /// reload.
+    fn load(
+        &self,
+        a: pb::Assignment,
+        p: Prepared,
+        reuse: Option<Reused<H::Backend>>,
+    ) -> Result<Part<H::Backend>, Status> {
+        let invalid = |m: String| Status::invalid_argument(m);
+        let c = p.checkpoint.config().clone();
         let (backend, model) = match reuse {
             Some(r) => r,
             None => {
@@ -234,7 +313,7 @@ impl<H: Hardware> WorkerState<H> {
                         self.hardware.describe()
                     ))
                 })?;
-                let mut m = Model::load(&backend, &checkpoint, &subset)
+                let mut m = Model::load(&backend, &p.checkpoint, &p.subset)
                     .map_err(|e| invalid(e.to_string()))?;
                 let metrics = self.metrics.clone();
                 m.observe_routes(Arc::new(move |layer, experts| {
@@ -278,7 +357,9 @@ impl<H: Hardware> WorkerState<H> {
             _ => None,
         };
         Ok(Part {
-            weight_bytes: c.subset_params(&subset) * H::Backend::VALUE_BYTES,
+            weight_bytes: p.weight_bytes,
+            kv_bytes: p.kv_bytes,
+            limits: PartLimits::new(&c, &a),
             assignment: a,
             backend,
             model,
@@ -287,6 +368,22 @@ impl<H: Hardware> WorkerState<H> {
             exchange,
         })
     }
+
+    /// Holds `part` from now on, and sizes the data messages it takes.
+    fn hold(&self, part: Part<H::Backend>) {
+        self.data_limit
+            .store(part.limits.max_message_bytes(), Ordering::SeqCst);
+        self.metrics.ready.set(1.0);
+        *self.part.write().expect("not poisoned") = Some(Arc::new(part));
+    }
+}
+
+/// An assignment that passed every check before loading.
+struct Prepared {
+    checkpoint: Checkpoint,
+    subset: Subset,
+    weight_bytes: u64,
+    kv_bytes: u64,
 }
 
 /// What a stage's share of a step gives.
@@ -298,6 +395,7 @@ enum StageOutput {
 }
 
 /// What the worker runs a step's layers with: its model part, its KV memory, its exchange.
+/// The step passed [`checks::check_step`].
 fn run_step<B: Backend>(part: &Part<B>, request: &pb::StepRequest) -> Result<StageOutput, Status> {
     let backend = &*part.backend;
     let work = request
@@ -313,12 +411,6 @@ fn run_step<B: Backend>(part: &Part<B>, request: &pb::StepRequest) -> Result<Sta
     let mut hidden = match &request.hidden {
         None => {
             let ids: Vec<u32> = inputs.iter().flat_map(|s| s.tokens.clone()).collect();
-            if let Some(&t) = ids.iter().find(|t| **t as usize >= c.vocab_size) {
-                return Err(Status::invalid_argument(format!(
-                    "token id {t} is out of range; the vocabulary has {} tokens",
-                    c.vocab_size
-                )));
-            }
             model.embed(backend, &ids).map_err(failed)?
         }
         Some(t) => {
@@ -337,9 +429,13 @@ fn run_step<B: Backend>(part: &Part<B>, request: &pb::StepRequest) -> Result<Sta
     {
         let mut cache = part.cache.lock().expect("not poisoned");
         let exchange = part.exchange.as_ref().map(|x| x as &dyn ExpertExchange<B>);
-        model
-            .forward_layers(backend, &mut cache, &mut hidden, &batch, exchange)
-            .map_err(failed)?;
+        // A panic must not unwind through the guard: the lock would stay poisoned and every
+        // later step fail. Messages are checked before they get here; this is the backstop.
+        std::panic::catch_unwind(AssertUnwindSafe(|| {
+            model.forward_layers(backend, &mut cache, &mut hidden, &batch, exchange)
+        }))
+        .map_err(|_| Status::internal("the step's layers panicked; see the worker's log"))?
+        .map_err(failed)?;
     }
     if !part.assignment.head {
         let rows = backend.rows(&hidden);
@@ -371,8 +467,9 @@ where
         Ok(Response::new(pb::InventoryResponse {
             device: self.0.hardware.describe(),
             memory_bytes: total,
-            // The part held is dropped before a new one loads: its weights count as available
-            // (its KV cache does not: on the CPU untouched KV pages are not resident).
+            // The part held is dropped before a new one loads when its memory is needed: its
+            // weights count as available (its KV cache does not: on the CPU untouched KV pages
+            // are not resident).
             available_bytes: available + part.as_ref().map_or(0, |p| p.weight_bytes),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()) as u32,
             version: env!("CARGO_PKG_VERSION").into(),
@@ -393,26 +490,65 @@ where
                 "this worker is draining (it was asked to stop); assign its part elsewhere",
             ));
         }
-        let fence = self.0.control.fence.fetch_max(a.epoch, Ordering::SeqCst);
+        let _one_at_a_time = self.0.assigning.lock().await;
+        let epoch = a.epoch;
+        let stale = move |fence: u64| {
+            Status::failed_precondition(format!(
+                "assignment of placement epoch {epoch} refused: placement epoch {fence} has \
+                 been published or assigned since (is this coordinator still the leader?)"
+            ))
+        };
+        let fence = self.control().fence();
         if a.epoch < fence {
-            return Err(Status::failed_precondition(format!(
-                "assignment of placement epoch {} refused: placement epoch {fence} has been \
-                 published or assigned since (is this coordinator still the leader?)",
-                a.epoch
-            )));
+            return Err(stale(fence));
         }
         let span = info_span!("assign", epoch = a.epoch, stage = a.stage, shard = a.shard);
         let this = self.0.clone();
-        // Drop the old part first: its memory is needed for the new one. Its weights are kept
-        // when the new part holds the same ones.
-        let old = self.0.part.write().expect("not poisoned").take();
-        let reuse = old
-            .filter(|p| same_weights(&p.assignment, &a))
-            .map(|p| (p.backend.clone(), p.model.clone()));
-        self.0.metrics.ready.set(0.0);
-        let part = tokio::task::spawn_blocking(move || span.in_scope(|| this.load(a, reuse)))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
+        let part = tokio::task::spawn_blocking(move || {
+            span.in_scope(|| -> Result<_, Status> {
+                let prepared = this.prepare(&a)?;
+                let old = this.part.read().expect("not poisoned").clone();
+                let reuse = old
+                    .as_ref()
+                    .filter(|p| same_weights(&p.assignment, &a))
+                    .map(|p| (p.backend.clone(), p.model.clone()));
+                let new_weights = match reuse {
+                    Some(_) => 0,
+                    None => prepared.weight_bytes,
+                };
+                let need = new_weights + prepared.kv_bytes;
+                let (total, available) = this.hardware.memory();
+                let held = old.as_ref().map_or(0, |p| p.weight_bytes + p.kv_bytes);
+                if total > 0 && need > available.saturating_add(held) {
+                    return Err(Status::resource_exhausted(format!(
+                        "the part needs {need} bytes ({new_weights} of weights, {} of KV \
+                         cache); {} has {} available",
+                        prepared.kv_bytes,
+                        this.hardware.describe(),
+                        available.saturating_add(held)
+                    )));
+                }
+                // The part held stays while the new one loads, unless its memory is needed:
+                // then a load that fails (a read error, a bad weight) leaves the worker
+                // without a part, its fence unchanged.
+                if total > 0 && need > available {
+                    drop(old);
+                    this.release_if(&|_| true);
+                }
+                this.load(a, prepared, reuse)
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the load failed: {e}")))??;
+        // Steps of older epochs are fenced off only now that the part is here.
+        let fence = self
+            .0
+            .control
+            .fence
+            .fetch_max(part.assignment.epoch, Ordering::SeqCst);
+        if part.assignment.epoch < fence {
+            return Err(stale(fence));
+        }
         let response = pb::AssignResponse {
             weight_bytes: part.weight_bytes,
             kv_bytes: 0,
@@ -431,8 +567,7 @@ where
         m.registry
             .set_label("shard", &part.assignment.shard.to_string());
         m.epoch.set(part.assignment.epoch as f64);
-        m.ready.set(1.0);
-        *self.0.part.write().expect("not poisoned") = Some(Arc::new(part));
+        self.0.hold(part);
         Ok(Response::new(response))
     }
 
@@ -442,6 +577,8 @@ where
     ) -> Result<Response<pb::StepResponse>, Status> {
         let (caller, _, request) = request.into_parts();
         let part = self.0.part(request.epoch)?;
+        checks::check_step(&request, &part.limits)
+            .map_err(|e| Status::invalid_argument(format!("step refused: {e}")))?;
         let span = info_span!(
             "step",
             id = request.step_id,
@@ -498,6 +635,8 @@ where
     ) -> Result<Response<pb::ExpertOutput>, Status> {
         let (caller, _, b) = request.into_parts();
         let part = self.0.part(b.epoch)?;
+        checks::check_expert_batch(&b, &part.limits)
+            .map_err(|e| Status::invalid_argument(format!("exchange refused: {e}")))?;
         let span = info_span!("run_experts", layer = b.layer, experts = b.experts.len());
         trace_context::adopt(&span, caller.as_ref());
         let this = self.0.clone();
@@ -633,17 +772,18 @@ where
     let address = listener.local_addr()?;
     let metrics = service.metrics();
     metrics.registry.set_label("worker", &address.to_string());
+    let data_limit = service.0.data_limit.clone();
     let server = WorkerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let server = MessageLimit::new(server, data_limit);
     let task = tokio::spawn(
-        Server::builder()
-            .tcp_nodelay(true)
+        switchyard_net::grpc::server()
             .add_service(server)
             .serve_with_incoming_shutdown(
                 // Mutual TLS with the process's cluster identity, if it has one: only
                 // certificates the cluster CA signed get in.
-                Incoming::new(listener, tls::cluster().map(|t| t.server))?,
+                switchyard_net::grpc::incoming(listener, tls::cluster().map(|t| t.server))?,
                 shutdown,
             ),
     );
