@@ -50,6 +50,9 @@ pub async fn serve_http<L: axum::serve::Listener>(
             .serve_connection(TokioIo::new(stream), service.clone());
         tokio::spawn(graceful.watch(connection));
     }
+    // Closed now, not after the requests under way: a new client is refused and can go
+    // elsewhere, rather than accepted and never answered.
+    drop(listener);
     graceful.shutdown().await;
     Ok(())
 }
