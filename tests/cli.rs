@@ -241,6 +241,23 @@ fn bad_input_gets_clear_errors() {
     }
 }
 
+/// A worker registering in etcd must say where it can be reached: `0.0.0.0` is nobody's
+/// address (the coordinator refuses the same for its own gRPC port).
+#[test]
+fn a_worker_on_every_interface_needs_an_advertised_address() {
+    let e = fails(&[
+        "worker",
+        "--listen",
+        "0.0.0.0:0",
+        "--etcd",
+        "http://127.0.0.1:1",
+    ]);
+    assert!(
+        e.contains("--listen 0.0.0.0:0") && e.contains("--advertise HOST:PORT"),
+        "{e}"
+    );
+}
+
 /// A GPU that cannot be used is refused at start, saying why, by every command that takes
 /// `--device` (cuda:99 exists nowhere: without a driver the message says so, with one it
 /// counts the GPUs).

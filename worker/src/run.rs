@@ -36,6 +36,12 @@ pub enum RunError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Join(#[from] JoinError),
+    #[error(
+        "--listen {0} listens on every interface: give --advertise HOST:PORT, the address \
+         coordinators and other workers reach this worker at (it is what the worker \
+         registers in etcd)"
+    )]
+    NoAdvertise(SocketAddr),
 }
 
 /// Serves `service` until Ctrl-C or SIGTERM, then drains and stops.
@@ -43,6 +49,11 @@ pub async fn run<H: Hardware>(service: WorkerService<H>, o: Options) -> Result<(
 where
     <H::Backend as Backend>::KvCache: Sync,
 {
+    if let Some(member) = &o.etcd {
+        if member.advertise.is_none() && o.listen.ip().is_unspecified() {
+            return Err(RunError::NoAdvertise(o.listen));
+        }
+    }
     let control = service.control();
     let (device, (memory_bytes, _)) = (service.hardware().describe(), service.hardware().memory());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
