@@ -8,6 +8,9 @@
 //! model directory; `BENCH_TLS=1`: the cluster plane over mutual TLS and the client API over
 //! TLS, with certificates from `switchyard certs`; `BENCH_TLS=both`: off, then on, in one run).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -296,15 +299,7 @@ static CERTS: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new
 
 /// Makes certificates in `dir` and gives this process the cluster identity they hold.
 fn install_tls(dir: &std::path::Path) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["certs", "--out", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::certs(dir);
     let files = ClusterFiles {
         ca: dir.join("ca.pem"),
         cert: dir.join("node.pem"),

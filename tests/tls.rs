@@ -8,7 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{four_layers_eight_experts, http, http_address, model, offline, request, serve, BIN};
+use common::{
+    certs, four_layers_eight_experts, http, http_address, model, offline, request, serve, BIN,
+};
 use serde_json::Value;
 use switchyard_net::grpc::worker_client;
 use switchyard_net::tls::{client_config, Connector};
@@ -18,19 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::rustls::ClientConfig;
 use tonic::transport::{Channel, Endpoint};
-
-/// `switchyard certs --out dir`.
-fn certs(dir: &Path) {
-    let out = Command::new(BIN)
-        .args(["certs", "--out", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn file(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)

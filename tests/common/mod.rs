@@ -454,3 +454,16 @@ pub fn etcd_coordinator(
     args.extend_from_slice(extra);
     start(&args, "switchyard: listening on ")
 }
+
+/// `switchyard certs --out dir`: a trial CA and certificates signed by it.
+pub fn certs(dir: &Path) {
+    let out = Command::new(BIN)
+        .args(["certs", "--out", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
