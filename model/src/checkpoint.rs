@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use crate::config::{ConfigError, ModelConfig};
-use crate::safetensors::{self, Dtype, SafetensorsError, SafetensorsFile};
+use crate::quant::HostWeight;
+use crate::safetensors::{Dtype, SafetensorsError, SafetensorsFile};
 use crate::weights::{LayerNames, Subset, TensorSpec};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,8 @@ pub enum CheckpointError {
     },
     #[error("tensor {name} has dtype {found}; expected one of F32, F16, BF16")]
     Dtype { name: String, found: String },
+    #[error("tensor {name}: {problem}")]
+    Layout { name: String, problem: String },
     #[error("tensor {name} holds {value} at element {index}; expected finite weights")]
     NotFinite {
         name: String,
@@ -173,22 +176,40 @@ impl Checkpoint {
         Ok((dtype, file))
     }
 
-    /// Reads one tensor as f32, checking it against `shape` first.
-    pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+    /// One tensor in its stored type, checked against `shape` first (`[cols]` for a vector,
+    /// `[rows, cols]` for a matrix) and for non-finite values; its bytes stay in the file's map.
+    pub fn read(&self, name: &str, shape: &[usize]) -> Result<HostWeight, CheckpointError> {
         let spec = TensorSpec {
             name: name.to_string(),
             shape: shape.to_vec(),
         };
         let (dtype, file) = self.check(&spec)?;
-        let values = safetensors::to_f32(dtype, file.bytes(file.get(name).expect("checked")));
-        match values.iter().position(|v| !v.is_finite()) {
-            None => Ok(values),
-            Some(index) => Err(CheckpointError::NotFinite {
+        let (rows, cols) = match shape {
+            [cols] => (1, *cols),
+            [rows, cols] => (*rows, *cols),
+            _ => unreachable!("model tensors are vectors or matrices"),
+        };
+        let info = file.get(name).expect("checked");
+        let weight =
+            HostWeight::new(dtype.into(), rows, cols, file.weight_bytes(info)).map_err(|e| {
+                CheckpointError::Layout {
+                    name: name.to_string(),
+                    problem: e.to_string(),
+                }
+            })?;
+        match weight.first_non_finite() {
+            None => Ok(weight),
+            Some((index, value)) => Err(CheckpointError::NotFinite {
                 name: name.to_string(),
                 index,
-                value: values[index],
+                value,
             }),
         }
+    }
+
+    /// Reads one tensor as f32, checking it against `shape` first.
+    pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        Ok(self.read(name, shape)?.to_f32())
     }
 
     /// Bytes on disk per dtype over all tensors of the checkpoint.

@@ -9,6 +9,8 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use memmap2::Mmap;
 use serde_json::Value;
 
@@ -105,7 +107,7 @@ impl TensorInfo {
 /// touched (paged in) when a tensor is read.
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
     data_start: usize,
     tensors: BTreeMap<String, TensorInfo>,
 }
@@ -126,7 +128,7 @@ impl SafetensorsFile {
             })?;
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
-            mmap,
+            mmap: Arc::new(mmap),
             data_start,
             tensors,
         })
@@ -147,6 +149,14 @@ impl SafetensorsFile {
     /// The raw bytes of a tensor listed in this file's header.
     pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
         &self.mmap[self.data_start + info.begin..self.data_start + info.end]
+    }
+
+    /// A tensor's bytes as a shared range of the file's map (nothing copied).
+    pub fn weight_bytes(&self, info: &TensorInfo) -> crate::quant::WeightBytes {
+        crate::quant::WeightBytes::Mapped {
+            map: self.mmap.clone(),
+            range: self.data_start + info.begin..self.data_start + info.end,
+        }
     }
 }
 
