@@ -50,7 +50,7 @@ struct Run {
 }
 
 fn engine_run(dir: &std::path::Path, n: usize, prompt_len: usize, output: usize) -> Run {
-    let mut engine = Engine::load(CpuBackend, dir, EngineConfig::default()).unwrap();
+    let mut engine = Engine::load(CpuBackend::default(), dir, EngineConfig::default()).unwrap();
     let requests: Vec<Request> = (0..n)
         .map(|i| Request {
             id: i as u64,
@@ -122,7 +122,7 @@ async fn start_cluster(dir: &std::path::Path, grid: Grid) -> (Arc<Cluster>, Stri
     let mut workers = Vec::new();
     for _ in 0..grid.cells() {
         let w = spawn_worker(
-            WorkerService::new(CpuBackend),
+            WorkerService::new(CpuBackend::default()),
             "127.0.0.1:0".parse().unwrap(),
             std::future::pending(),
         )

@@ -15,7 +15,7 @@ use switchyard_net::etcd::{Credentials, EtcdAccess};
 use switchyard_net::process::EtcdMember;
 use switchyard_net::tls::{self, ClusterFiles, ClusterTls, ServerTls};
 use switchyard_scheduler::SamplingParams;
-use switchyard_worker::Device;
+use switchyard_worker::{CpuBackend, Device};
 
 use crate::telemetry::LogFormat;
 
@@ -251,8 +251,28 @@ pub struct ServeArgs {
     /// many GPUs as grid cells).
     #[arg(long, default_value = "cpu")]
     pub device: ServeDevices,
+    #[arg(long, default_value = "auto")]
+    pub dtype: CpuDtype,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+}
+
+/// How a CPU worker keeps its weights (`--dtype`): `auto` in the type the checkpoint stores
+/// them in (bf16 stays bf16, GGUF blocks stay blocks; computed in f32), `f32` widened to f32
+/// (the exact reference path, for checks). A GPU keeps bf16 whatever this says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CpuDtype {
+    Auto,
+    F32,
+}
+
+impl CpuDtype {
+    pub fn backend(self) -> CpuBackend {
+        match self {
+            CpuDtype::Auto => CpuBackend::default(),
+            CpuDtype::F32 => CpuBackend::exact_f32(),
+        }
+    }
 }
 
 /// Where `serve` puts its workers.
@@ -287,6 +307,8 @@ pub struct WorkerArgs {
     /// and are cached on disk).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    #[arg(long, default_value = "auto")]
+    pub dtype: CpuDtype,
     /// Serve Prometheus metrics on this address (`/metrics`).
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
@@ -377,6 +399,8 @@ pub struct GenerateArgs {
     /// Where to run: cpu, or cuda:N (GPU N; kernels compile on first use and are cached).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    #[arg(long, default_value = "auto")]
+    pub dtype: CpuDtype,
 }
 
 /// The sampling flags of `generate`: one mapping to [`SamplingParams`], which the in-process

@@ -7,13 +7,13 @@ use switchyard_model::{ChatMessage, Checkpoint};
 use switchyard_net::wire;
 use switchyard_proto::v1 as pb;
 use switchyard_scheduler::Request;
-use switchyard_worker::{Backend, CpuBackend, Device, Engine, EngineConfig, Hardware};
+use switchyard_worker::{Backend, Device, Engine, EngineConfig, Hardware};
 
 use crate::flags::GenerateArgs;
 
 pub fn local(a: GenerateArgs) -> Result<()> {
     match a.device {
-        Device::Cpu => generate_on(CpuBackend, a),
+        Device::Cpu => generate_on(a.dtype.backend(), a),
         Device::Cuda(ordinal) => {
             let dir = a
                 .model

@@ -17,7 +17,7 @@ use switchyard_model::init;
 use switchyard_model::safetensors::Dtype;
 use switchyard_model::Checkpoint;
 use switchyard_worker::service::{spawn_worker, WorkerService};
-use switchyard_worker::{run as worker, CpuBackend, CudaHardware, Device};
+use switchyard_worker::{run as worker, CudaHardware, Device};
 
 use flags::{Cli, Command, CoordinatorArgs, ModelCommand, ServeArgs, ServeDevices, WorkerArgs};
 
@@ -95,7 +95,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         };
         // The in-process workers load this model and nothing else.
         let w = match gpu {
-            None => spawn_worker(service(CpuBackend, Some(&model))?, any, forever).await?,
+            None => spawn_worker(service(a.dtype.backend(), Some(&model))?, any, forever).await?,
             Some(n) => spawn_worker(service(open_gpu(n)?, Some(&model))?, any, forever).await?,
         };
         workers.push(w.address.to_string());
@@ -110,7 +110,7 @@ async fn run_worker(a: WorkerArgs) -> Result<()> {
     let options = a.options()?;
     let root = a.model_root.as_deref();
     match a.device {
-        Device::Cpu => worker::run(service(CpuBackend, root)?, options).await?,
+        Device::Cpu => worker::run(service(a.dtype.backend(), root)?, options).await?,
         Device::Cuda(n) => worker::run(service(open_gpu(n)?, root)?, options).await?,
     }
     Ok(())

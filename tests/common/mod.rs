@@ -187,7 +187,7 @@ pub fn offline(
     requests: &[(Vec<u32>, u32)],
     logprobs: Option<usize>,
 ) -> Vec<Completion> {
-    let mut engine = Engine::load(CpuBackend, dir, EngineConfig::default()).unwrap();
+    let mut engine = Engine::load(CpuBackend::default(), dir, EngineConfig::default()).unwrap();
     requests
         .iter()
         .enumerate()

@@ -116,7 +116,7 @@ fn main() {
         max_step_tokens: 16 * PROMPT_LEN,
         ..EngineConfig::default()
     };
-    let mut engine = Engine::load(CpuBackend, &dir, engine_config).unwrap();
+    let mut engine = Engine::load(CpuBackend::default(), &dir, engine_config).unwrap();
     let mut candle_json = config.to_hf_json();
     candle_json["sliding_window"] = 4096.into();
     candle_json["use_flash_attn"] = false.into();

@@ -2,7 +2,7 @@
 //! written once over it ([`crate::model`]); the CPU backend is the reference, the CUDA backend
 //! must match it op by op.
 
-use switchyard_model::ModelConfig;
+use switchyard_model::{HostWeight, ModelConfig, WeightType};
 
 use crate::batch::AttentionBatch;
 
@@ -49,6 +49,9 @@ pub trait Hardware: Send + Sync + 'static {
     fn describe(&self) -> String;
     /// Total and available bytes for weights and KV cache (0 where unknown).
     fn memory(&self) -> (u64, u64);
+    /// The type a weight stored as `stored` is kept in on this hardware (what it costs in
+    /// memory).
+    fn weight_type(&self, stored: WeightType) -> WeightType;
     fn backend(&self, model: &ModelConfig) -> Result<Self::Backend, BackendError>;
 }
 
@@ -63,13 +66,22 @@ pub trait Backend: Send + Sync {
     /// Bytes one stored weight or KV cache value takes (f32 on the CPU, bf16 on a GPU).
     const VALUE_BYTES: u64;
 
-    /// Moves a host matrix `[rows, cols]` of f32 onto the device (converting to its storage type).
-    fn weight(
+    /// Moves a weight onto the device. A backend keeps it in the type it was stored in where
+    /// it has kernels for that type, and converts it otherwise.
+    fn weight(&self, w: HostWeight) -> Result<Self::Weight, BackendError>;
+
+    /// [`Backend::weight`] of an f32 matrix `[rows, cols]`.
+    fn weight_f32(
         &self,
         data: Vec<f32>,
         rows: usize,
         cols: usize,
-    ) -> Result<Self::Weight, BackendError>;
+    ) -> Result<Self::Weight, BackendError> {
+        let w = HostWeight::from_f32(&data, rows, cols)
+            .map_err(|e| BackendError::Shape(e.to_string()))?;
+        self.weight(w)
+    }
+
     fn tensor(
         &self,
         data: Vec<f32>,

@@ -1,10 +1,13 @@
-//! The CPU backend: f32 everywhere, plain Rust loops over slices, the `gemm` crate (candle's
-//! matrix engine) for products with many rows and our own threaded GEMV for few rows, where
-//! decoding is bound by reading the weights once. It is the reference the CUDA backend is
-//! checked against, so clarity wins over cleverness everywhere but the two hot loops.
+//! The CPU backend: f32 activations and KV cache, plain Rust loops over slices. Weights stay in
+//! the type the checkpoint stores them in (bf16, f16, GGUF blocks), computed by
+//! [`crate::matmul`]'s kernels, unless [`CpuBackend::exact_f32`] widens them; f32 weights use
+//! the `gemm` crate (candle's matrix engine) for products with many rows and our own threaded
+//! GEMV for few rows, where decoding is bound by reading the weights once. The f32 path is the
+//! reference the CUDA backend is checked against, so clarity wins over cleverness everywhere
+//! but the hot loops.
 
 use rayon::prelude::*;
-use switchyard_model::ModelConfig;
+use switchyard_model::{HostWeight, ModelConfig, WeightType};
 
 use crate::backend::{Backend, BackendError, FfnWeights, Hardware, Qkv, Routes};
 use crate::batch::AttentionBatch;
@@ -49,8 +52,62 @@ impl CpuKvCache {
     }
 }
 
+/// The CPU backend. [`CpuBackend::default`] keeps weights in their stored type;
+/// [`CpuBackend::exact_f32`] widens every weight to f32 (today's exact reference path, for
+/// checks against other implementations).
 #[derive(Debug, Default, Clone, Copy)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    widen: bool,
+}
+
+impl CpuBackend {
+    pub fn exact_f32() -> Self {
+        CpuBackend { widen: true }
+    }
+}
+
+/// A weight on the CPU: f32 values, or the checkpoint's bytes in their stored type (often
+/// still in the file's memory map).
+#[derive(Debug, Clone)]
+pub enum CpuWeight {
+    F32(Mat),
+    Stored(HostWeight),
+}
+
+impl CpuWeight {
+    pub fn rows(&self) -> usize {
+        match self {
+            CpuWeight::F32(m) => m.rows,
+            CpuWeight::Stored(w) => w.rows(),
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            CpuWeight::F32(m) => m.cols,
+            CpuWeight::Stored(w) => w.cols(),
+        }
+    }
+
+    /// Bytes held in memory (mapped bytes count: they are resident once touched).
+    pub fn bytes(&self) -> usize {
+        match self {
+            CpuWeight::F32(m) => m.data.len() * 4,
+            CpuWeight::Stored(w) => w.bytes().len(),
+        }
+    }
+
+    /// A vector weight (norms) as f32 values; vectors are always widened on load.
+    fn values(&self) -> Result<&[f32], BackendError> {
+        match self {
+            CpuWeight::F32(m) => Ok(&m.data),
+            CpuWeight::Stored(w) => Err(shape_err(format!(
+                "a {} weight used where f32 values are needed",
+                w.ty()
+            ))),
+        }
+    }
+}
 
 /// Up to this many rows a product runs as GEMV: each weight row is read once for all rows.
 const GEMV_MAX_ROWS: usize = 4;
@@ -124,6 +181,29 @@ fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
 }
 
 /// Dot product, with an AVX2+FMA path chosen at run time (the binary stays portable).
+/// `x[m, k] · wᵀ` for a weight in its stored type: each weight row is widened once and
+/// dotted with every row of `x`.
+fn matmul_stored(x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> {
+    let (n, k) = (w.rows(), w.cols());
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(m.max(1)).enumerate().for_each_init(
+        || vec![0f32; k],
+        |row, (j, out)| {
+            w.dequantize_row_into(j, row);
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = dot(&x[r * k..(r + 1) * k], row);
+            }
+        },
+    );
+    let mut y = vec![0f32; m * n];
+    for j in 0..n {
+        for r in 0..m {
+            y[r * n + j] = yt[j * m + r];
+        }
+    }
+    y
+}
+
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
@@ -238,7 +318,7 @@ impl CpuBackend {
         Ok(())
     }
 
-    fn swiglu(&self, x: &Mat, w: &FfnWeights<Mat>) -> Result<Mat, BackendError> {
+    fn swiglu(&self, x: &Mat, w: &FfnWeights<CpuWeight>) -> Result<Mat, BackendError> {
         let gate = self.linear(x, &w.gate)?;
         let up = self.linear(x, &w.up)?;
         let act: Vec<f32> = gate
@@ -266,19 +346,32 @@ impl Hardware for CpuBackend {
         (field("MemTotal:"), field("MemAvailable:"))
     }
 
+    fn weight_type(&self, stored: WeightType) -> WeightType {
+        match self.widen {
+            true => WeightType::F32,
+            false => stored,
+        }
+    }
+
     fn backend(&self, _: &ModelConfig) -> Result<CpuBackend, BackendError> {
-        Ok(CpuBackend)
+        Ok(*self)
     }
 }
 
 impl Backend for CpuBackend {
     type Tensor = Mat;
-    type Weight = Mat;
+    type Weight = CpuWeight;
     type KvCache = CpuKvCache;
     const VALUE_BYTES: u64 = 4;
 
-    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Mat, BackendError> {
-        Mat::new(data, rows, cols)
+    /// Vectors (norm weights) and f32 matrices become f32; other matrices stay as stored
+    /// unless this backend widens everything.
+    fn weight(&self, w: HostWeight) -> Result<CpuWeight, BackendError> {
+        if self.widen || w.rows() == 1 || w.ty() == WeightType::F32 {
+            let (rows, cols) = (w.rows(), w.cols());
+            return Ok(CpuWeight::F32(Mat::new(w.to_f32(), rows, cols)?));
+        }
+        Ok(CpuWeight::Stored(w))
     }
 
     fn tensor(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Mat, BackendError> {
@@ -330,43 +423,48 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn embed(&self, table: &Mat, ids: &[u32]) -> Result<Mat, BackendError> {
-        let mut data = Vec::with_capacity(ids.len() * table.cols);
-        for &id in ids {
-            if id as usize >= table.rows {
+    fn embed(&self, table: &CpuWeight, ids: &[u32]) -> Result<Mat, BackendError> {
+        let cols = table.cols();
+        let mut data = vec![0f32; ids.len() * cols];
+        for (&id, out) in ids.iter().zip(data.chunks_exact_mut(cols.max(1))) {
+            if id as usize >= table.rows() {
                 return Err(shape_err(format!(
                     "token id {id} is out of range for a vocabulary of {}",
-                    table.rows
+                    table.rows()
                 )));
             }
-            data.extend_from_slice(table.row(id as usize));
+            match table {
+                CpuWeight::F32(m) => out.copy_from_slice(m.row(id as usize)),
+                CpuWeight::Stored(w) => w.dequantize_row_into(id as usize, out),
+            }
         }
-        Mat::new(data, ids.len(), table.cols)
+        Mat::new(data, ids.len(), cols)
     }
 
-    fn rms_norm(&self, x: &Mat, weight: &Mat, eps: f32) -> Result<Mat, BackendError> {
-        Self::check_cols("rms_norm", x, weight.data.len())?;
+    fn rms_norm(&self, x: &Mat, weight: &CpuWeight, eps: f32) -> Result<Mat, BackendError> {
+        let weight = weight.values()?;
+        Self::check_cols("rms_norm", x, weight.len())?;
         let mut out = x.data.clone();
         out.par_chunks_mut(x.cols).for_each(|row| {
             let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
             let inv = 1.0 / (mean_sq + eps).sqrt();
-            for (v, w) in row.iter_mut().zip(&weight.data) {
+            for (v, w) in row.iter_mut().zip(weight) {
                 *v = *v * inv * w;
             }
         });
         Mat::new(out, x.rows, x.cols)
     }
 
-    fn linear(&self, x: &Mat, w: &Mat) -> Result<Mat, BackendError> {
-        Self::check_cols("linear", x, w.cols)?;
-        Mat::new(
-            matmul_t(&x.data, x.rows, x.cols, &w.data, w.rows),
-            x.rows,
-            w.rows,
-        )
+    fn linear(&self, x: &Mat, w: &CpuWeight) -> Result<Mat, BackendError> {
+        Self::check_cols("linear", x, w.cols())?;
+        let y = match w {
+            CpuWeight::F32(w) => matmul_t(&x.data, x.rows, x.cols, &w.data, w.rows),
+            CpuWeight::Stored(w) => matmul_stored(&x.data, x.rows, w),
+        };
+        Mat::new(y, x.rows, w.rows())
     }
 
-    fn linear_add(&self, x: &Mat, w: &Mat, residual: &mut Mat) -> Result<(), BackendError> {
+    fn linear_add(&self, x: &Mat, w: &CpuWeight, residual: &mut Mat) -> Result<(), BackendError> {
         let y = self.linear(x, w)?;
         if y.cols != residual.cols || y.rows != residual.rows {
             return Err(shape_err(
@@ -384,9 +482,9 @@ impl Backend for CpuBackend {
     fn qkv_rope(
         &self,
         x: &Mat,
-        wq: &Mat,
-        wk: &Mat,
-        wv: &Mat,
+        wq: &CpuWeight,
+        wk: &CpuWeight,
+        wv: &CpuWeight,
         positions: &[u32],
         head_dim: usize,
         rope_theta: f64,
@@ -486,7 +584,7 @@ impl Backend for CpuBackend {
         Mat::new(out, q.rows, q.cols)
     }
 
-    fn router_topk(&self, x: &Mat, gate: &Mat, top_k: usize) -> Result<Routes, BackendError> {
+    fn router_topk(&self, x: &Mat, gate: &CpuWeight, top_k: usize) -> Result<Routes, BackendError> {
         let logits = self.linear(x, gate)?;
         let mut experts = Vec::with_capacity(x.rows * top_k);
         let mut weights = Vec::with_capacity(x.rows * top_k);
@@ -517,7 +615,7 @@ impl Backend for CpuBackend {
         &self,
         x: &Mat,
         routes: &Routes,
-        experts: &[(u32, &FfnWeights<Mat>)],
+        experts: &[(u32, &FfnWeights<CpuWeight>)],
         residual: &mut Mat,
     ) -> Result<(), BackendError> {
         for &(e, w) in experts {
@@ -552,7 +650,7 @@ impl Backend for CpuBackend {
     fn mlp_add(
         &self,
         x: &Mat,
-        w: &FfnWeights<Mat>,
+        w: &FfnWeights<CpuWeight>,
         residual: &mut Mat,
     ) -> Result<(), BackendError> {
         let y = self.swiglu(x, w)?;
@@ -579,7 +677,12 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use switchyard_scheduler::step::{LogitsWanted, SeqInput};
+
+    fn weight(data: Vec<f32>, rows: usize, cols: usize) -> Result<CpuWeight, BackendError> {
+        CpuBackend::default().weight_f32(data, rows, cols)
+    }
 
     fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
         let mut out = vec![0.0; m * n];
@@ -621,10 +724,10 @@ mod tests {
 
     #[test]
     fn router_renormalises_top_k() {
-        let cpu = CpuBackend;
+        let cpu = CpuBackend::default();
         let x = Mat::new(vec![1.0, 0.0], 1, 2).unwrap();
         // Expert logits 2, 1, 0, 3 → top-2 are experts 3 and 0.
-        let gate = Mat::new(vec![2.0, 0.0, 1.0, 0.0, 0.0, 0.0, 3.0, 0.0], 4, 2).unwrap();
+        let gate = weight(vec![2.0, 0.0, 1.0, 0.0, 0.0, 0.0, 3.0, 0.0], 4, 2).unwrap();
         let r = cpu.router_topk(&x, &gate, 2).unwrap();
         assert_eq!(r.experts, vec![3, 0]);
         let e = 1.0f32.exp();
@@ -637,16 +740,16 @@ mod tests {
         // Logits -300, -200, 0, 1: the first two probabilities are both 0 in f32, but the
         // logits still order them, so top-3 is 3, 2, 1 (as the GPU kernel picks).
         let x = Mat::new(vec![1.0, 0.0], 1, 2).unwrap();
-        let gate = Mat::new(vec![-300.0, 0.0, -200.0, 0.0, 0.0, 0.0, 1.0, 0.0], 4, 2).unwrap();
-        let r = CpuBackend.router_topk(&x, &gate, 3).unwrap();
+        let gate = weight(vec![-300.0, 0.0, -200.0, 0.0, 0.0, 0.0, 1.0, 0.0], 4, 2).unwrap();
+        let r = CpuBackend::default().router_topk(&x, &gate, 3).unwrap();
         assert_eq!(r.experts, vec![3, 2, 1]);
         let e = (-1.0f32).exp();
         assert_eq!(r.weights[2], 0.0);
         assert!((r.weights[0] - 1.0 / (1.0 + e)).abs() < 1e-6);
         assert!((r.weights[1] - e / (1.0 + e)).abs() < 1e-6);
         // Equal logits: the lower expert id first.
-        let gate = Mat::new(vec![1.0, 0.0, 2.0, 0.0, 1.0, 0.0, 2.0, 0.0], 4, 2).unwrap();
-        let r = CpuBackend.router_topk(&x, &gate, 3).unwrap();
+        let gate = weight(vec![1.0, 0.0, 2.0, 0.0, 1.0, 0.0, 2.0, 0.0], 4, 2).unwrap();
+        let r = CpuBackend::default().router_topk(&x, &gate, 3).unwrap();
         assert_eq!(r.experts, vec![1, 3, 0]);
     }
 
@@ -671,7 +774,7 @@ mod tests {
             randn(n * kvh * hd),
         );
         let run = |inputs: &[SeqInput]| {
-            let cpu = CpuBackend;
+            let cpu = CpuBackend::default();
             let mut cache = cpu.kv_cache(1, 4, bs, kvh, hd).unwrap();
             let batch = AttentionBatch::new(inputs, bs, None);
             let t = |d: &Vec<f32>, cols| Mat::new(d.clone(), n, cols).unwrap();
@@ -700,8 +803,11 @@ mod tests {
 
     #[test]
     fn embed_rejects_out_of_range_ids() {
-        let table = Mat::new(vec![0.0; 6], 3, 2).unwrap();
-        let e = CpuBackend.embed(&table, &[1, 3]).unwrap_err().to_string();
+        let table = weight(vec![0.0; 6], 3, 2).unwrap();
+        let e = CpuBackend::default()
+            .embed(&table, &[1, 3])
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("token id 3") && e.contains("vocabulary of 3"),
             "{e}"

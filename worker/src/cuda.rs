@@ -25,7 +25,7 @@ use switchyard_kernels::cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use switchyard_kernels::geometry::{decode_split, prefill_tiles};
 use switchyard_kernels::gpu::{DecodeArgs, ExpertTables, PrefillArgs};
 use switchyard_kernels::{Gpu, GpuContext, KernelError, Spec};
-use switchyard_model::ModelConfig;
+use switchyard_model::{HostWeight, ModelConfig, WeightType};
 
 use crate::backend::{Backend, BackendError, FfnWeights, Hardware, Qkv, Routes};
 use crate::batch::AttentionBatch;
@@ -94,6 +94,10 @@ impl Hardware for CudaHardware {
 
     fn memory(&self) -> (u64, u64) {
         self.context.memory().unwrap_or((0, 0))
+    }
+
+    fn weight_type(&self, _: WeightType) -> WeightType {
+        WeightType::BF16
     }
 
     fn backend(&self, c: &ModelConfig) -> Result<CudaBackend, BackendError> {
@@ -444,17 +448,13 @@ impl Backend for CudaBackend {
     type KvCache = CudaKvCache;
     const VALUE_BYTES: u64 = 2;
 
-    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<CudaWeight, BackendError> {
-        if data.len() != rows * cols {
-            return Err(shape(format!(
-                "{} values cannot form a [{rows}, {cols}] matrix",
-                data.len()
-            )));
-        }
+    /// Every stored type is widened on the host and kept as bf16 (the dequantizing GEMV
+    /// kernels are not wired in yet).
+    fn weight(&self, w: HostWeight) -> Result<CudaWeight, BackendError> {
         Ok(CudaWeight {
-            data: self.upload(&to_bf16_bits(&data))?,
-            rows,
-            cols,
+            data: self.upload(&to_bf16_bits(&w.to_f32()))?,
+            rows: w.rows(),
+            cols: w.cols(),
         })
     }
 

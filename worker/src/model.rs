@@ -107,8 +107,7 @@ impl<B: Backend> Model<B> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let load = |name: &str, rows: usize, cols: usize| -> Result<B::Weight, ModelError> {
             let shape: &[usize] = if rows == 1 { &[cols] } else { &[rows, cols] };
-            let data = checkpoint.read_f32(name, shape)?;
-            Ok(backend.weight(data, rows, cols)?)
+            Ok(backend.weight(checkpoint.read(name, shape)?)?)
         };
         let ffn =
             |gate: String, up: String, down: String| -> Result<FfnWeights<B::Weight>, ModelError> {

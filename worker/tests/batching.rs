@@ -26,7 +26,7 @@ fn engine(
         max_step_tokens,
         ..EngineConfig::default()
     };
-    Engine::load(CpuBackend, dir, config).unwrap()
+    Engine::load(CpuBackend::default(), dir, config).unwrap()
 }
 
 fn ids(n: usize, salt: u32) -> Vec<u32> {

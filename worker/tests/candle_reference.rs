@@ -101,7 +101,7 @@ fn compare(config: ModelConfig) {
         block_size: 4,
         ..EngineConfig::default()
     };
-    let mut ours = Engine::load(CpuBackend, dir.path(), engine_config).unwrap();
+    let mut ours = Engine::load(CpuBackend::default(), dir.path(), engine_config).unwrap();
 
     let mut worst = 0.0f32;
     let theirs_prefill = theirs.last_logits(&PROMPT, 0);

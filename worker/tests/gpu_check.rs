@@ -17,7 +17,7 @@ use switchyard_kernels::geometry::MOE_TILE_ROWS;
 use switchyard_kernels::routing::sort_by_expert;
 use switchyard_model::rng::Rng;
 use switchyard_model::safetensors::Dtype;
-use switchyard_model::{init, ModelConfig};
+use switchyard_model::{init, HostWeight, ModelConfig};
 use switchyard_scheduler::kv_blocks::FREED;
 use switchyard_scheduler::sampling::argmax;
 use switchyard_scheduler::step::{LogitsWanted, SeqInput};
@@ -133,7 +133,7 @@ fn time<F: FnMut()>(g: &CudaBackend, iters: usize, mut f: F) -> f64 {
 // ---- dense ops -------------------------------------------------------------------------------
 
 fn dense_ops(shapes: &[(usize, usize, usize)]) {
-    let (cpu, g) = (CpuBackend, gpu(128, 32, 8));
+    let (cpu, g) = (CpuBackend::default(), gpu(128, 32, 8));
     let mut rng = Rng::new(1);
     for &(rows, hidden, out) in shapes {
         let tag = format!("[{rows}x{hidden}]->{out}");
@@ -145,12 +145,12 @@ fn dense_ops(shapes: &[(usize, usize, usize)]) {
             g.tensor(x.clone(), rows, hidden).unwrap(),
         );
         let (wc, wg) = (
-            cpu.weight(w.clone(), out, hidden).unwrap(),
-            g.weight(w.clone(), out, hidden).unwrap(),
+            cpu.weight_f32(w.clone(), out, hidden).unwrap(),
+            g.weight_f32(w.clone(), out, hidden).unwrap(),
         );
         let (nc, ng) = (
-            cpu.weight(norm_w.clone(), 1, hidden).unwrap(),
-            g.weight(norm_w, 1, hidden).unwrap(),
+            cpu.weight_f32(norm_w.clone(), 1, hidden).unwrap(),
+            g.weight_f32(norm_w, 1, hidden).unwrap(),
         );
         let rc = cpu.rms_norm(&xc, &nc, 1e-5).unwrap();
         let rg = g.rms_norm(&xg, &ng, 1e-5).unwrap();
@@ -172,8 +172,8 @@ fn dense_ops(shapes: &[(usize, usize, usize)]) {
         // residual[rows, hidden] += linear(x) · w2ᵀ, w2 being [hidden, out].
         let w2 = bf(randn(&mut rng, hidden * out, 0.05));
         let (w2c, w2g) = (
-            cpu.weight(w2.clone(), hidden, out).unwrap(),
-            g.weight(w2, hidden, out).unwrap(),
+            cpu.weight_f32(w2.clone(), hidden, out).unwrap(),
+            g.weight_f32(w2, hidden, out).unwrap(),
         );
         let (mut resc, mut resg) = (
             cpu.tensor(x.clone(), rows, hidden).unwrap(),
@@ -195,14 +195,14 @@ fn dense_ops(shapes: &[(usize, usize, usize)]) {
         let up = bf(randn(&mut rng, out * hidden, 0.05));
         let down = bf(randn(&mut rng, hidden * out, 0.05));
         let fc = FfnWeights {
-            gate: cpu.weight(gate.clone(), out, hidden).unwrap(),
-            up: cpu.weight(up.clone(), out, hidden).unwrap(),
-            down: cpu.weight(down.clone(), hidden, out).unwrap(),
+            gate: cpu.weight_f32(gate.clone(), out, hidden).unwrap(),
+            up: cpu.weight_f32(up.clone(), out, hidden).unwrap(),
+            down: cpu.weight_f32(down.clone(), hidden, out).unwrap(),
         };
         let fg = FfnWeights {
-            gate: g.weight(gate, out, hidden).unwrap(),
-            up: g.weight(up, out, hidden).unwrap(),
-            down: g.weight(down, hidden, out).unwrap(),
+            gate: g.weight_f32(gate, out, hidden).unwrap(),
+            up: g.weight_f32(up, out, hidden).unwrap(),
+            down: g.weight_f32(down, hidden, out).unwrap(),
         };
         let (mut mc, mut mg) = (
             cpu.tensor(x.clone(), rows, hidden).unwrap(),
@@ -239,9 +239,11 @@ fn dense_ops(shapes: &[(usize, usize, usize)]) {
     let table = bf(randn(&mut rng, 1000 * 256, 1.0));
     let ids = [0u32, 999, 5, 5, 17];
     let ec = cpu
-        .embed(&cpu.weight(table.clone(), 1000, 256).unwrap(), &ids)
+        .embed(&cpu.weight_f32(table.clone(), 1000, 256).unwrap(), &ids)
         .unwrap();
-    let eg = g.embed(&g.weight(table, 1000, 256).unwrap(), &ids).unwrap();
+    let eg = g
+        .embed(&g.weight_f32(table, 1000, 256).unwrap(), &ids)
+        .unwrap();
     close(
         "embed",
         &g.to_host(&eg).unwrap(),
@@ -264,7 +266,7 @@ fn dense_ops_match_the_cpu() {
 #[test]
 #[ignore = "needs a GPU: kernels/gpu-check-correctness runs it"]
 fn rope_matches_the_cpu() {
-    let (cpu, g) = (CpuBackend, gpu(128, 32, 8));
+    let (cpu, g) = (CpuBackend::default(), gpu(128, 32, 8));
     let mut rng = Rng::new(3);
     let (rows, hidden) = (9, 256);
     let x = bf(randn(&mut rng, rows * hidden, 1.0));
@@ -274,9 +276,9 @@ fn rope_matches_the_cpu() {
     let c: Qkv<_> = cpu
         .qkv_rope(
             &cpu.tensor(x.clone(), rows, hidden).unwrap(),
-            &cpu.weight(wq.clone(), 4096, hidden).unwrap(),
-            &cpu.weight(wk.clone(), 1024, hidden).unwrap(),
-            &cpu.weight(wk.clone(), 1024, hidden).unwrap(),
+            &cpu.weight_f32(wq.clone(), 4096, hidden).unwrap(),
+            &cpu.weight_f32(wk.clone(), 1024, hidden).unwrap(),
+            &cpu.weight_f32(wk.clone(), 1024, hidden).unwrap(),
             &positions,
             128,
             1e6,
@@ -285,9 +287,9 @@ fn rope_matches_the_cpu() {
     let gq = g
         .qkv_rope(
             &g.tensor(x, rows, hidden).unwrap(),
-            &g.weight(wq, 4096, hidden).unwrap(),
-            &g.weight(wk.clone(), 1024, hidden).unwrap(),
-            &g.weight(wk, 1024, hidden).unwrap(),
+            &g.weight_f32(wq, 4096, hidden).unwrap(),
+            &g.weight_f32(wk.clone(), 1024, hidden).unwrap(),
+            &g.weight_f32(wk, 1024, hidden).unwrap(),
             &positions,
             128,
             1e6,
@@ -373,7 +375,7 @@ fn shuffled_tables(rng: &mut Rng, seqs: &[(usize, usize)], bs: usize) -> (Vec<Ve
 /// head, and with `time_it` times the step on the GPU.
 fn attention_case(c: Attn<'_>, check: bool, time_it: bool) {
     let (hd, heads, kvh, bs) = (c.head_dim, c.heads, c.kv_heads, c.block_size);
-    let (cpu, mut g) = (CpuBackend, gpu(hd, heads, kvh));
+    let (cpu, mut g) = (CpuBackend::default(), gpu(hd, heads, kvh));
     // Timing runs unpoisoned: a poisoned output is an upload inside the timed call.
     g.set_poison(check);
     let mut rng = Rng::new(7);
@@ -429,7 +431,7 @@ fn attention_case(c: Attn<'_>, check: bool, time_it: bool) {
     let ident = |d: usize| {
         let mut m = vec![0.0f32; d * d];
         (0..d).for_each(|i| m[i * d + i] = 1.0);
-        g.weight(m, d, d).unwrap()
+        g.weight_f32(m, d, d).unwrap()
     };
     let (iq, ik) = (ident(qd), ident(kd));
     let mut run = |inputs: &[SeqInput], compare: bool| {
@@ -582,17 +584,17 @@ fn expert_weights(
         wc.push((
             e,
             FfnWeights {
-                gate: cpu.weight(ga.clone(), inter, hidden).unwrap(),
-                up: cpu.weight(u.clone(), inter, hidden).unwrap(),
-                down: cpu.weight(d.clone(), hidden, inter).unwrap(),
+                gate: cpu.weight_f32(ga.clone(), inter, hidden).unwrap(),
+                up: cpu.weight_f32(u.clone(), inter, hidden).unwrap(),
+                down: cpu.weight_f32(d.clone(), hidden, inter).unwrap(),
             },
         ));
         wg.push((
             e,
             FfnWeights {
-                gate: g.weight(ga, inter, hidden).unwrap(),
-                up: g.weight(u, inter, hidden).unwrap(),
-                down: g.weight(d, hidden, inter).unwrap(),
+                gate: g.weight_f32(ga, inter, hidden).unwrap(),
+                up: g.weight_f32(u, inter, hidden).unwrap(),
+                down: g.weight_f32(d, hidden, inter).unwrap(),
             },
         ));
     }
@@ -669,7 +671,7 @@ fn sort_matches_reference(g: &CudaBackend, routes: &Routes, held: usize) {
 }
 
 fn moe_cases(shapes: &[MoeShape]) {
-    let (cpu, g) = (CpuBackend, gpu(128, 32, 8));
+    let (cpu, g) = (CpuBackend::default(), gpu(128, 32, 8));
     let mut rng = Rng::new(11);
     for &(tokens, hidden, inter, experts, top_k, held) in shapes {
         let tag =
@@ -681,12 +683,12 @@ fn moe_cases(shapes: &[MoeShape]) {
         let rc = cpu
             .router_topk(
                 &xc,
-                &cpu.weight(router.clone(), experts, hidden).unwrap(),
+                &cpu.weight_f32(router.clone(), experts, hidden).unwrap(),
                 top_k,
             )
             .unwrap();
         let rg = g
-            .router_topk(&xg, &g.weight(router, experts, hidden).unwrap(), top_k)
+            .router_topk(&xg, &g.weight_f32(router, experts, hidden).unwrap(), top_k)
             .unwrap();
         routers_agree(&tag, &rc, &rg);
         // The experts themselves on the CPU's routes (so both sides do the same work).
@@ -725,7 +727,7 @@ fn moe_matches_the_cpu_and_the_sort_matches_its_reference() {
 #[test]
 #[ignore = "needs a GPU: kernels/gpu-check-correctness runs it"]
 fn router_picks_by_logit_with_ties_to_the_lower_id() {
-    let (cpu, g) = (CpuBackend, gpu(128, 32, 8));
+    let (cpu, g) = (CpuBackend::default(), gpu(128, 32, 8));
     let hidden = 8;
     let x: Vec<f32> = (0..hidden)
         .map(|i| if i == 0 { 1.0 } else { 0.0 })
@@ -745,14 +747,14 @@ fn router_picks_by_logit_with_ties_to_the_lower_id() {
         let rc = cpu
             .router_topk(
                 &cpu.tensor(x.clone(), 1, hidden).unwrap(),
-                &cpu.weight(gate.clone(), experts, hidden).unwrap(),
+                &cpu.weight_f32(gate.clone(), experts, hidden).unwrap(),
                 top_k,
             )
             .unwrap();
         let rg = g
             .router_topk(
                 &g.tensor(x.clone(), 1, hidden).unwrap(),
-                &g.weight(gate, experts, hidden).unwrap(),
+                &g.weight_f32(gate, experts, hidden).unwrap(),
                 top_k,
             )
             .unwrap();
@@ -803,8 +805,8 @@ impl<B: Backend> Backend for Recording<B> {
     type KvCache = B::KvCache;
     const VALUE_BYTES: u64 = B::VALUE_BYTES;
 
-    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<B::Weight, BackendError> {
-        self.inner.weight(data, rows, cols)
+    fn weight(&self, w: HostWeight) -> Result<B::Weight, BackendError> {
+        self.inner.weight(w)
     }
     fn tensor(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<B::Tensor, BackendError> {
         self.inner.tensor(data, rows, cols)
@@ -962,7 +964,7 @@ fn end_to_end(name: &str, config: &ModelConfig, prompt_len: usize, steps: usize)
         max_step_tokens: 4096,
         ..EngineConfig::default()
     };
-    let (cpu_b, cpu_calls) = recording(CpuBackend);
+    let (cpu_b, cpu_calls) = recording(CpuBackend::default());
     let mut cpu = Engine::load(cpu_b, dir.path(), ec.clone()).unwrap();
     let mut g = gpu(config.head_dim, config.num_heads, config.num_kv_heads);
     g.set_poison(false); // the engine's whole-model path; poisoning is for the op checks
@@ -1064,7 +1066,7 @@ fn timing_moe_experts() {
     let mut wg = Vec::new();
     for e in 0..experts as u32 {
         let mut w = |rows, cols| {
-            g.weight(randn(&mut rng, rows * cols, 0.02), rows, cols)
+            g.weight_f32(randn(&mut rng, rows * cols, 0.02), rows, cols)
                 .unwrap()
         };
         wg.push((

@@ -83,7 +83,7 @@ fn engine(dir: &Path) -> Engine<CpuBackend> {
         kv_cache_bytes: 1 << 20,
         ..EngineConfig::default()
     };
-    Engine::load(CpuBackend, dir, config).unwrap()
+    Engine::load(CpuBackend::default(), dir, config).unwrap()
 }
 
 fn max_diff(ours: &[f32], theirs: &[Vec<f32>]) -> f32 {

@@ -73,7 +73,7 @@ impl Worker {
             None,
         )
         .unwrap();
-        let service = WorkerService::with_model_root(CpuBackend, root.path()).unwrap();
+        let service = WorkerService::with_model_root(CpuBackend::default(), root.path()).unwrap();
         let w = spawn_worker(
             service,
             "127.0.0.1:0".parse().unwrap(),
