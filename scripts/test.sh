@@ -14,6 +14,10 @@ source scripts/cuda-toolchain.sh
 source scripts/python-env.sh
 # etcd 3.5 beside Debian's 3.4, for the etcd client's tests.
 source scripts/etcd-newer.sh
+# llama.cpp's gguf-py, and the real vocabularies (Mistral's tokenizer.model, SmolLM2's GGUF) the
+# GGUF tokenizer tests read with it.
+source scripts/gguf-py-env.sh
+source scripts/tokenizer-refs.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked --no-fail-fast
