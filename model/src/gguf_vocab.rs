@@ -37,7 +37,9 @@ use crate::tokenizer::TokenizerError;
 /// | `chat_template` | `tokenizer.chat_template` | string |
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct GgufVocab {
+    /// `llama` or `gpt2`.
     pub model: String,
+    /// `gpt2` only: which split precedes BPE (absent: llama.cpp's `default`).
     pub pre: Option<String>,
     pub tokens: Vec<String>,
     pub scores: Option<Vec<f32>>,

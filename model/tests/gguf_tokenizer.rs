@@ -57,18 +57,31 @@ fn dump(gguf: &Path) -> GgufVocab {
     serde_json::from_str(&vocab_py(&[Path::new("dump"), gguf])).expect("GgufVocab JSON")
 }
 
+/// The template Mixtral-8x7B-Instruct-v0.1 first shipped with (`tokenizer_config.json`,
+/// December 2023).
+const MIXTRAL_TEMPLATE_2023: &str = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
+
+/// Mistral's tokenizer.model as a vocabulary-only GGUF, with `template` as its chat template.
+fn mistral_gguf_vocab(template: Option<&str>) -> GgufVocab {
+    let model = env_path(
+        "SWITCHYARD_MISTRAL_SPM",
+        "Mistral's tokenizer.model (scripts/tokenizer-refs.sh)",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gguf = dir.path().join("mistral-vocab.gguf");
+    let mut args = vec![Path::new("spm"), &model, &gguf];
+    let template_path = dir.path().join("template.jinja");
+    if let Some(template) = template {
+        fs::write(&template_path, template).expect("write template");
+        args.push(&template_path);
+    }
+    vocab_py(&args);
+    dump(&gguf)
+}
+
 fn mistral_vocab() -> &'static GgufVocab {
     static VOCAB: OnceLock<GgufVocab> = OnceLock::new();
-    VOCAB.get_or_init(|| {
-        let model = env_path(
-            "SWITCHYARD_MISTRAL_SPM",
-            "Mistral's tokenizer.model (scripts/tokenizer-refs.sh)",
-        );
-        let dir = tempfile::tempdir().expect("tempdir");
-        let gguf = dir.path().join("mistral-vocab.gguf");
-        vocab_py(&[Path::new("spm"), &model, &gguf]);
-        dump(&gguf)
-    })
+    VOCAB.get_or_init(|| mistral_gguf_vocab(None))
 }
 
 fn mistral() -> &'static Tokenizer {
@@ -148,6 +161,39 @@ fn spm_chat_matches_mistral_common() {
     }
 }
 
+#[test]
+fn spm_chat_template_from_gguf() {
+    let vocab = mistral_gguf_vocab(Some(MIXTRAL_TEMPLATE_2023));
+    assert_eq!(vocab.chat_template.as_deref(), Some(MIXTRAL_TEMPLATE_2023));
+    let tokenizer = Tokenizer::from_gguf_vocab(&vocab).expect("SPM tokenizer");
+    // For one user turn this template renders exactly Mistral's v1 format: `{{ bos_token }}` is
+    // the BOS id (once), the rest is text.
+    let vectors = json_file("data/mistral-v1-tokenizer/vectors.json");
+    let case = &vectors["chat"][0];
+    let messages: Vec<ChatMessage> =
+        serde_json::from_value(case["messages"].clone()).expect("messages");
+    assert_eq!(messages.len(), 1);
+    assert_eq!(
+        tokenizer.apply_chat(&messages).unwrap(),
+        ids_of(&case["ids"])
+    );
+    let two_turns = [
+        ChatMessage::new("user", "Hi"),
+        ChatMessage::new("assistant", "Hello"),
+        ChatMessage::new("user", "</s> stays text"),
+    ];
+    let ids = tokenizer.apply_chat(&two_turns).unwrap();
+    let mut expected = vec![1];
+    expected.extend(tokenizer.encode("[INST] Hi [/INST]Hello", false).unwrap());
+    expected.push(2);
+    expected.extend(
+        tokenizer
+            .encode("[INST] </s> stays text [/INST]", false)
+            .unwrap(),
+    );
+    assert_eq!(ids, expected);
+}
+
 /// Beyond the 24 vectors: long texts and whitespace runs, where merges of equal score meet,
 /// against Mistral's own Hugging Face `tokenizer.json`.
 #[test]
@@ -200,7 +246,7 @@ fn byte_level_encodes_like_transformers() {
     let tokenizer = Tokenizer::from_gguf_vocab(smollm2_vocab()).expect("byte-level tokenizer");
     let reference = json_file("data/smollm2-gguf-tokenizer/reference.json");
     let cases = reference["encode"].as_array().expect("encode cases");
-    assert_eq!(cases.len(), 15);
+    assert_eq!(cases.len(), 19);
     for case in cases {
         let text = case["text"].as_str().expect("text");
         let hf = ids_of(&case["ids"]);

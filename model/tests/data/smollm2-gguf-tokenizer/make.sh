@@ -37,6 +37,11 @@ texts = [
     "don't won't it's we'll I'd you're they've I'm",
     "<|im_start|> is text here",
     "Supercalifragilisticexpialidocious",
+    "The Eiffel Tower, completed in 1889, stands 330 metres tall. Paris — the capital of "
+    "France — receives about 30,000,000 visitors a year!\n\nQ: Why?\nA: Because it's there.",
+    '{"name": "SmolLM2", "params": 135e6, "tags": ["small", "instruct"], "ok": true}',
+    "| col A | col B |\n|-------|-------|\n| **bold** | _it_ |\n\n- item 1\n  - nested\n",
+    "x = [i ** 2 for i in range(10) if i % 3 == 0]  # comprehension\n    \n\n\tpass",
 ]
 chats = [
     [{"role": "user", "content": "What is the capital of France?"}],
