@@ -8,7 +8,8 @@
 //!   (`tests/data/smollm2-gguf-tokenizer/reference.json`).
 //!
 //! The vocabularies are read from the files with gguf-py at test time; scripts/test.sh makes
-//! its venv (scripts/gguf-py-env.sh) and fetches the files (scripts/tokenizer-refs.sh).
+//! its venv (scripts/gguf-py-env.sh) and fetches the files (scripts/smollm2.sh,
+//! scripts/mistral-spm.sh).
 //! Bad metadata needs no files.
 
 use std::path::{Path, PathBuf};
@@ -65,7 +66,7 @@ const MIXTRAL_TEMPLATE_2023: &str = "{{ bos_token }}{% for message in messages %
 fn mistral_gguf_vocab(template: Option<&str>) -> GgufVocab {
     let model = env_path(
         "SWITCHYARD_MISTRAL_SPM",
-        "Mistral's tokenizer.model (scripts/tokenizer-refs.sh)",
+        "Mistral's tokenizer.model (scripts/mistral-spm.sh)",
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let gguf = dir.path().join("mistral-vocab.gguf");
@@ -93,8 +94,8 @@ fn smollm2_vocab() -> &'static GgufVocab {
     static VOCAB: OnceLock<GgufVocab> = OnceLock::new();
     VOCAB.get_or_init(|| {
         dump(&env_path(
-            "SWITCHYARD_SMOLLM2_GGUF",
-            "the SmolLM2 GGUF (scripts/tokenizer-refs.sh)",
+            "SWITCHYARD_SMOLLM2",
+            "the SmolLM2 GGUF (scripts/smollm2.sh)",
         ))
     })
 }

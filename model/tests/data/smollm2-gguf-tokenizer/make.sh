@@ -3,7 +3,7 @@
 # tokenizer (AutoTokenizer.from_pretrained(dir, gguf_file=...), transformers 5.23.0 with gguf
 # 0.17.1, in the venv of ../../../../../shared/tools/hf-reference): token ids of a set of texts,
 # and the ChatML template applied to chats, as text and as ids. The GGUF comes from
-# scripts/tokenizer-refs.sh.
+# scripts/smollm2.sh.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../../.." && pwd)
@@ -12,9 +12,8 @@ venv=${SWITCHYARD_HF_VENV:-$HOME/.cache/switchyard/hf-venv}
 "$ref" --help >/dev/null # makes the venv
 "$venv/bin/python" -c 'import gguf' 2>/dev/null ||
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'gguf==0.17.1'
-source "$root/scripts/gguf-py-env.sh"
-source "$root/scripts/tokenizer-refs.sh"
-"$venv/bin/python" - "$SWITCHYARD_SMOLLM2_GGUF" > "$here/reference.json" <<'PY'
+source "$root/scripts/smollm2.sh"
+"$venv/bin/python" - "$SWITCHYARD_SMOLLM2" > "$here/reference.json" <<'PY'
 import json, os, sys
 import transformers
 from transformers import AutoTokenizer
