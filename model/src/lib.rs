@@ -8,6 +8,7 @@
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod gguf_vocab;
 pub mod init;
 pub mod quant;
 pub mod rng;
@@ -19,6 +20,7 @@ pub mod weights;
 pub use chat::ChatMessage;
 pub use checkpoint::{Checkpoint, CheckpointError};
 pub use config::{Arch, ConfigError, ModelConfig, MoeConfig};
+pub use gguf_vocab::GgufVocab;
 pub use quant::{HostWeight, WeightBytes, WeightError, WeightType};
 pub use tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError};
 pub use weights::{Subset, TensorSpec};

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 
 use crate::chat::{self, ChatError, ChatMessage, ChatTemplate, Segment};
+use crate::gguf_vocab::GgufVocab;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -26,6 +27,10 @@ pub enum TokenizerError {
     Config { path: PathBuf, message: String },
     #[error("the chat template in {} does not compile: {message}", path.display())]
     TemplateSyntax { path: PathBuf, message: String },
+    #[error("the GGUF tokenizer metadata is not usable: {0}")]
+    GgufVocab(String),
+    #[error("the GGUF chat template (tokenizer.chat_template) does not compile: {0}")]
+    GgufTemplate(String),
     #[error(transparent)]
     Chat(#[from] ChatError),
     #[error("the tokenizer has no {0} token, which the Mistral chat format needs")]
@@ -41,12 +46,17 @@ pub enum TokenizerError {
 /// Names a tokenizer given as a string rather than a file, in error messages.
 const INLINE_ORIGIN: &str = "the tokenizer JSON string";
 
+/// Names a tokenizer built from GGUF metadata, in error messages.
+const GGUF_ORIGIN: &str = "the tokenizer built from GGUF metadata";
+
 /// A loaded tokenizer. Thread-safe; share it behind an `Arc`.
 pub struct Tokenizer {
     /// Special-token splitting disabled: text is always text.
     inner: tokenizers::Tokenizer,
     bos_id: Option<u32>,
     eos_id: Option<u32>,
+    /// Whether prompts start with BOS (GGUF's `add_bos_token`; Hugging Face files always do).
+    add_bos: bool,
     vocab_size: usize,
     /// Special added tokens: skipped when decoding.
     special_ids: HashSet<u32>,
@@ -110,12 +120,41 @@ impl Tokenizer {
         Ok(Self {
             bos_id: inner.token_to_id("<s>"),
             eos_id: inner.token_to_id("</s>"),
+            add_bos: true,
             vocab_size: inner.get_vocab_size(true),
             special_ids: controls.iter().map(|(_, id)| *id).collect(),
             controls,
             template: None,
             inner,
         })
+    }
+
+    /// Builds the tokenizer a GGUF file's metadata describes (see [`GgufVocab`]): SentencePiece
+    /// (`llama`) or byte-level BPE (`gpt2`), BOS/EOS from their ids, whether prompts start with
+    /// BOS, and the chat template. Metadata that does not make a tokenizer (ids outside the
+    /// vocabulary, lengths that disagree, a merge of unknown tokens, an unknown model or
+    /// pre-tokenizer) is an error naming the key.
+    pub fn from_gguf_vocab(vocab: &GgufVocab) -> Result<Self, TokenizerError> {
+        let json = vocab.tokenizer_json()?;
+        let mut tokenizer = Self::parse(&json.to_string(), GGUF_ORIGIN.to_owned())?;
+        tokenizer.bos_id = vocab.bos_id;
+        tokenizer.eos_id = vocab.eos_id;
+        tokenizer.add_bos = vocab.adds_bos() && vocab.bos_id.is_some();
+        if let Some(source) = &vocab.chat_template {
+            let token_text = |id: Option<u32>| {
+                id.and_then(|id| vocab.tokens.get(id as usize))
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            let template = ChatTemplate::new(
+                source.clone(),
+                token_text(vocab.bos_id),
+                token_text(vocab.eos_id),
+            )
+            .map_err(|e| TokenizerError::GgufTemplate(e.to_string()))?;
+            tokenizer.template = Some(template);
+        }
+        Ok(tokenizer)
     }
 
     /// Applies `tokenizer_config.json`: BOS/EOS overrides and the chat template.
@@ -171,14 +210,15 @@ impl Tokenizer {
     }
 
     /// Encodes user text. Text such as `<s>`, `</s>` or `[INST]` stays text: it never becomes
-    /// control-token ids. With `add_bos`, the BOS id (if the tokenizer has one) is prepended.
+    /// control-token ids. With `add_bos` (the text starts a prompt), the BOS id is prepended if
+    /// the tokenizer has one and its model expects it ([`Self::adds_bos`]).
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, TokenizerError> {
         let encoding = self
             .inner
             .encode(text, false)
             .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         let mut ids = Vec::with_capacity(encoding.len() + 1);
-        if add_bos {
+        if add_bos && self.add_bos {
             ids.extend(self.bos_id);
         }
         ids.extend_from_slice(encoding.get_ids());
@@ -238,13 +278,20 @@ impl Tokenizer {
         self.eos_id
     }
 
+    /// Whether prompts start with BOS: always for `tokenizer.json` models, as the GGUF
+    /// metadata says for GGUF ones (ChatML models such as SmolLM2 have none).
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos
+    }
+
     /// The number of tokens, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }
 
     /// Formats a chat with the chat template or, without one, Mistral's v1 instruct format, and
-    /// returns the prompt's token ids, BOS included (once, even if the template emits it).
+    /// returns the prompt's token ids, BOS included if the model expects it (once, even if the
+    /// template emits it).
     pub fn apply_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, TokenizerError> {
         let segments = match &self.template {
             Some(template) => template.render(messages, &self.controls)?,
@@ -255,7 +302,7 @@ impl Tokenizer {
             )?,
         };
         let mut ids = Vec::new();
-        if let Some(bos) = self.bos_id {
+        if let Some(bos) = self.bos_id.filter(|_| self.add_bos) {
             if segments.first() != Some(&Segment::Control(bos)) {
                 ids.push(bos);
             }
