@@ -1080,7 +1080,7 @@ fn timing_moe_experts() {
     }
     let lg: Vec<_> = wg.iter().map(|(e, w)| (*e, w)).collect();
     let router = g
-        .weight(randn(&mut rng, experts * hidden, 0.05), experts, hidden)
+        .weight_f32(randn(&mut rng, experts * hidden, 0.05), experts, hidden)
         .unwrap();
     for tokens in [1, 64, 2048] {
         let tag =
