@@ -12,6 +12,8 @@ source scripts/system-deps.sh
 source scripts/cuda-toolchain.sh
 # The openai package the HTTP tests drive the API with.
 source scripts/python-env.sh
+# gguf-py (llama.cpp's GGUF package), the reference for the GGUF reader, writer and block formats.
+source scripts/gguf-py-env.sh
 # etcd 3.5 beside Debian's 3.4, for the etcd client's tests.
 source scripts/etcd-newer.sh
 cargo fmt --all -- --check

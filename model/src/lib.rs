@@ -8,6 +8,7 @@
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod gguf;
 pub mod init;
 pub mod quant;
 pub mod rng;
