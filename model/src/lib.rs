@@ -9,6 +9,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod gguf;
+pub mod gguf_model;
 pub mod init;
 pub mod quant;
 pub mod rng;
