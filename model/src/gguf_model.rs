@@ -329,7 +329,7 @@ pub fn locate(hf: &str, config: &ModelConfig, file: &GgufFile) -> Option<GgufLoc
 /// `h*head_dim + 2*j + s`: it pairs RoPE's rotated halves as neighbours for ggml's interleaved
 /// RoPE, where our RoPE (like transformers') pairs row `j` with row `j + half`.
 pub fn unpermute_qk_order(rows: usize, heads: usize) -> Option<Vec<usize>> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return None;
     }
     let head_dim = rows / heads;
@@ -385,10 +385,7 @@ mod tests {
             .collect();
         let stored = converter_permute(&hf, n_head, n_head_kv);
         let flat: Vec<f32> = stored.concat();
-        let heads = match n_head_kv {
-            Some(kv) => kv,
-            None => n_head,
-        };
+        let heads = n_head_kv.unwrap_or(n_head);
         let order = unpermute_qk_order(rows, heads).unwrap();
         let w = HostWeight::from_f32(&flat, rows, cols).unwrap();
         assert_eq!(w.permute_rows(&order).to_f32(), hf.concat());

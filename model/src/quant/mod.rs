@@ -73,7 +73,7 @@ impl WeightType {
 
     /// Bytes of one row of `cols` values; `None` when `cols` is not whole blocks (or overflows).
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
-        if cols % self.block_len() != 0 {
+        if !cols.is_multiple_of(self.block_len()) {
             return None;
         }
         (cols / self.block_len()).checked_mul(self.block_bytes())
