@@ -366,6 +366,7 @@ pub enum ModelCommand {
     },
     /// Architecture, parameter counts, bytes per dtype and KV bytes per token.
     Inspect {
+        /// A model directory, a .gguf file, or a directory holding one.
         dir: PathBuf,
         #[arg(long)]
         json: bool,

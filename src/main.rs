@@ -191,12 +191,21 @@ fn demo_model() -> Result<PathBuf> {
 }
 
 fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
-    let ckpt = Checkpoint::open(dir)
-        .with_context(|| format!("cannot open model directory {}", dir.display()))?;
+    let ckpt =
+        Checkpoint::open(dir).with_context(|| format!("cannot open model {}", dir.display()))?;
     ckpt.validate(&switchyard_model::Subset::all(ckpt.config()))?;
     let c = ckpt.config();
     let p = c.param_counts();
+    let format = match ckpt.gguf() {
+        Some(g) => format!(
+            "GGUF v{}, {} tensors",
+            g.header().version,
+            g.tensors().len()
+        ),
+        None => "safetensors".to_string(),
+    };
     let report = serde_json::json!({
+        "format": format,
         "architecture": c.arch.hf_name(),
         "config": c,
         "parameters": {"total": p.total, "active_per_token": p.active_per_token},
@@ -207,6 +216,7 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
+    println!("format            {format}");
     println!("architecture      {}", c.arch.hf_name());
     println!(
         "shape             {} layers, hidden {}, {} heads / {} KV heads × {}, intermediate {}, vocab {}",

@@ -292,3 +292,21 @@ fn an_unusable_gpu_is_refused_at_start() {
     let e = fails(&["worker", "--device", "tpu"]);
     assert!(e.contains("expected cpu, cuda or cuda:N"), "{e}");
 }
+
+/// A GGUF file (SmolLM2-135M-Instruct Q4_1; scripts/smollm2.sh fetches it) inspects like a
+/// model directory.
+#[test]
+fn inspect_a_gguf_file() {
+    let path = std::env::var("SWITCHYARD_SMOLLM2").expect(
+        "SWITCHYARD_SMOLLM2 is not set: run scripts/test.sh or `source scripts/smollm2.sh`",
+    );
+    let info: Value = serde_json::from_str(&ok(&["model", "inspect", &path, "--json"])).unwrap();
+    assert_eq!(info["format"], "GGUF v3, 272 tensors");
+    assert_eq!(info["architecture"], "LlamaForCausalLM");
+    assert_eq!(info["config"]["num_layers"], 30);
+    assert_eq!(info["config"]["tie_word_embeddings"], true);
+    assert_eq!(info["bytes_by_dtype"]["Q8_0"], 49152 * 576 / 32 * 34);
+    assert!(info["bytes_by_dtype"]["Q4_1"].as_u64().unwrap() > 50_000_000);
+    let text = ok(&["model", "inspect", &path]);
+    assert!(text.contains("bytes (Q4_1)"), "{text}");
+}

@@ -1,14 +1,19 @@
-//! A model directory: `config.json` plus one `model.safetensors` or shards listed in
-//! `model.safetensors.index.json`. Opening it maps the files and reads only their headers;
+//! A model: a directory with `config.json` plus one `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`, or a GGUF file (given itself, or as the only `.gguf` of a
+//! directory without safetensors). Opening it maps the files and reads only their headers;
 //! [`Checkpoint::validate`] checks every tensor a subset needs (presence, dtype, shape) before
-//! any compute, and [`Checkpoint::read_f32`] touches only the bytes of the tensor asked for.
+//! any compute, and [`Checkpoint::read`] touches only the bytes of the tensor asked for. Tensors
+//! are asked for by their Hugging Face names whatever the file; a GGUF file's are mapped to
+//! llama.cpp's (see [`crate::gguf_model`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use crate::config::{ConfigError, ModelConfig};
-use crate::quant::HostWeight;
-use crate::safetensors::{Dtype, SafetensorsError, SafetensorsFile};
+use crate::gguf::{GgufError, GgufFile, GgufMetadata};
+use crate::gguf_model::{expert_rows, locate, unpermute_qk_order};
+use crate::quant::{HostWeight, WeightBytes, WeightType};
+use crate::safetensors::{SafetensorsError, SafetensorsFile};
 use crate::weights::{LayerNames, Subset, TensorSpec};
 
 #[derive(Debug, thiserror::Error)]
@@ -17,13 +22,26 @@ pub enum CheckpointError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Safetensors(#[from] SafetensorsError),
-    #[error("{dir}: no model.safetensors or model.safetensors.index.json")]
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("{dir}: no model.safetensors, model.safetensors.index.json or .gguf file")]
     NoWeights { dir: PathBuf },
+    #[error(
+        "{dir}: {count} .gguf files and no safetensors; expected one, or give the file itself"
+    )]
+    ManyGguf { dir: PathBuf, count: usize },
+    #[error("{path}: {source}")]
+    GgufConfig { path: PathBuf, source: ConfigError },
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {problem}")]
     Index { path: PathBuf, problem: String },
     #[error("tensor {name} is missing from the checkpoint (expected shape {expected:?})")]
     Missing { name: String, expected: Vec<usize> },
-    #[error("tensor {name} has shape {found:?}; expected {expected:?} from config.json")]
+    #[error("tensor {name} has shape {found:?}; expected {expected:?} from the model's config")]
     Shape {
         name: String,
         expected: Vec<usize>,
@@ -41,17 +59,78 @@ pub enum CheckpointError {
     },
 }
 
-/// An opened model directory.
+/// An opened model.
 pub struct Checkpoint {
     dir: PathBuf,
     config: ModelConfig,
-    files: Vec<SafetensorsFile>,
-    /// Tensor name → index into `files`.
-    index: HashMap<String, usize>,
+    source: Source,
+}
+
+enum Source {
+    Safetensors {
+        files: Vec<SafetensorsFile>,
+        /// Tensor name → index into `files`.
+        index: HashMap<String, usize>,
+    },
+    Gguf(GgufFile),
+}
+
+/// Where a tensor's bytes are, once found and checked against the shape asked for.
+struct Located {
+    ty: WeightType,
+    rows: usize,
+    cols: usize,
+    bytes: WeightBytes,
+    /// Rows to reorder (a GGUF Q/K projection): the head count.
+    rope_heads: Option<usize>,
 }
 
 impl Checkpoint {
-    pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
+    /// Opens a model directory, a `.gguf` file, or a directory holding exactly one `.gguf`
+    /// file and no safetensors.
+    pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        if path.is_file() {
+            return Self::open_gguf(path);
+        }
+        let io = |source| CheckpointError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut ggufs = Vec::new();
+        let mut safetensors = false;
+        for entry in std::fs::read_dir(path).map_err(io)? {
+            let p = entry.map_err(io)?.path();
+            match p.extension().and_then(|e| e.to_str()) {
+                Some("gguf") => ggufs.push(p),
+                Some("safetensors") => safetensors = true,
+                _ => {}
+            }
+        }
+        match ggufs.len() {
+            1 if !safetensors => Self::open_gguf(&ggufs[0]),
+            n if n > 1 && !safetensors => Err(CheckpointError::ManyGguf {
+                dir: path.to_path_buf(),
+                count: n,
+            }),
+            _ => Self::open_safetensors(path),
+        }
+    }
+
+    fn open_gguf(file: &Path) -> Result<Self, CheckpointError> {
+        let gguf = GgufFile::open(file)?;
+        let config =
+            ModelConfig::from_gguf(&gguf).map_err(|source| CheckpointError::GgufConfig {
+                path: file.to_path_buf(),
+                source,
+            })?;
+        Ok(Checkpoint {
+            dir: file.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            config,
+            source: Source::Gguf(gguf),
+        })
+    }
+
+    fn open_safetensors(dir: &Path) -> Result<Self, CheckpointError> {
         let config = ModelConfig::load(dir)?;
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
@@ -106,13 +185,43 @@ impl Checkpoint {
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             config,
-            files,
-            index,
+            source: Source::Safetensors { files, index },
         })
     }
 
+    /// The model's directory (for a GGUF file, the directory holding it).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The GGUF file, when the model is one.
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        match &self.source {
+            Source::Gguf(f) => Some(f),
+            Source::Safetensors { .. } => None,
+        }
+    }
+
+    /// The GGUF file's metadata (tokenizer, chat template, ...), when the model is one.
+    pub fn metadata(&self) -> Option<&GgufMetadata> {
+        self.gguf().map(GgufFile::metadata)
+    }
+
+    /// `name`, with the GGUF tensor it maps to when the file is GGUF.
+    fn display_name(&self, name: &str) -> String {
+        match self.gguf().and_then(|f| locate(name, &self.config, f)) {
+            Some(l) => format!("{name} (GGUF {})", l.name),
+            None => name.to_string(),
+        }
+    }
+
+    fn has(&self, name: &str) -> bool {
+        match &self.source {
+            Source::Safetensors { index, .. } => index.contains_key(name),
+            Source::Gguf(f) => {
+                locate(name, &self.config, f).is_some_and(|l| f.tensor(&l.name).is_some())
+            }
+        }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -129,9 +238,9 @@ impl Checkpoint {
         let h = c.hidden_size;
         for layer in subset.layers.clone() {
             let norm = LayerNames::new(layer).input_norm();
-            if !self.index.contains_key(&norm) {
+            if !self.has(&norm) {
                 return Err(CheckpointError::Missing {
-                    name: norm,
+                    name: self.display_name(&norm),
                     expected: vec![h],
                 });
             }
@@ -148,55 +257,115 @@ impl Checkpoint {
         Ok(())
     }
 
-    fn check(&self, spec: &TensorSpec) -> Result<(Dtype, &SafetensorsFile), CheckpointError> {
-        let (file, info) = self
-            .index
-            .get(&spec.name)
-            .map(|&i| {
-                (
-                    &self.files[i],
-                    self.files[i].get(&spec.name).expect("indexed"),
-                )
-            })
-            .ok_or_else(|| CheckpointError::Missing {
-                name: spec.name.clone(),
-                expected: spec.shape.clone(),
-            })?;
-        let dtype = info.float_dtype().ok_or_else(|| CheckpointError::Dtype {
-            name: spec.name.clone(),
-            found: info.dtype.clone(),
-        })?;
-        if info.shape != spec.shape {
-            return Err(CheckpointError::Shape {
-                name: spec.name.clone(),
-                expected: spec.shape.clone(),
-                found: info.shape.clone(),
-            });
+    fn check(&self, spec: &TensorSpec) -> Result<Located, CheckpointError> {
+        let missing = |name: String| CheckpointError::Missing {
+            name,
+            expected: spec.shape.clone(),
+        };
+        let (rows, cols) = match spec.shape[..] {
+            [cols] => (1, cols),
+            [rows, cols] => (rows, cols),
+            _ => unreachable!("model tensors are vectors or matrices"),
+        };
+        match &self.source {
+            Source::Safetensors { files, index } => {
+                let file = index
+                    .get(&spec.name)
+                    .map(|&i| &files[i])
+                    .ok_or_else(|| missing(spec.name.clone()))?;
+                let info = file.get(&spec.name).expect("indexed");
+                let dtype = info.float_dtype().ok_or_else(|| CheckpointError::Dtype {
+                    name: spec.name.clone(),
+                    found: info.dtype.clone(),
+                })?;
+                if info.shape != spec.shape {
+                    return Err(CheckpointError::Shape {
+                        name: spec.name.clone(),
+                        expected: spec.shape.clone(),
+                        found: info.shape.clone(),
+                    });
+                }
+                Ok(Located {
+                    ty: dtype.into(),
+                    rows,
+                    cols,
+                    bytes: file.weight_bytes(info),
+                    rope_heads: None,
+                })
+            }
+            Source::Gguf(f) => {
+                let loc = locate(&spec.name, &self.config, f)
+                    .ok_or_else(|| missing(spec.name.clone()))?;
+                let named = || self.display_name(&spec.name);
+                let info = f.tensor(&loc.name).ok_or_else(|| missing(named()))?;
+                let shape = info.shape();
+                // A merged expert tensor is [experts, rows, cols]; one expert is its rows.
+                let (expected, range) = match loc.expert {
+                    None => (spec.shape.clone(), info.range.clone()),
+                    Some(e) => {
+                        let n = match shape[..] {
+                            [n, _, _] => n,
+                            _ => 0,
+                        };
+                        if e >= n {
+                            return Err(CheckpointError::Shape {
+                                name: named(),
+                                expected: vec![e + 1, rows, cols],
+                                found: shape,
+                            });
+                        }
+                        let row_bytes = info.ty.row_bytes(cols).expect("checked when parsed");
+                        let r = expert_rows(e, rows);
+                        let start = info.range.start + r.start * row_bytes;
+                        (
+                            vec![n, rows, cols],
+                            start..info.range.start + r.end * row_bytes,
+                        )
+                    }
+                };
+                if shape != expected {
+                    return Err(CheckpointError::Shape {
+                        name: named(),
+                        expected,
+                        found: shape,
+                    });
+                }
+                Ok(Located {
+                    ty: info.ty,
+                    rows,
+                    cols,
+                    bytes: f.weight_bytes(range),
+                    rope_heads: loc.rope_heads,
+                })
+            }
         }
-        Ok((dtype, file))
     }
 
     /// One tensor in its stored type, checked against `shape` first (`[cols]` for a vector,
-    /// `[rows, cols]` for a matrix) and for non-finite values; its bytes stay in the file's map.
+    /// `[rows, cols]` for a matrix) and for non-finite values. Its bytes stay in the file's map,
+    /// except a GGUF file's Q and K projections, whose rows are put back in Hugging Face order
+    /// (a copy).
     pub fn read(&self, name: &str, shape: &[usize]) -> Result<HostWeight, CheckpointError> {
         let spec = TensorSpec {
             name: name.to_string(),
             shape: shape.to_vec(),
         };
-        let (dtype, file) = self.check(&spec)?;
-        let (rows, cols) = match shape {
-            [cols] => (1, *cols),
-            [rows, cols] => (*rows, *cols),
-            _ => unreachable!("model tensors are vectors or matrices"),
+        let at = self.check(&spec)?;
+        let layout = |problem: String| CheckpointError::Layout {
+            name: name.to_string(),
+            problem,
         };
-        let info = file.get(name).expect("checked");
-        let weight =
-            HostWeight::new(dtype.into(), rows, cols, file.weight_bytes(info)).map_err(|e| {
-                CheckpointError::Layout {
-                    name: name.to_string(),
-                    problem: e.to_string(),
-                }
+        let mut weight = HostWeight::new(at.ty, at.rows, at.cols, at.bytes)
+            .map_err(|e| layout(e.to_string()))?;
+        if let Some(heads) = at.rope_heads {
+            let order = unpermute_qk_order(at.rows, heads).ok_or_else(|| {
+                layout(format!(
+                    "{} rows do not split into {heads} heads of an even size",
+                    at.rows
+                ))
             })?;
+            weight = weight.permute_rows(&order);
+        }
         match weight.first_non_finite() {
             None => Ok(weight),
             Some((index, value)) => Err(CheckpointError::NotFinite {
@@ -212,12 +381,21 @@ impl Checkpoint {
         Ok(self.read(name, shape)?.to_f32())
     }
 
-    /// Bytes on disk per dtype over all tensors of the checkpoint.
+    /// Bytes on disk per stored type (`BF16`, `Q4_K`, ...) over all tensors of the checkpoint.
     pub fn bytes_by_dtype(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
-        for f in &self.files {
-            for info in f.tensors().values() {
-                *out.entry(info.dtype.clone()).or_default() += info.end - info.begin;
+        match &self.source {
+            Source::Safetensors { files, .. } => {
+                for f in files {
+                    for info in f.tensors().values() {
+                        *out.entry(info.dtype.clone()).or_default() += info.end - info.begin;
+                    }
+                }
+            }
+            Source::Gguf(f) => {
+                for info in f.tensors() {
+                    *out.entry(info.ty.name().to_string()).or_default() += info.range.len();
+                }
             }
         }
         out

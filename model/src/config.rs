@@ -91,6 +91,10 @@ pub enum ConfigError {
         Arch::SUPPORTED
     )]
     UnknownArch { found: String },
+    #[error("unsupported GGUF architecture {found:?}; supported: \"llama\" (Llama, Mistral, SmolLM, Mixtral)")]
+    UnknownGgufArch { found: String },
+    #[error("GGUF metadata `{key}` {problem}")]
+    Gguf { key: String, problem: String },
     #[error("config.json: field `{field}` {problem}")]
     Field { field: String, problem: String },
 }
@@ -288,26 +292,32 @@ impl ModelConfig {
             eos_token_ids,
             dtype,
         };
+        config.check_sizes()?;
+        Ok(config)
+    }
+
+    /// Refuses zero sizes and sizes beyond [`max_size`], named by their `config.json` field.
+    pub(crate) fn check_sizes(&self) -> Result<(), ConfigError> {
         for (name, v) in [
-            ("vocab_size", config.vocab_size),
-            ("hidden_size", config.hidden_size),
-            ("intermediate_size", config.intermediate_size),
-            ("num_hidden_layers", config.num_layers),
-            ("num_attention_heads", config.num_heads),
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
         ] {
             if v == 0 {
                 return Err(field_err(name, "is 0; expected a positive integer"));
             }
         }
         let sizes = [
-            ("vocab_size", config.vocab_size),
-            ("hidden_size", config.hidden_size),
-            ("intermediate_size", config.intermediate_size),
-            ("num_hidden_layers", config.num_layers),
-            ("num_attention_heads", config.num_heads),
-            ("head_dim", config.head_dim),
-            ("max_position_embeddings", config.max_position_embeddings),
-            ("num_local_experts", config.moe.map_or(0, |m| m.num_experts)),
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("num_local_experts", self.moe.map_or(0, |m| m.num_experts)),
         ];
         for (name, v) in sizes {
             let max = max_size(name);
@@ -315,7 +325,7 @@ impl ModelConfig {
                 return Err(field_err(name, format!("is {v}; expected at most {max}")));
             }
         }
-        Ok(config)
+        Ok(())
     }
 
     /// Query heads that share one KV head.

@@ -8,6 +8,8 @@
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod gguf;
+pub mod gguf_model;
 pub mod gguf_vocab;
 pub mod init;
 pub mod quant;
