@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use switchyard_model::{Checkpoint, CheckpointError, ModelConfig, Tokenizer, TokenizerError};
+use switchyard_model::{
+    Checkpoint, CheckpointError, ModelConfig, Subset, Tokenizer, TokenizerError,
+};
 use switchyard_net::grpc::{channel, worker_client};
 use switchyard_proto::v1 as pb;
 use switchyard_scheduler::{
@@ -139,6 +141,8 @@ struct Parked {
 /// The model and whatever placement serves it now.
 pub struct Cluster {
     model_name: String,
+    /// The model's files, headers read (its tensors' stored types size the placement).
+    checkpoint: Checkpoint,
     /// The model and its tokenizer, and the checks every request passes before it is queued.
     validator: Validator,
     config: ClusterConfig,
@@ -183,10 +187,7 @@ impl Cluster {
             source,
         })?;
         let model = checkpoint.config().clone();
-        let tokenizer = match dir.join("tokenizer.json").exists() {
-            true => Some(Arc::new(Tokenizer::from_dir(&dir)?)),
-            false => None,
-        };
+        let tokenizer = Tokenizer::for_checkpoint(&checkpoint)?.map(Arc::new);
         let model_name = dir
             .file_name()
             .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into());
@@ -204,6 +205,7 @@ impl Cluster {
         let (failures, failures_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Cluster {
             model_name,
+            checkpoint,
             validator: Validator::new(model, tokenizer),
             config,
             next_seq: AtomicU64::new(1),
@@ -260,6 +262,14 @@ impl Cluster {
 
     pub fn model(&self) -> &ModelConfig {
         self.validator.model()
+    }
+
+    /// Bytes of `subset`'s tensors in the checkpoint's own types (f32 per value where the
+    /// checkpoint cannot say: that subset's workers will refuse it themselves).
+    fn stored_bytes(&self, subset: &Subset) -> u64 {
+        self.checkpoint
+            .subset_bytes(subset, |t| t)
+            .unwrap_or_else(|_| self.model().subset_params(subset) * 4)
     }
 
     /// The model's tokenizer, or why there is none.
@@ -554,6 +564,7 @@ impl Cluster {
         for grid in grids_for(self.config.grid, workers.len()) {
             match plan(
                 self.model(),
+                &|subset| self.stored_bytes(subset),
                 grid,
                 &workers[..grid.cells()],
                 self.config.plan,
@@ -618,6 +629,7 @@ async fn probe(
                 0 => 4,
                 n => n.into(),
             },
+            keeps_stored_weights: reply.keeps_stored_weights,
         },
         reply,
     ))

@@ -56,6 +56,8 @@ pub struct Inventory {
     pub available_bytes: u64,
     /// Bytes of one stored weight or KV value on its device: 4 (f32, CPU), 2 (bf16, GPU).
     pub value_bytes: u64,
+    /// Weights stay in the checkpoint's stored type instead (a CPU worker by default).
+    pub keeps_stored_weights: bool,
 }
 
 /// One worker's part.
@@ -211,8 +213,10 @@ pub fn grids_for(max: Grid, n: usize) -> Vec<Grid> {
     grids
 }
 
+/// `stored_bytes(subset)`: what the tensors of `subset` take in the checkpoint's own types.
 pub fn plan(
     config: &ModelConfig,
+    stored_bytes: &dyn Fn(&Subset) -> u64,
     grid: Grid,
     workers: &[Inventory],
     options: PlanOptions,
@@ -290,7 +294,10 @@ pub fn plan(
         for shard in 0..grid.shards {
             let w = &workers[stage * grid.shards + shard];
             let subset = subset(layers.clone(), shard, stage);
-            let weight_bytes = config.subset_params(&subset) * w.value_bytes;
+            let weight_bytes = match w.keeps_stored_weights {
+                true => stored_bytes(&subset),
+                false => config.subset_params(&subset) * w.value_bytes,
+            };
             let kv_bytes = kv_blocks as u64 * kv_block(layers.len(), w.value_bytes);
             let needed = weight_bytes + kv_bytes;
             if needed > w.available_bytes {
@@ -376,6 +383,7 @@ mod tests {
                 memory_bytes: available,
                 available_bytes: available,
                 value_bytes: 4,
+                keeps_stored_weights: false,
             })
             .collect()
     }
@@ -387,6 +395,7 @@ mod tests {
             let grid: Grid = grid.parse().unwrap();
             let p = plan(
                 &c,
+                &|s| c.subset_params(s) * 4,
                 grid,
                 &workers(grid.cells(), 1 << 40),
                 PlanOptions::default(),
@@ -426,6 +435,7 @@ mod tests {
         let c = preset("small-mixtral").unwrap();
         let p = plan(
             &c,
+            &|s| c.subset_params(s) * 4,
             "2x1".parse().unwrap(),
             &workers(2, 1 << 40),
             PlanOptions::default(),
@@ -444,10 +454,41 @@ mod tests {
     }
 
     #[test]
+    fn workers_keeping_stored_types_are_sized_by_the_checkpoint() {
+        let c = preset("small-mixtral").unwrap();
+        let f32_bytes = c.subset_params(&Subset::all(&c)) * 4;
+        // Room for the model at 2 bytes a value plus its KV cache, not at 4.
+        let available = f32_bytes * 3 / 4 + PlanOptions::default().kv_bytes_per_worker;
+        let mut w = workers(1, available);
+        let bf16 = |s: &Subset| c.subset_params(s) * 2;
+        assert!(plan(
+            &c,
+            &bf16,
+            "1x1".parse().unwrap(),
+            &w,
+            PlanOptions::default(),
+            1
+        )
+        .is_err());
+        w[0].keeps_stored_weights = true;
+        let p = plan(
+            &c,
+            &bf16,
+            "1x1".parse().unwrap(),
+            &w,
+            PlanOptions::default(),
+            1,
+        )
+        .unwrap();
+        assert_eq!(p.cells[0].weight_bytes, f32_bytes / 2);
+    }
+
+    #[test]
     fn refusals_name_the_problem() {
         let c = preset("tiny-mixtral").unwrap();
         let e = plan(
             &c,
+            &|s| c.subset_params(s) * 4,
             "2x2".parse().unwrap(),
             &workers(3, 1 << 40),
             PlanOptions::default(),
@@ -457,6 +498,7 @@ mod tests {
         assert_eq!(e.to_string(), "grid 2x2 needs 4 workers, 3 given");
         let e = plan(
             &c,
+            &|s| c.subset_params(s) * 4,
             "3x1".parse().unwrap(),
             &workers(3, 1 << 40),
             PlanOptions::default(),
@@ -466,6 +508,7 @@ mod tests {
         assert!(e.to_string().contains("3 stages for a model of 2 layers"));
         let e = plan(
             &c,
+            &|s| c.subset_params(s) * 4,
             "1x5".parse().unwrap(),
             &workers(5, 1 << 40),
             PlanOptions::default(),
@@ -475,6 +518,7 @@ mod tests {
         assert!(e.to_string().contains("5 expert shards for 4 experts"));
         let e = plan(
             &c,
+            &|s| c.subset_params(s) * 4,
             "1x2".parse().unwrap(),
             &workers(2, 1 << 20),
             PlanOptions::default(),

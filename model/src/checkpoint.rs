@@ -381,6 +381,24 @@ impl Checkpoint {
         Ok(self.read(name, shape)?.to_f32())
     }
 
+    /// Bytes the tensors of `subset` take once loaded, each kept in `kept(its stored type)`
+    /// (a CPU keeps the stored type, a GPU bf16). Reads headers only.
+    pub fn subset_bytes(
+        &self,
+        subset: &Subset,
+        kept: impl Fn(WeightType) -> WeightType,
+    ) -> Result<u64, CheckpointError> {
+        let mut total = 0u64;
+        for spec in self.config.tensor_specs(subset) {
+            let at = self.check(&spec)?;
+            let ty = kept(at.ty);
+            // A type whose blocks do not divide the row is widened to f32 by whoever keeps it.
+            let row = ty.row_bytes(at.cols).unwrap_or(4 * at.cols);
+            total = total.saturating_add(row as u64 * at.rows as u64);
+        }
+        Ok(total)
+    }
+
     /// Bytes on disk per stored type (`BF16`, `Q4_K`, ...) over all tensors of the checkpoint.
     pub fn bytes_by_dtype(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::gguf::GgufMetadata;
 use crate::tokenizer::TokenizerError;
 
 /// The tokenizer metadata of a GGUF file, field for field as the file stores it. Whoever reads
@@ -118,6 +119,48 @@ fn invalid(message: String) -> TokenizerError {
 }
 
 impl GgufVocab {
+    /// The `tokenizer.*` keys of a GGUF file; `Ok(None)` when it has no tokenizer.
+    pub fn from_metadata(m: &GgufMetadata) -> Result<Option<Self>, TokenizerError> {
+        let bad = |e: crate::gguf::GgufError| TokenizerError::GgufVocab(e.to_string());
+        let Some(model) = m.get_str("tokenizer.ggml.model").map_err(bad)? else {
+            return Ok(None);
+        };
+        let key = |name: &str| format!("tokenizer.ggml.{name}");
+        let id = |name: &str| m.get_u32(&key(&format!("{name}_token_id"))).map_err(bad);
+        Ok(Some(GgufVocab {
+            model: model.to_string(),
+            pre: m.get_str(&key("pre")).map_err(bad)?.map(str::to_string),
+            tokens: m
+                .get_str_array(&key("tokens"))
+                .map_err(bad)?
+                .map(<[String]>::to_vec)
+                .unwrap_or_default(),
+            scores: m
+                .get_f32_array(&key("scores"))
+                .map_err(bad)?
+                .map(<[f32]>::to_vec),
+            token_types: m
+                .get_i32_array(&key("token_type"))
+                .map_err(bad)?
+                .map(<[i32]>::to_vec),
+            merges: m
+                .get_str_array(&key("merges"))
+                .map_err(bad)?
+                .map(<[String]>::to_vec),
+            bos_id: id("bos")?,
+            eos_id: id("eos")?,
+            unk_id: id("unknown")?,
+            pad_id: id("padding")?,
+            add_bos: m.get_bool(&key("add_bos_token")).map_err(bad)?,
+            add_eos: m.get_bool(&key("add_eos_token")).map_err(bad)?,
+            add_space_prefix: m.get_bool(&key("add_space_prefix")).map_err(bad)?,
+            chat_template: m
+                .get_str("tokenizer.chat_template")
+                .map_err(bad)?
+                .map(str::to_string),
+        }))
+    }
+
     /// The type of token `id`: the file's, or for files without types, normal except for the
     /// unknown token and SentencePiece's `<s>`/`</s>`-style control ids.
     fn token_type(&self, id: usize) -> i32 {

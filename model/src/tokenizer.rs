@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 
 use crate::chat::{self, ChatError, ChatMessage, ChatTemplate, Segment};
+use crate::checkpoint::Checkpoint;
 use crate::gguf_vocab::GgufVocab;
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +84,21 @@ impl Tokenizer {
             }
         }
         Ok(tokenizer)
+    }
+
+    /// The tokenizer of an opened model: a GGUF file's metadata, or the directory's
+    /// `tokenizer.json` (with `tokenizer_config.json`); `None` when it has neither.
+    pub fn for_checkpoint(checkpoint: &Checkpoint) -> Result<Option<Self>, TokenizerError> {
+        if let Some(metadata) = checkpoint.metadata() {
+            return GgufVocab::from_metadata(metadata)?
+                .map(|vocab| Self::from_gguf_vocab(&vocab))
+                .transpose();
+        }
+        let dir = checkpoint.dir();
+        match dir.join("tokenizer.json").exists() {
+            true => Self::from_dir(dir).map(Some),
+            false => Ok(None),
+        }
     }
 
     /// Loads a `tokenizer.json` alone: no chat template, so chats use the Mistral v1 format.

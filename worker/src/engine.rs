@@ -76,10 +76,7 @@ impl<B: Backend> Engine<B> {
     pub fn load(backend: B, dir: &Path, config: EngineConfig) -> Result<Self, EngineError> {
         let checkpoint = Checkpoint::open(dir).map_err(ModelError::from)?;
         let model = Model::load(&backend, &checkpoint, &Subset::all(checkpoint.config()))?;
-        let tokenizer = match dir.join("tokenizer.json").exists() {
-            true => Some(Arc::new(Tokenizer::from_dir(dir)?)),
-            false => None,
-        };
+        let tokenizer = Tokenizer::for_checkpoint(&checkpoint)?.map(Arc::new);
         Self::new(backend, model, tokenizer, config)
     }
 

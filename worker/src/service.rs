@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use switchyard_model::{Checkpoint, Subset};
+use switchyard_model::{Checkpoint, Subset, WeightType};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::worker_client::WorkerClient;
 use switchyard_proto::v1::worker_server::{Worker, WorkerServer};
@@ -232,8 +232,8 @@ impl<H: Hardware> WorkerState<H> {
         Ok(part)
     }
 
-    /// The model directory `given` names, if it is one this worker may load: under the model
-    /// root when there is one. Whether a refused path exists is not told.
+    /// The model directory (or GGUF file) `given` names, if it is one this worker may load:
+    /// under the model root when there is one. Whether a refused path exists is not told.
     fn model_dir(&self, given: &str) -> Result<PathBuf, Status> {
         let Some(root) = &self.model_root else {
             return Ok(PathBuf::from(given));
@@ -249,6 +249,13 @@ impl<H: Hardware> WorkerState<H> {
         // directory and each file in it.
         let under_root = |p: &Path| std::fs::canonicalize(p).is_ok_and(|p| p.starts_with(root));
         let dir = std::fs::canonicalize(root.join(given)).map_err(|_| refused())?;
+        // A model given as one file (GGUF).
+        if dir.is_file() {
+            return match dir.starts_with(root) {
+                true => Ok(dir),
+                false => Err(refused()),
+            };
+        }
         let entries = std::fs::read_dir(&dir).map_err(|_| refused())?;
         let mut files = entries.map(|e| e.map(|e| e.path()));
         match dir.starts_with(root) && files.all(|f| f.is_ok_and(|f| under_root(&f))) {
@@ -284,7 +291,9 @@ impl<H: Hardware> WorkerState<H> {
                     .map_err(|e| invalid(format!("worker address {addr:?}: {e}")))?;
             }
         }
-        let weight_bytes = c.subset_params(&subset) * H::Backend::VALUE_BYTES;
+        let weight_bytes = checkpoint
+            .subset_bytes(&subset, |t| self.hardware.weight_type(t))
+            .map_err(|e| invalid(e.to_string()))?;
         Ok(Prepared {
             checkpoint,
             subset,
@@ -477,6 +486,8 @@ where
             draining: self.control().is_draining(),
             fence: self.control().fence(),
             value_bytes: H::Backend::VALUE_BYTES as u32,
+            // Hardware that keeps the densest block type as it is keeps every stored type.
+            keeps_stored_weights: self.0.hardware.weight_type(WeightType::Q4_K) == WeightType::Q4_K,
         }))
     }
 
