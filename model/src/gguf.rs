@@ -1208,6 +1208,23 @@ mod tests {
     }
 
     #[test]
+    fn version_2_reads_and_an_empty_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = sample(dir.path());
+        // Version 3 only added big-endian files: a little-endian v2 file is the same layout.
+        let mut b = std::fs::read(&path).unwrap();
+        b[4..8].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(parse(&b).unwrap().version, 2);
+        let empty = dir.path().join("empty.gguf");
+        std::fs::write(&empty, b"").unwrap();
+        let e = GgufFile::open(&empty).unwrap_err().to_string();
+        assert!(
+            e.contains("empty.gguf: not a valid GGUF file: truncated"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn huge_counts_and_lengths_are_refused_before_allocating() {
         let dir = tempfile::tempdir().unwrap();
         let (path, _) = sample(dir.path());
