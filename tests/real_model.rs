@@ -52,7 +52,7 @@ fn answers_through_a_two_stage_cluster_over_the_openai_api() {
     let model = smollm2();
     let server = serve(&["--model", &model, "--grid", "2x1"]);
     let body = serde_json::json!({
-        "model": "any",
+        "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "messages": [{"role": "user", "content": QUESTION}],
         "max_tokens": 16,
         "temperature": 0,

@@ -32,6 +32,11 @@ pub enum CheckpointError {
     ManyGguf { dir: PathBuf, count: usize },
     #[error("{path}: {source}")]
     GgufConfig { path: PathBuf, source: ConfigError },
+    #[error(
+        "{path}: not found; expected a model directory (config.json and safetensors) or a \
+         GGUF file"
+    )]
+    NotFound { path: PathBuf },
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,
@@ -91,6 +96,11 @@ impl Checkpoint {
     pub fn open(path: &Path) -> Result<Self, CheckpointError> {
         if path.is_file() {
             return Self::open_gguf(path);
+        }
+        if !path.exists() {
+            return Err(CheckpointError::NotFound {
+                path: path.to_path_buf(),
+            });
         }
         let io = |source| CheckpointError::Io {
             path: path.to_path_buf(),
