@@ -12,6 +12,8 @@ source scripts/system-deps.sh
 source scripts/cuda-toolchain.sh
 # The openai package the HTTP tests drive the API with.
 source scripts/python-env.sh
+# gguf-py (the llama.cpp project's package), the reference the quantized block formats are tested against.
+source scripts/gguf-py-env.sh
 # etcd 3.5 beside Debian's 3.4, for the etcd client's tests.
 source scripts/etcd-newer.sh
 cargo fmt --all -- --check
