@@ -1,5 +1,5 @@
 //! `x · wᵀ` on the CPU with the weight `w` in its stored type (f16, bf16, or one of ggml's
-//! block formats), read as stored: no dequantized copy of a weight is ever made.
+//! block formats), read as stored: no dequantized copy of a whole weight is ever made.
 //!
 //! The design is llama.cpp's. The activations (small: `m` rows of `k`) are quantized on the fly
 //! into the matching 8-bit form, and each output is an integer dot product per block, scaled
@@ -21,9 +21,11 @@
 //! Q6_K, 7–9% for the 4-bit types). f16/bf16 weights are exact up to f32 summation order.
 //!
 //! Work is split over output rows (weight rows) with rayon, so the weights stream from memory
-//! once. With several activation rows (prefill), each task walks its weight rows once per tile
-//! of activation rows sized to stay in L2, so a weight row is fetched from memory once and
-//! reused from L1 for every activation row of the tile.
+//! once; each weight row, once in L1, meets every activation row (decode batches are small, so
+//! their prepared activations stay in L2). From [`GEMM_MIN_ROWS`] activation rows on (prefill)
+//! the integer kernels lose to f32 FMA: each task dequantizes a tile of weight rows to f32 once
+//! and multiplies it with the `gemm` crate's kernel, so a weight block is read and decoded once
+//! per matmul, not once per activation row; those outputs are exact up to f32 rounding.
 //!
 //! The kernels are chosen at run time by [`Isa::best`]: AVX2 with FMA (and F16C) on x86-64
 //! where present, else the portable scalar code, which is always compiled and is the definition
@@ -148,18 +150,16 @@ pub fn matmul_t(x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> {
     matmul_t_with(Isa::best(), x, m, w)
 }
 
-/// Activation tile: at most this many bytes of prepared activations are walked per weight row,
-/// so that they stay in L2 while the task's weight rows pass once through L1.
-const TILE_BYTES: usize = 512 * 1024;
-
 /// The prepared activations of one matmul, one row after another.
-enum Acts {
-    F32(Vec<f32>),
+enum Acts<'a> {
+    F32(&'a [f32]),
     Q8(Vec<Q8Block>),
     Q8K(Vec<Q8KBlock>),
 }
 
-/// [`matmul_t`] in instruction set `isa`, which must be one of [`Isa::supported`].
+/// [`matmul_t`] with the integer and f16/bf16 kernels of instruction set `isa`, which must be
+/// one of [`Isa::supported`] (from [`GEMM_MIN_ROWS`] rows on, the `gemm` crate's kernels run,
+/// which choose their own).
 pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> {
     let (n, k) = (w.rows(), w.cols());
     assert_eq!(x.len(), m * k, "x is [m, k] = [{m}, {k}]");
@@ -171,8 +171,11 @@ pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> 
         return vec![0.0; m * n];
     }
     let ty = w.ty();
+    if m >= GEMM_MIN_ROWS {
+        return dequantized_gemm(x, m, w);
+    }
     let acts = match ty {
-        WeightType::F32 | WeightType::F16 | WeightType::BF16 => Acts::F32(x.to_vec()),
+        WeightType::F32 | WeightType::F16 | WeightType::BF16 => Acts::F32(x),
         WeightType::Q8_0 | WeightType::Q4_0 | WeightType::Q4_1 => Acts::Q8(
             x.par_chunks(k)
                 .flat_map_iter(quantize_q8)
@@ -184,12 +187,6 @@ pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> 
                 .collect::<Vec<_>>(),
         ),
     };
-    let act_row_bytes = match &acts {
-        Acts::F32(_) => 4 * k,
-        Acts::Q8(_) => std::mem::size_of::<Q8Block>() * k / 32,
-        Acts::Q8K(_) => std::mem::size_of::<Q8KBlock>() * k / 256,
-    };
-    let tile = (TILE_BYTES / act_row_bytes.max(1)).clamp(1, m);
     let kernels = Kernels::new(isa, ty);
 
     // Each task takes a run of weight rows and writes their outputs for every activation row,
@@ -201,30 +198,24 @@ pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> 
         .enumerate()
         .for_each(|(task, chunk)| {
             let rows = task * per_task..task * per_task + chunk.len() / m;
-            let mut wide = Vec::new();
-            for r0 in (0..m).step_by(tile) {
-                let r1 = (r0 + tile).min(m);
-                for (j, outs) in rows.clone().zip(chunk.chunks_exact_mut(m)) {
-                    let wrow = w.row(j);
-                    match &acts {
-                        Acts::F32(a) => {
-                            wide.resize(k, 0f32);
-                            kernels.widen(wrow, &mut wide);
-                            for r in r0..r1 {
-                                outs[r] = kernels.dot_f32(&a[r * k..(r + 1) * k], &wide);
-                            }
+            let mut wide = vec![0f32; if matches!(acts, Acts::F32(_)) { k } else { 0 }];
+            for (j, outs) in rows.zip(chunk.chunks_exact_mut(m)) {
+                let wrow = w.row(j);
+                match &acts {
+                    Acts::F32(a) => {
+                        kernels.widen(wrow, &mut wide);
+                        for (o, a) in outs.iter_mut().zip(a.chunks_exact(k)) {
+                            *o = kernels.dot_f32(a, &wide);
                         }
-                        Acts::Q8(a) => {
-                            let per_row = k / 32;
-                            for r in r0..r1 {
-                                outs[r] = kernels.dot_q8(wrow, &a[r * per_row..(r + 1) * per_row]);
-                            }
+                    }
+                    Acts::Q8(a) => {
+                        for (o, a) in outs.iter_mut().zip(a.chunks_exact(k / 32)) {
+                            *o = kernels.dot_q8(wrow, a);
                         }
-                        Acts::Q8K(a) => {
-                            let per_row = k / 256;
-                            for r in r0..r1 {
-                                outs[r] = kernels.dot_q8k(wrow, &a[r * per_row..(r + 1) * per_row]);
-                            }
+                    }
+                    Acts::Q8K(a) => {
+                        for (o, a) in outs.iter_mut().zip(a.chunks_exact(k / 256)) {
+                            *o = kernels.dot_q8k(wrow, a);
                         }
                     }
                 }
@@ -233,8 +224,67 @@ pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> 
     if m == 1 {
         return out_t;
     }
+    transpose(&out_t, n, m)
+}
+
+/// From this many activation rows on, [`matmul_t`] dequantizes tiles of weight rows to f32 and
+/// multiplies them with the `gemm` crate's f32 kernel: dequantizing costs once per weight value
+/// what the integer kernels pay once per weight value *and activation row*, so with enough rows
+/// f32 FMA on a tile in cache beats them (and the activations need no quantizing).
+pub const GEMM_MIN_ROWS: usize = 16;
+
+/// Weight rows per dequantized tile: 32 rows of k ≤ 14336 f32 values stay within L2.
+const GEMM_TILE_ROWS: usize = 32;
+
+fn dequantized_gemm(x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> {
+    let (n, k) = (w.rows(), w.cols());
+    let mut out_t = vec![0f32; n * m];
+    out_t
+        .par_chunks_mut(GEMM_TILE_ROWS * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let rows = chunk.len() / m;
+            let mut wf = vec![0f32; rows * k];
+            for (i, dst) in wf.chunks_exact_mut(k).enumerate() {
+                w.dequantize_row_into(task * GEMM_TILE_ROWS + i, dst);
+            }
+            // SAFETY: dst is `chunk` as [m, rows] with element (r, j) at j·m + r; lhs is `x`
+            // as [m, k] row-major; rhs is `wf` as [k, rows] with element (i, j) at j·k + i.
+            // All three are exactly those sizes and `chunk` is not aliased.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    rows,
+                    k,
+                    chunk.as_mut_ptr(),
+                    m as isize,
+                    1,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    wf.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    transpose(&out_t, n, m)
+}
+
+/// `[n, m]` → `[m, n]`.
+fn transpose(t: &[f32], n: usize, m: usize) -> Vec<f32> {
+    if m == 1 {
+        return t.to_vec();
+    }
     let mut out = vec![0f32; m * n];
-    for (j, col) in out_t.chunks_exact(m).enumerate() {
+    for (j, col) in t.chunks_exact(m).enumerate() {
         for (r, v) in col.iter().enumerate() {
             out[r * n + j] = *v;
         }

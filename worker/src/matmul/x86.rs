@@ -18,8 +18,13 @@ pub(super) fn has_avx2() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+/// The f16 at byte `i`, converted in registers (a library call here would cost more than the
+/// block's arithmetic).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16_at(b: &[u8], i: usize) -> f32 {
+    let bits = u16::from_le_bytes([b[i], b[i + 1]]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
 #[inline]
@@ -36,6 +41,14 @@ unsafe fn hsum_ps(v: __m256) -> f32 {
 #[target_feature(enable = "avx2")]
 unsafe fn dot_u8i8(u: __m256i, s: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+}
+
+/// Σ u·s·scale over 32 lanes as eight i32 partial sums: the scale is applied with the pair
+/// sums' widening (`vpmaddwd`), so it costs no multiply of its own.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_u8i8_scaled(u: __m256i, s: __m256i, scale: i32) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(scale as i16))
 }
 
 /// 16 bytes of nibbles as 32 bytes: low nibbles first (values 0..16), then high (16..32).
@@ -119,7 +132,7 @@ pub(super) fn dot_q8_0(w: &[u8], a: &[Q8Block]) -> f32 {
     unsafe { dot_q8_0_avx2(w, a) }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_0_avx2(w: &[u8], a: &[Q8Block]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (b, a) in w.chunks_exact(34).zip(a) {
@@ -138,7 +151,7 @@ pub(super) fn dot_q4_0(w: &[u8], a: &[Q8Block]) -> f32 {
     unsafe { dot_q4_0_avx2(w, a) }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_0_avx2(w: &[u8], a: &[Q8Block]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut offset = 0f32;
@@ -148,7 +161,7 @@ unsafe fn dot_q4_0_avx2(w: &[u8], a: &[Q8Block]) -> f32 {
         let d = f16_at(b, 0) * a.d;
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d), acc);
         // The values are nibble - 8: Σ(q - 8)·y = Σ q·y - 8 Σ y.
-        offset += d * (8 * a.sum) as f32;
+        offset += d * 8.0 * a.sum as f32;
     }
     hsum_ps(acc) - offset
 }
@@ -158,7 +171,7 @@ pub(super) fn dot_q4_1(w: &[u8], a: &[Q8Block]) -> f32 {
     unsafe { dot_q4_1_avx2(w, a) }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_1_avx2(w: &[u8], a: &[Q8Block]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut mins = 0f32;
@@ -191,7 +204,7 @@ pub(super) fn dot_q4_k(w: &[u8], a: &[Q8KBlock]) -> f32 {
     unsafe { dot_q4_k_avx2(w, a) }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_k_avx2(w: &[u8], a: &[Q8KBlock]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut mins_acc = 0f32;
@@ -203,13 +216,14 @@ unsafe fn dot_q4_k_avx2(w: &[u8], a: &[Q8KBlock]) -> f32 {
             let q = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c) as *const __m256i);
             let y0 = _mm256_loadu_si256(a.qs.as_ptr().add(64 * c) as *const __m256i);
             let y1 = _mm256_loadu_si256(a.qs.as_ptr().add(64 * c + 32) as *const __m256i);
-            let lo = dot_u8i8(_mm256_and_si256(q, m4), y0);
-            let hi = dot_u8i8(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), y1);
-            sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(lo, _mm256_set1_epi32(sc[2 * c])));
-            sum = _mm256_add_epi32(
-                sum,
-                _mm256_mullo_epi32(hi, _mm256_set1_epi32(sc[2 * c + 1])),
+            // Pair sums ≤ 2·15·127, times a 6-bit scale: within i32 after vpmaddwd.
+            let lo = dot_u8i8_scaled(_mm256_and_si256(q, m4), y0, sc[2 * c]);
+            let hi = dot_u8i8_scaled(
+                _mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
+                y1,
+                sc[2 * c + 1],
             );
+            sum = _mm256_add_epi32(sum, _mm256_add_epi32(lo, hi));
         }
         let d = f16_at(b, 0) * a.d;
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d), acc);
@@ -224,7 +238,7 @@ pub(super) fn dot_q5_k(w: &[u8], a: &[Q8KBlock]) -> f32 {
     unsafe { dot_q5_k_avx2(w, a) }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_k_avx2(w: &[u8], a: &[Q8KBlock]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut mins_acc = 0f32;
@@ -243,13 +257,9 @@ unsafe fn dot_q5_k_avx2(w: &[u8], a: &[Q8KBlock]) -> f32 {
                 _mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
                 q5_high(qh, 2 * c as i32 + 1, sixteen),
             );
-            let lo = dot_u8i8(q0, y0);
-            let hi = dot_u8i8(q1, y1);
-            sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(lo, _mm256_set1_epi32(sc[2 * c])));
-            sum = _mm256_add_epi32(
-                sum,
-                _mm256_mullo_epi32(hi, _mm256_set1_epi32(sc[2 * c + 1])),
-            );
+            let lo = dot_u8i8_scaled(q0, y0, sc[2 * c]);
+            let hi = dot_u8i8_scaled(q1, y1, sc[2 * c + 1]);
+            sum = _mm256_add_epi32(sum, _mm256_add_epi32(lo, hi));
         }
         let d = f16_at(b, 0) * a.d;
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d), acc);
@@ -280,7 +290,7 @@ pub(super) fn dot_q6_k(w: &[u8], a: &[Q8KBlock]) -> f32 {
     unsafe { dot_q6_k_avx2(w, a) }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q6_k_avx2(w: &[u8], a: &[Q8KBlock]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let m4 = _mm256_set1_epi8(0xF);
