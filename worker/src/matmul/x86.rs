@@ -18,13 +18,15 @@ pub(super) fn has_avx2() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
-/// The f16 at byte `i`, converted in registers (a library call here would cost more than the
-/// block's arithmetic).
+/// The f16 at byte `i` in every lane, converted in registers (a library call here would cost
+/// more than the block's arithmetic). Kept a vector to the end: converting for one scalar
+/// compiles to a 16-bit insert into whatever register is at hand (an accumulator, as it was),
+/// and waiting on that register serialized the loop.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn f16_at(b: &[u8], i: usize) -> f32 {
+unsafe fn f16_splat(b: &[u8], i: usize) -> __m256 {
     let bits = u16::from_le_bytes([b[i], b[i + 1]]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
 }
 
 #[inline]
@@ -140,7 +142,7 @@ unsafe fn dot_q8_0_avx2(w: &[u8], a: &[Q8Block]) -> f32 {
         let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
         // q·y = |q| · (y with q's sign).
         let p = dot_u8i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q));
-        let d = _mm256_set1_ps(f16_at(b, 0) * a.d);
+        let d = _mm256_mul_ps(f16_splat(b, 0), _mm256_set1_ps(a.d));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc);
     }
     hsum_ps(acc)
@@ -154,16 +156,17 @@ pub(super) fn dot_q4_0(w: &[u8], a: &[Q8Block]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_0_avx2(w: &[u8], a: &[Q8Block]) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let mut offset = 0f32;
+    // Every lane the same: Σ d · 8 Σy over the blocks.
+    let mut offset = _mm256_setzero_ps();
     for (b, a) in w.chunks_exact(18).zip(a) {
         let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
         let p = dot_u8i8(nibbles(b.as_ptr().add(2)), y);
-        let d = f16_at(b, 0) * a.d;
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d), acc);
+        let d = _mm256_mul_ps(f16_splat(b, 0), _mm256_set1_ps(a.d));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc);
         // The values are nibble - 8: Σ(q - 8)·y = Σ q·y - 8 Σ y.
-        offset += d * 8.0 * a.sum as f32;
+        offset = _mm256_fmadd_ps(d, _mm256_set1_ps(8.0 * a.sum as f32), offset);
     }
-    hsum_ps(acc) - offset
+    hsum_ps(acc) - _mm256_cvtss_f32(offset)
 }
 
 pub(super) fn dot_q4_1(w: &[u8], a: &[Q8Block]) -> f32 {
@@ -174,15 +177,18 @@ pub(super) fn dot_q4_1(w: &[u8], a: &[Q8Block]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_1_avx2(w: &[u8], a: &[Q8Block]) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let mut mins = 0f32;
+    // Every lane the same: Σ min · Σy over the blocks.
+    let mut mins = _mm256_setzero_ps();
     for (b, a) in w.chunks_exact(20).zip(a) {
         let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
         let p = dot_u8i8(nibbles(b.as_ptr().add(4)), y);
-        let d = _mm256_set1_ps(f16_at(b, 0) * a.d);
+        let da = _mm256_set1_ps(a.d);
+        let d = _mm256_mul_ps(f16_splat(b, 0), da);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc);
-        mins += f16_at(b, 2) * a.d * a.sum as f32;
+        let m = _mm256_mul_ps(f16_splat(b, 2), da);
+        mins = _mm256_fmadd_ps(m, _mm256_set1_ps(a.sum as f32), mins);
     }
-    hsum_ps(acc) + mins
+    hsum_ps(acc) + _mm256_cvtss_f32(mins)
 }
 
 /// The eight 6-bit scales and mins of a Q4_K/Q5_K block, and Σ minᵢ · Σ yᵢ over its sub-blocks.
@@ -207,7 +213,8 @@ pub(super) fn dot_q4_k(w: &[u8], a: &[Q8KBlock]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_k_avx2(w: &[u8], a: &[Q8KBlock]) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let mut mins_acc = 0f32;
+    // Every lane the same: Σ dmin · Σ minᵢ Σyᵢ over the blocks.
+    let mut mins_acc = _mm256_setzero_ps();
     let m4 = _mm256_set1_epi8(0xF);
     for (b, a) in w.chunks_exact(144).zip(a) {
         let (sc, mins) = k4_scales(&b[4..16], a);
@@ -225,11 +232,13 @@ unsafe fn dot_q4_k_avx2(w: &[u8], a: &[Q8KBlock]) -> f32 {
             );
             sum = _mm256_add_epi32(sum, _mm256_add_epi32(lo, hi));
         }
-        let d = f16_at(b, 0) * a.d;
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d), acc);
-        mins_acc += f16_at(b, 2) * a.d * mins as f32;
+        let da = _mm256_set1_ps(a.d);
+        let d = _mm256_mul_ps(f16_splat(b, 0), da);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, acc);
+        let dmin = _mm256_mul_ps(f16_splat(b, 2), da);
+        mins_acc = _mm256_fmadd_ps(dmin, _mm256_set1_ps(mins as f32), mins_acc);
     }
-    hsum_ps(acc) - mins_acc
+    hsum_ps(acc) - _mm256_cvtss_f32(mins_acc)
 }
 
 pub(super) fn dot_q5_k(w: &[u8], a: &[Q8KBlock]) -> f32 {
@@ -241,7 +250,8 @@ pub(super) fn dot_q5_k(w: &[u8], a: &[Q8KBlock]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_k_avx2(w: &[u8], a: &[Q8KBlock]) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let mut mins_acc = 0f32;
+    // Every lane the same: Σ dmin · Σ minᵢ Σyᵢ over the blocks.
+    let mut mins_acc = _mm256_setzero_ps();
     let m4 = _mm256_set1_epi8(0xF);
     let sixteen = _mm256_set1_epi8(16);
     for (b, a) in w.chunks_exact(176).zip(a) {
@@ -261,11 +271,13 @@ unsafe fn dot_q5_k_avx2(w: &[u8], a: &[Q8KBlock]) -> f32 {
             let hi = dot_u8i8_scaled(q1, y1, sc[2 * c + 1]);
             sum = _mm256_add_epi32(sum, _mm256_add_epi32(lo, hi));
         }
-        let d = f16_at(b, 0) * a.d;
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d), acc);
-        mins_acc += f16_at(b, 2) * a.d * mins as f32;
+        let da = _mm256_set1_ps(a.d);
+        let d = _mm256_mul_ps(f16_splat(b, 0), da);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, acc);
+        let dmin = _mm256_mul_ps(f16_splat(b, 2), da);
+        mins_acc = _mm256_fmadd_ps(dmin, _mm256_set1_ps(mins as f32), mins_acc);
     }
-    hsum_ps(acc) - mins_acc
+    hsum_ps(acc) - _mm256_cvtss_f32(mins_acc)
 }
 
 /// Q5_K's bit 4 of value 32c + l is bit c of qh[l]: a byte 16 where bit `bit` is set.
@@ -295,7 +307,8 @@ unsafe fn dot_q6_k_avx2(w: &[u8], a: &[Q8KBlock]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let m4 = _mm256_set1_epi8(0xF);
     let m2 = _mm256_set1_epi8(3);
-    let mut offsets = 0f32;
+    // Every lane the same: Σ d · offset over the blocks.
+    let mut offsets = _mm256_setzero_ps();
     for (b, a) in w.chunks_exact(210).zip(a) {
         let sc = &b[192..208];
         // The -32 offset: Σᵢ scᵢ · 32 · Σ yᵢ over the 16 sub-blocks.
@@ -331,9 +344,9 @@ unsafe fn dot_q6_k_avx2(w: &[u8], a: &[Q8KBlock]) -> f32 {
                 sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, scales));
             }
         }
-        let d = f16_at(b, 208) * a.d;
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d), acc);
-        offsets += d * offset as f32;
+        let d = _mm256_mul_ps(f16_splat(b, 208), _mm256_set1_ps(a.d));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, acc);
+        offsets = _mm256_fmadd_ps(d, _mm256_set1_ps(offset as f32), offsets);
     }
-    hsum_ps(acc) - offsets
+    hsum_ps(acc) - _mm256_cvtss_f32(offsets)
 }
