@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod engine;
 pub mod exchange;
+pub mod matmul;
 mod message_limit;
 pub mod metrics;
 pub mod model;
