@@ -253,8 +253,20 @@ pub struct ServeArgs {
     pub device: ServeDevices,
     #[arg(long, default_value = "auto")]
     pub dtype: CpuDtype,
+    #[arg(long, default_value = "f32")]
+    pub activations: CpuActivations,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+}
+
+/// How a CPU worker multiplies activations by quantized weights (`--activations`): `f32`
+/// (weights dequantized in registers, exact up to f32 rounding) or `q8` (activations quantized
+/// to 8 bits per block and integer dot products, as llama.cpp does: faster, about 0.5% error
+/// per product).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CpuActivations {
+    F32,
+    Q8,
 }
 
 /// How a CPU worker keeps its weights (`--dtype`): `auto` in the type the checkpoint stores
@@ -267,10 +279,14 @@ pub enum CpuDtype {
 }
 
 impl CpuDtype {
-    pub fn backend(self) -> CpuBackend {
-        match self {
+    pub fn backend(self, activations: CpuActivations) -> CpuBackend {
+        let b = match self {
             CpuDtype::Auto => CpuBackend::default(),
             CpuDtype::F32 => CpuBackend::exact_f32(),
+        };
+        match activations {
+            CpuActivations::F32 => b,
+            CpuActivations::Q8 => b.q8_activations(),
         }
     }
 }
@@ -309,6 +325,8 @@ pub struct WorkerArgs {
     pub device: Device,
     #[arg(long, default_value = "auto")]
     pub dtype: CpuDtype,
+    #[arg(long, default_value = "f32")]
+    pub activations: CpuActivations,
     /// Serve Prometheus metrics on this address (`/metrics`).
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
@@ -402,6 +420,8 @@ pub struct GenerateArgs {
     pub device: Device,
     #[arg(long, default_value = "auto")]
     pub dtype: CpuDtype,
+    #[arg(long, default_value = "f32")]
+    pub activations: CpuActivations,
 }
 
 /// The sampling flags of `generate`: one mapping to [`SamplingParams`], which the in-process

@@ -13,7 +13,7 @@ use crate::flags::GenerateArgs;
 
 pub fn local(a: GenerateArgs) -> Result<()> {
     match a.device {
-        Device::Cpu => generate_on(a.dtype.backend(), a),
+        Device::Cpu => generate_on(a.dtype.backend(a.activations), a),
         Device::Cuda(ordinal) => {
             let dir = a
                 .model

@@ -95,7 +95,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         };
         // The in-process workers load this model and nothing else.
         let w = match gpu {
-            None => spawn_worker(service(a.dtype.backend(), Some(&model))?, any, forever).await?,
+            None => spawn_worker(service(a.dtype.backend(a.activations), Some(&model))?, any, forever).await?,
             Some(n) => spawn_worker(service(open_gpu(n)?, Some(&model))?, any, forever).await?,
         };
         workers.push(w.address.to_string());
@@ -110,7 +110,7 @@ async fn run_worker(a: WorkerArgs) -> Result<()> {
     let options = a.options()?;
     let root = a.model_root.as_deref();
     match a.device {
-        Device::Cpu => worker::run(service(a.dtype.backend(), root)?, options).await?,
+        Device::Cpu => worker::run(service(a.dtype.backend(a.activations), root)?, options).await?,
         Device::Cuda(n) => worker::run(service(open_gpu(n)?, root)?, options).await?,
     }
     Ok(())

@@ -52,17 +52,26 @@ impl CpuKvCache {
     }
 }
 
-/// The CPU backend. [`CpuBackend::default`] keeps weights in their stored type;
-/// [`CpuBackend::exact_f32`] widens every weight to f32 (today's exact reference path, for
-/// checks against other implementations).
+/// The CPU backend. [`CpuBackend::default`] keeps weights in their stored type and multiplies
+/// with f32 activations; [`CpuBackend::exact_f32`] widens every weight to f32 (the exact
+/// reference path, for checks against other implementations); [`CpuBackend::q8_activations`]
+/// quantizes activations to 8 bits for the products with quantized weights, as llama.cpp does.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBackend {
     widen: bool,
+    q8: bool,
 }
 
 impl CpuBackend {
     pub fn exact_f32() -> Self {
-        CpuBackend { widen: true }
+        CpuBackend {
+            widen: true,
+            q8: false,
+        }
+    }
+
+    pub fn q8_activations(self) -> Self {
+        CpuBackend { q8: true, ..self }
     }
 }
 
@@ -181,29 +190,6 @@ fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
 }
 
 /// Dot product, with an AVX2+FMA path chosen at run time (the binary stays portable).
-/// `x[m, k] · wᵀ` for a weight in its stored type: each weight row is widened once and
-/// dotted with every row of `x`.
-fn matmul_stored(x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> {
-    let (n, k) = (w.rows(), w.cols());
-    let mut yt = vec![0f32; n * m];
-    yt.par_chunks_mut(m.max(1)).enumerate().for_each_init(
-        || vec![0f32; k],
-        |row, (j, out)| {
-            w.dequantize_row_into(j, row);
-            for (r, o) in out.iter_mut().enumerate() {
-                *o = dot(&x[r * k..(r + 1) * k], row);
-            }
-        },
-    );
-    let mut y = vec![0f32; m * n];
-    for j in 0..n {
-        for r in 0..m {
-            y[r * n + j] = yt[j * m + r];
-        }
-    }
-    y
-}
-
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
@@ -459,7 +445,10 @@ impl Backend for CpuBackend {
         Self::check_cols("linear", x, w.cols())?;
         let y = match w {
             CpuWeight::F32(w) => matmul_t(&x.data, x.rows, x.cols, &w.data, w.rows),
-            CpuWeight::Stored(w) => matmul_stored(&x.data, x.rows, w),
+            CpuWeight::Stored(w) => match self.q8 {
+                true => crate::matmul::matmul_t(&x.data, x.rows, w),
+                false => crate::matmul::matmul_t_f32(&x.data, x.rows, w),
+            },
         };
         Mat::new(y, x.rows, w.rows())
     }

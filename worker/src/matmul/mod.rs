@@ -1,7 +1,9 @@
 //! `x · wᵀ` on the CPU with the weight `w` in its stored type (f16, bf16, or one of ggml's
 //! block formats), read as stored: no dequantized copy of a whole weight is ever made.
 //!
-//! The design is llama.cpp's. The activations (small: `m` rows of `k`) are quantized on the fly
+//! Two ways, chosen by the caller. [`matmul_t_f32`] (the CPU backend's default) keeps the
+//! activations in f32 and dequantizes each weight row in L1: exact up to f32 rounding.
+//! [`matmul_t`] is llama.cpp's design (`--activations q8`). The activations (small: `m` rows of `k`) are quantized on the fly
 //! into the matching 8-bit form, and each output is an integer dot product per block, scaled
 //! once per block in f32:
 //! - Q8_0, Q4_0, Q4_1 weights meet [`Q8Block`]s: 32 values as i8 under one f32 scale, with
@@ -150,6 +152,13 @@ pub fn matmul_t(x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> {
     matmul_t_with(Isa::best(), x, m, w)
 }
 
+/// [`matmul_t`] with the activations kept in f32: each weight row is dequantized (in L1) and
+/// meets them with f32 FMA, so the result is exact up to f32 rounding, at the cost of decoding
+/// every weight once per product instead of integer dot products.
+pub fn matmul_t_f32(x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> {
+    matmul(Isa::best(), x, m, w, false)
+}
+
 /// The prepared activations of one matmul, one row after another.
 enum Acts<'a> {
     F32(&'a [f32]),
@@ -161,6 +170,11 @@ enum Acts<'a> {
 /// one of [`Isa::supported`] (from [`GEMM_MIN_ROWS`] rows on, the `gemm` crate's kernels run,
 /// which choose their own).
 pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> {
+    matmul(isa, x, m, w, true)
+}
+
+/// `quantize`: 8-bit activations and integer dots for block types below [`GEMM_MIN_ROWS`] rows.
+fn matmul(isa: Isa, x: &[f32], m: usize, w: &HostWeight, quantize: bool) -> Vec<f32> {
     let (n, k) = (w.rows(), w.cols());
     assert_eq!(x.len(), m * k, "x is [m, k] = [{m}, {k}]");
     assert!(
@@ -175,6 +189,7 @@ pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> 
         return dequantized_gemm(x, m, w);
     }
     let acts = match ty {
+        _ if !quantize => Acts::F32(x),
         WeightType::F32 | WeightType::F16 | WeightType::BF16 => Acts::F32(x),
         WeightType::Q8_0 | WeightType::Q4_0 | WeightType::Q4_1 => Acts::Q8(
             x.par_chunks(k)
@@ -316,7 +331,7 @@ impl Kernels {
             (Isa::Avx2, WeightType::BF16) => x86::widen_bf16(w, out),
             (_, WeightType::F16) => portable::widen_f16(w, out),
             (_, WeightType::BF16) => portable::widen_bf16(w, out),
-            (_, ty) => unreachable!("{ty} is not a float type"),
+            (_, ty) => switchyard_model::quant::dequantize_row(ty, w, out),
         }
     }
 

@@ -171,3 +171,24 @@ fn activation_quantization_costs_under_one_percent() {
         assert!(rel < 0.01, "{ty}: {rel}");
     }
 }
+
+#[test]
+fn f32_activations_are_exact_up_to_f32_rounding() {
+    let mut rng = Rng(41);
+    let k = 512;
+    for ty in TYPES {
+        for (m, n) in [(1, 37), (3, 64), (GEMM_MIN_ROWS, 9)] {
+            let w = weight(&mut rng, ty, n, k);
+            let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+            let (want, mag) = exact(&x, m, &w);
+            let got = matmul_t_f32(&x, m, &w);
+            for (i, ((g, wv), mg)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                let tol = 2e-6 * mg + 1e-6;
+                assert!(
+                    (*g as f64 - wv).abs() <= tol,
+                    "{ty} m={m} output {i}: {g}, exact {wv} (tolerance {tol})"
+                );
+            }
+        }
+    }
+}
