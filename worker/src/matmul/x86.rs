@@ -38,6 +38,15 @@ unsafe fn hsum_ps(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
 /// Σ u·s over 32 lanes as eight i32 partial sums (`u` unsigned, `s` signed bytes).
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -212,11 +221,7 @@ unsafe fn k4_scales(q: &[u8], a: &Q8KBlock) -> ([i32; 8], i32) {
     }
     let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
     let m = _mm256_loadu_si256(mins.as_ptr() as *const __m256i);
-    let p = _mm256_madd_epi16(bsums, m);
-    let s = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-    (sc, _mm_cvtsi128_si32(s))
+    (sc, hsum_i32(_mm256_madd_epi16(bsums, m)))
 }
 
 pub(super) fn dot_q4_k(w: &[u8], a: &[Q8KBlock]) -> f32 {
@@ -326,10 +331,10 @@ unsafe fn dot_q6_k_avx2(w: &[u8], a: &[Q8KBlock]) -> f32 {
     let mut offsets = _mm256_setzero_ps();
     for (b, a) in w.chunks_exact(210).zip(a) {
         let sc = &b[192..208];
-        // The -32 offset: Σᵢ scᵢ · 32 · Σ yᵢ over the 16 sub-blocks.
-        let offset: i32 = (0..16)
-            .map(|i| (sc[i] as i8) as i32 * 32 * a.bsums[i] as i32)
-            .sum();
+        // The -32 offset: Σᵢ scᵢ · 32 · Σ yᵢ over the 16 sub-blocks, in one vpmaddwd.
+        let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc.as_ptr() as *const __m128i));
+        let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
+        let offset = 32 * hsum_i32(_mm256_madd_epi16(scales, bsums));
         let mut sum = _mm256_setzero_si256();
         for h in 0..2 {
             let ql0 = _mm256_loadu_si256(b.as_ptr().add(64 * h) as *const __m256i);
