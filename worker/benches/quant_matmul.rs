@@ -6,7 +6,8 @@
 //! `cargo bench -p switchyard-worker --bench quant_matmul` (env `BENCH_REPEATS`, default 9 for
 //! GEMV, a third of that for GEMM).
 //!
-//! GB/s counts the weight bytes read per call. GEMV cycles through copies of the weight
+//! GB/s counts the weight bytes read per call; the memory bandwidth is measured before and after
+//! each shape, so that drift during the run (a shared machine's) shows. GEMV cycles through copies of the weight
 //! totalling over 1 GiB, so each call reads its weight from memory, not from a cache.
 
 use std::time::Instant;
@@ -168,6 +169,12 @@ fn main() {
             "-",
             gemm * 1e3,
             flops(128) / gemm / 1e9
+        );
+        // Again after the shape: on a shared machine the bandwidth drifts during a run, and the
+        // rows above are to be read against the figures either side of them.
+        println!(
+            "memory read bandwidth {:.1} GB/s",
+            memory_bandwidth(repeats)
         );
     }
 }

@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{scale_min_k4, Q8Block, Q8KBlock};
+use super::{Q8Block, Q8KBlock};
 
 pub(super) fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2")
@@ -36,6 +36,15 @@ unsafe fn hsum_ps(v: __m256) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
     _mm_cvtss_f32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
 }
 
 /// Σ u·s over 32 lanes as eight i32 partial sums (`u` unsigned, `s` signed bytes).
@@ -191,17 +200,28 @@ unsafe fn dot_q4_1_avx2(w: &[u8], a: &[Q8Block]) -> f32 {
     hsum_ps(acc) + _mm256_cvtss_f32(mins)
 }
 
-/// The eight 6-bit scales and mins of a Q4_K/Q5_K block, and Σ minᵢ · Σ yᵢ over its sub-blocks.
+/// The eight 6-bit scales of a Q4_K/Q5_K block, and Σ minᵢ · Σ yᵢ over its sub-blocks:
+/// unpacked without branches (the scalar `scale_min_k4` branches per sub-block), the mins
+/// weighted by the activations' 16-sums in one `vpmaddwd`.
 #[inline]
-fn k4_scales(scales: &[u8], a: &Q8KBlock) -> ([i32; 8], i32) {
+#[target_feature(enable = "avx2")]
+unsafe fn k4_scales(q: &[u8], a: &Q8KBlock) -> ([i32; 8], i32) {
+    let q: &[u8; 12] = q.try_into().expect("12 scale bytes");
     let mut sc = [0i32; 8];
-    let mut mins = 0i32;
-    for (j, s) in sc.iter_mut().enumerate() {
-        let (s_, m) = scale_min_k4(j, scales);
-        *s = s_ as i32;
-        mins += m as i32 * a.sum32(j);
+    let mut mins = [0i16; 16];
+    for j in 0..4 {
+        sc[j] = (q[j] & 63) as i32;
+        sc[j + 4] = ((q[j + 8] & 0xF) | ((q[j] >> 6) << 4)) as i32;
+        let (m, m4) = (q[j + 4] & 63, (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4));
+        // Each min covers two of the activations' 16-sums.
+        mins[2 * j] = m as i16;
+        mins[2 * j + 1] = m as i16;
+        mins[2 * j + 8] = m4 as i16;
+        mins[2 * j + 9] = m4 as i16;
     }
-    (sc, mins)
+    let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
+    let m = _mm256_loadu_si256(mins.as_ptr() as *const __m256i);
+    (sc, hsum_i32(_mm256_madd_epi16(bsums, m)))
 }
 
 pub(super) fn dot_q4_k(w: &[u8], a: &[Q8KBlock]) -> f32 {
@@ -311,10 +331,10 @@ unsafe fn dot_q6_k_avx2(w: &[u8], a: &[Q8KBlock]) -> f32 {
     let mut offsets = _mm256_setzero_ps();
     for (b, a) in w.chunks_exact(210).zip(a) {
         let sc = &b[192..208];
-        // The -32 offset: Σᵢ scᵢ · 32 · Σ yᵢ over the 16 sub-blocks.
-        let offset: i32 = (0..16)
-            .map(|i| (sc[i] as i8) as i32 * 32 * a.bsums[i] as i32)
-            .sum();
+        // The -32 offset: Σᵢ scᵢ · 32 · Σ yᵢ over the 16 sub-blocks, in one vpmaddwd.
+        let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc.as_ptr() as *const __m128i));
+        let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
+        let offset = 32 * hsum_i32(_mm256_madd_epi16(scales, bsums));
         let mut sum = _mm256_setzero_si256();
         for h in 0..2 {
             let ql0 = _mm256_loadu_si256(b.as_ptr().add(64 * h) as *const __m256i);
