@@ -19,7 +19,7 @@ use crate::gguf_model::{unpermute_qk_order, GGUF_ARCH};
 use crate::gguf_vocab::{
     TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_UNUSED, TOKEN_USER_DEFINED,
 };
-use crate::quant::{quantize_row, WeightType};
+use crate::quant::{quantize_row, WeightBytes, WeightType};
 use crate::weights::{LayerNames, EMBEDDING, FINAL_NORM, LM_HEAD};
 
 #[derive(Debug, thiserror::Error)]
@@ -379,8 +379,22 @@ fn make_tensor(ckpt: &Checkpoint, p: &Plan) -> Result<Vec<u8>, QuantizeError> {
             w.dequantize_row_into(r, &mut row);
             quantize_row(ty, &row, &mut data);
         }
+        release(w.storage());
     }
     Ok(data)
+}
+
+/// Drops a source tensor's pages from this process's memory once it is converted: pages of a
+/// file map read once stay resident (and counted) until the kernel needs them, so without this
+/// the whole input would end up resident. A hint: failure only costs memory.
+fn release(bytes: &WeightBytes) {
+    if let WeightBytes::Mapped { map, range } = bytes {
+        // SAFETY: the map is read-only and file-backed; MADV_DONTNEED only unmaps its pages, and
+        // a later read faults them in again from the file, so no data is lost or changed.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, range.len())
+        };
+    }
 }
 
 /// The `tokenizer.*` keys made from a Hugging Face tokenizer.
