@@ -118,11 +118,7 @@ fn q4_k_m_mixes_types_as_llama_cpp_does() {
     quantize(&dir, &out, "q4_k_m");
     let f = GgufFile::open(&out).unwrap();
     let ty = |n: &str| f.tensor(n).unwrap_or_else(|| panic!("{n} missing")).ty;
-    let layers = f
-        .metadata()
-        .get_u32("llama.block_count")
-        .unwrap()
-        .unwrap() as usize;
+    let layers = f.metadata().get_u32("llama.block_count").unwrap().unwrap() as usize;
     for l in 0..layers {
         let more = switchyard_model::quantize::more_bits(l, layers);
         let want = if more {
@@ -248,8 +244,20 @@ fn bad_input_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o.gguf");
     let o = out.to_str().unwrap();
-    let e = fails(&["model", "quantize", "--in", "/nonexistent/m", "--out", o, "--type", "q8_0"]);
-    assert!(e.contains("/nonexistent/m") && e.contains("not found"), "{e}");
+    let e = fails(&[
+        "model",
+        "quantize",
+        "--in",
+        "/nonexistent/m",
+        "--out",
+        o,
+        "--type",
+        "q8_0",
+    ]);
+    assert!(
+        e.contains("/nonexistent/m") && e.contains("not found"),
+        "{e}"
+    );
 
     let dir = tmp.path().join("m");
     init(&dir, "tiny-llama");
@@ -285,6 +293,15 @@ fn bad_input_is_a_clear_error() {
 
     // A GGUF file as input is refused: quantize reads safetensors.
     let o2 = tmp.path().join("o2.gguf");
-    let e = fails(&["model", "quantize", "--in", o, "--out", o2.to_str().unwrap(), "--type", "q8_0"]);
+    let e = fails(&[
+        "model",
+        "quantize",
+        "--in",
+        o,
+        "--out",
+        o2.to_str().unwrap(),
+        "--type",
+        "q8_0",
+    ]);
     assert!(e.contains("safetensors"), "{e}");
 }

@@ -24,7 +24,9 @@ use crate::weights::{LayerNames, EMBEDDING, FINAL_NORM, LM_HEAD};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuantizeError {
-    #[error("{path}: not found; expected a Hugging Face model directory (config.json, safetensors)")]
+    #[error(
+        "{path}: not found; expected a Hugging Face model directory (config.json, safetensors)"
+    )]
     NotFound { path: PathBuf },
     #[error("{path} is a GGUF file; expected a Hugging Face safetensors directory")]
     NotSafetensors { path: PathBuf },
@@ -358,15 +360,14 @@ fn make_tensor(ckpt: &Checkpoint, p: &Plan) -> Result<Vec<u8>, QuantizeError> {
         // GGUF row g holds Hugging Face row inverse[g].
         let order: Vec<usize> = match p.rope_heads {
             Some(heads) => {
-                let forward = unpermute_qk_order(w.rows(), heads).ok_or_else(|| {
-                    CheckpointError::Layout {
+                let forward =
+                    unpermute_qk_order(w.rows(), heads).ok_or_else(|| CheckpointError::Layout {
                         name: name.clone(),
                         problem: format!(
                             "{} rows do not split into {heads} heads of an even size",
                             w.rows()
                         ),
-                    }
-                })?;
+                    })?;
                 let mut inverse = vec![0; forward.len()];
                 for (hf, g) in forward.into_iter().enumerate() {
                     inverse[g] = hf;
@@ -444,17 +445,16 @@ fn hf_tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<VocabKeys, Qua
     };
     let byte_fallback = model["byte_fallback"].as_bool() == Some(true);
     let byte_level = has_type(&json["pre_tokenizer"], "ByteLevel");
-    let kind = match (byte_fallback, byte_level) {
-        (true, false) => "llama",
-        (false, true) => "gpt2",
-        _ => {
-            return Err(bad(
+    let kind =
+        match (byte_fallback, byte_level) {
+            (true, false) => "llama",
+            (false, true) => "gpt2",
+            _ => return Err(bad(
                 "neither SentencePiece-style BPE with byte fallback nor byte-level BPE; cannot \
                  tell which llama.cpp tokenizer it is"
                     .into(),
-            ))
-        }
-    };
+            )),
+        };
 
     // Tokens by id: the model's vocabulary, then added tokens.
     let vocab = model["vocab"]
@@ -552,7 +552,10 @@ fn hf_tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<VocabKeys, Qua
     let s = |v: &str| GgufValue::String(v.to_string());
     keys.push(("tokenizer.ggml.model".to_string(), s(kind)));
     if kind == "gpt2" {
-        keys.push(("tokenizer.ggml.pre".into(), s(&gpt2_pre(&json).map_err(bad)?)));
+        keys.push((
+            "tokenizer.ggml.pre".into(),
+            s(&gpt2_pre(&json).map_err(bad)?),
+        ));
     } else {
         keys.push(("tokenizer.ggml.pre".into(), s("default")));
     }
@@ -604,7 +607,10 @@ fn hf_tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<VocabKeys, Qua
     }
     // Our directory tokenizer starts prompts with BOS when it has one.
     let add_bos = config["add_bos_token"].as_bool().unwrap_or(bos.is_some());
-    keys.push(("tokenizer.ggml.add_bos_token".into(), GgufValue::Bool(add_bos)));
+    keys.push((
+        "tokenizer.ggml.add_bos_token".into(),
+        GgufValue::Bool(add_bos),
+    ));
     if kind == "llama" {
         let prepends = has_type(&json["normalizer"], "Prepend")
             || json["pre_tokenizer"]["prepend_scheme"]
