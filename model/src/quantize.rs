@@ -675,3 +675,92 @@ fn gpt2_pre(json: &Value) -> Result<String, String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf_vocab::GgufVocab;
+    use crate::tokenizer::Tokenizer;
+    use serde_json::json;
+
+    /// A byte-level BPE `tokenizer.json` (GPT-2's form, SmolLM's single-digit split) written by
+    /// hand: the 256 byte characters, a few merges, one special token. Its GGUF form must encode
+    /// as the `tokenizers` crate encodes the original.
+    #[test]
+    fn byte_level_tokenizer_round_trips() {
+        let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+            .into_iter()
+            .collect();
+        alphabet.sort();
+        let mut tokens: Vec<String> = alphabet.iter().map(char::to_string).collect();
+        let merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "a n", "an d", "Ġ and"];
+        for m in merges {
+            tokens.push(m.replace(' ', ""));
+        }
+        let vocab: serde_json::Map<String, Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
+        let special = tokens.len();
+        let tokenizer = json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": special, "content": "<|im_end|>", "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                 "use_regex": true}]},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": merges},
+        });
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
+        let config = json!({"eos_token": "<|im_end|>", "chat_template": "{{ messages }}"});
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+
+        let keys = hf_tokenizer_metadata(dir.path(), special + 7).unwrap();
+        assert_eq!(keys.kind, "gpt2");
+        let mut m = GgufMetadata::new();
+        for (k, v) in keys.keys {
+            m.insert(k, v);
+        }
+        assert_eq!(m.get_str("tokenizer.ggml.pre").unwrap(), Some("smollm"));
+        let vocab = GgufVocab::from_metadata(&m).unwrap().unwrap();
+        assert_eq!(vocab.tokens.len(), special + 7);
+        assert_eq!(vocab.tokens[special + 1], format!("[PAD{}]", special + 1));
+        assert_eq!(vocab.eos_id, Some(special as u32));
+        let gguf = Tokenizer::from_gguf_vocab(&vocab).unwrap();
+        let hf = Tokenizer::from_dir(dir.path()).unwrap();
+        for text in [
+            "the cat and the hat",
+            " and 2024 in the end<|im_end|>",
+            "Ünï 東京\n\n x",
+        ] {
+            assert_eq!(
+                gguf.encode(text, false).unwrap(),
+                hf.encode(text, false).unwrap(),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn fallbacks_follow_the_row_length() {
+        assert_eq!(fitting_type(WeightType::Q4_K, 512), WeightType::Q4_K);
+        assert_eq!(fitting_type(WeightType::Q4_K, 64), WeightType::Q4_1);
+        assert_eq!(fitting_type(WeightType::Q6_K, 96), WeightType::Q8_0);
+        assert_eq!(fitting_type(WeightType::Q6_K, 48), WeightType::F16);
+        // llama.cpp's use_more_bits on 32 layers: 0..4, 28..32 and every third between.
+        let picked: Vec<usize> = (0..32).filter(|&l| more_bits(l, 32)).collect();
+        assert_eq!(
+            picked,
+            [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+        );
+    }
+}
