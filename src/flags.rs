@@ -382,6 +382,22 @@ pub enum ModelCommand {
         #[arg(long)]
         shard_mb: Option<usize>,
     },
+    /// Convert a Hugging Face safetensors directory to a GGUF file (llama.cpp's layout),
+    /// streaming tensor by tensor.
+    Quantize {
+        /// The model directory (config.json, safetensors, tokenizer.json).
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// The GGUF file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// q8_0, q4_0, q4_1, q4_k_m, q6_k, f16, bf16 or f32.
+        #[arg(long = "type")]
+        ty: String,
+        /// Write the weights only, without the tokenizer.
+        #[arg(long)]
+        no_tokenizer: bool,
+    },
     /// Architecture, parameter counts, bytes per dtype and KV bytes per token.
     Inspect {
         /// A model directory, a .gguf file, or a directory holding one.

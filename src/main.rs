@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use switchyard_coordinator::{client, run as coordinator};
 use switchyard_model::init;
+use switchyard_model::quantize::{self, Scheme};
 use switchyard_model::safetensors::Dtype;
 use switchyard_model::Checkpoint;
 use switchyard_worker::service::{spawn_worker, WorkerService};
@@ -56,6 +57,27 @@ fn run(command: Command, runtime: &tokio::runtime::Runtime) -> Result<()> {
                 "wrote {preset} ({} parameters) to {}",
                 config.param_counts().total,
                 out.display()
+            );
+        }
+        Command::Model(ModelCommand::Quantize {
+            input,
+            out,
+            ty,
+            no_tokenizer,
+        }) => {
+            let Some(scheme) = Scheme::from_name(&ty) else {
+                bail!("--type {ty:?}: expected one of {}", Scheme::NAMES);
+            };
+            let report = quantize::quantize(&input, &out, scheme, !no_tokenizer)?;
+            for f in &report.fallbacks {
+                eprintln!("note: {f}");
+            }
+            eprintln!(
+                "wrote {} ({} tensors, {} tensor bytes, tokenizer: {})",
+                out.display(),
+                report.tensors,
+                report.tensor_bytes,
+                report.tokenizer.as_deref().unwrap_or("none")
             );
         }
         Command::Model(ModelCommand::Inspect { dir, json }) => inspect(&dir, json)?,

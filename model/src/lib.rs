@@ -13,6 +13,7 @@ pub mod gguf_model;
 pub mod gguf_vocab;
 pub mod init;
 pub mod quant;
+pub mod quantize;
 pub mod rng;
 pub mod safetensors;
 pub mod sizes;
