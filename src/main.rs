@@ -95,7 +95,14 @@ async fn serve(a: ServeArgs) -> Result<()> {
         };
         // The in-process workers load this model and nothing else.
         let w = match gpu {
-            None => spawn_worker(service(a.dtype.backend(a.activations), Some(&model))?, any, forever).await?,
+            None => {
+                spawn_worker(
+                    service(a.dtype.backend(a.activations), Some(&model))?,
+                    any,
+                    forever,
+                )
+                .await?
+            }
             Some(n) => spawn_worker(service(open_gpu(n)?, Some(&model))?, any, forever).await?,
         };
         workers.push(w.address.to_string());

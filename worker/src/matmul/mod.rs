@@ -2,7 +2,10 @@
 //! block formats), read as stored: no dequantized copy of a whole weight is ever made.
 //!
 //! Two ways, chosen by the caller. [`matmul_t_f32`] (the CPU backend's default) keeps the
-//! activations in f32 and dequantizes each weight row in L1: exact up to f32 rounding.
+//! activations in f32: exact up to f32 rounding. With AVX2 its block-type kernels decode each
+//! block in registers (with `dequantize_row`'s f32 operations, so bitwise its weights) and FMA
+//! every decoded vector into up to four activation rows; elsewhere each weight row is
+//! dequantized into L1 and meets the activations with `dot_f32`.
 //! [`matmul_t`] is llama.cpp's design (`--activations q8`). The activations (small: `m` rows of `k`) are quantized on the fly
 //! into the matching 8-bit form, and each output is an integer dot product per block, scaled
 //! once per block in f32:

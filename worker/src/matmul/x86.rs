@@ -1,4 +1,6 @@
 //! AVX2 + FMA (+ F16C) kernels: the same dot products as `portable.rs`, 32 values at a time.
+//! `gemv_f32` (f32 activations) has no portable twin: its definition is the portable path's
+//! dequantized row · activations, which it matches up to the order of the sums.
 //!
 //! Integer products use `vpmaddubsw` (u8 × i8 → pairs summed to i16) and `vpmaddwd` (i16 pairs
 //! → i32); every weight operand is made unsigned first (nibbles are 0..16, Q6_K's values 0..64
