@@ -1,5 +1,6 @@
-//! `matmul::matmul_t` on weights in every stored type: GEMV (m = 1, decode) and GEMM
-//! (m = 128, prefill) at a Mixtral expert's down projection (n 4096, k 14336) and a small
+//! `matmul::matmul_t` on weights in every stored type: GEMV (m = 1, decode) with 8-bit
+//! activations (`matmul_t`) and with f32 activations (`matmul_t_f32`, the CPU backend's
+//! default), and GEMM (m = 128, prefill) at a Mixtral expert's down projection (n 4096, k 14336) and a small
 //! model's (n 576, k 1536), beside the f32 `gemm` path the CPU backend keeps and the machine's
 //! memory bandwidth measured in the same run.
 //!
@@ -15,7 +16,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use switchyard_model::quant::quantize_row;
 use switchyard_model::{HostWeight, WeightType};
-use switchyard_worker::matmul::{matmul_t_with, Isa};
+use switchyard_worker::matmul::{matmul_t_f32_with, matmul_t_with, Isa};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -123,8 +124,16 @@ fn main() {
         memory_bandwidth(repeats)
     );
     println!(
-        "{:<14} {:<5} {:>9} {:>9} {:>10} {:>9} {:>10}",
-        "shape n×k", "type", "MiB", "gemv ms", "gemv GB/s", "gemm ms", "gemm GF/s"
+        "{:<14} {:<5} {:>9} {:>9} {:>10} {:>9} {:>10} {:>9} {:>10}",
+        "shape n×k",
+        "type",
+        "MiB",
+        "gemv ms",
+        "gemv GB/s",
+        "f32a ms",
+        "f32a GB/s",
+        "gemm ms",
+        "gemm GF/s"
     );
     for (n, k) in [(4096usize, 14336usize), (576, 1536)] {
         let wf = values(n * k, 1);
@@ -141,17 +150,23 @@ fn main() {
             let gemv = time(repeats, |i| {
                 std::hint::black_box(matmul_t_with(isa, &x1, 1, &copies[i % copies.len()]));
             });
+            let gemv_f32 = time(repeats, |i| {
+                let w = &copies[i % copies.len()];
+                std::hint::black_box(matmul_t_f32_with(isa, &x1, 1, w));
+            });
             drop(copies);
             let gemm = time(repeats.div_ceil(3), |_| {
                 std::hint::black_box(matmul_t_with(isa, &x128, 128, &w));
             });
             println!(
-                "{:<14} {:<5} {:>9.1} {:>9.3} {:>10.1} {:>9.1} {:>10.1}",
+                "{:<14} {:<5} {:>9.1} {:>9.3} {:>10.1} {:>9.3} {:>10.1} {:>9.1} {:>10.1}",
                 format!("{n}×{k}"),
                 ty.name(),
                 bytes as f64 / (1 << 20) as f64,
                 gemv * 1e3,
                 bytes as f64 / gemv / 1e9,
+                gemv_f32 * 1e3,
+                bytes as f64 / gemv_f32 / 1e9,
                 gemm * 1e3,
                 flops(128) / gemm / 1e9
             );
@@ -161,10 +176,12 @@ fn main() {
             std::hint::black_box(gemm_f32(&x128, 128, k, &wf, n));
         });
         println!(
-            "{:<14} {:<5} {:>9.1} {:>9} {:>10} {:>9.1} {:>10.1}",
+            "{:<14} {:<5} {:>9.1} {:>9} {:>10} {:>9} {:>10} {:>9.1} {:>10.1}",
             format!("{n}×{k}"),
             "gemm",
             (n * k * 4) as f64 / (1 << 20) as f64,
+            "-",
+            "-",
             "-",
             "-",
             gemm * 1e3,

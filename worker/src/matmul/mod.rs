@@ -2,7 +2,10 @@
 //! block formats), read as stored: no dequantized copy of a whole weight is ever made.
 //!
 //! Two ways, chosen by the caller. [`matmul_t_f32`] (the CPU backend's default) keeps the
-//! activations in f32 and dequantizes each weight row in L1: exact up to f32 rounding.
+//! activations in f32: exact up to f32 rounding. With AVX2 its block-type kernels decode each
+//! block in registers (with `dequantize_row`'s f32 operations, so bitwise its weights) and FMA
+//! every decoded vector into up to four activation rows; elsewhere each weight row is
+//! dequantized into L1 and meets the activations with `dot_f32`.
 //! [`matmul_t`] is llama.cpp's design (`--activations q8`). The activations (small: `m` rows of `k`) are quantized on the fly
 //! into the matching 8-bit form, and each output is an integer dot product per block, scaled
 //! once per block in f32:
@@ -152,11 +155,18 @@ pub fn matmul_t(x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> {
     matmul_t_with(Isa::best(), x, m, w)
 }
 
-/// [`matmul_t`] with the activations kept in f32: each weight row is dequantized (in L1) and
-/// meets them with f32 FMA, so the result is exact up to f32 rounding, at the cost of decoding
-/// every weight once per product instead of integer dot products.
+/// [`matmul_t`] with the activations kept in f32: each weight is dequantized (in registers
+/// for the block types, block by block, where the instruction set has fused kernels; else a
+/// row at a time into L1) and meets them with f32 FMA, so the result is exact up to f32
+/// rounding, at the cost of decoding every weight once per product instead of integer dots.
 pub fn matmul_t_f32(x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> {
-    matmul(Isa::best(), x, m, w, false)
+    matmul_t_f32_with(Isa::best(), x, m, w)
+}
+
+/// [`matmul_t_f32`] with the kernels of instruction set `isa`, which must be one of
+/// [`Isa::supported`].
+pub fn matmul_t_f32_with(isa: Isa, x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> {
+    matmul(isa, x, m, w, false)
 }
 
 /// The prepared activations of one matmul, one row after another.
@@ -213,10 +223,13 @@ fn matmul(isa: Isa, x: &[f32], m: usize, w: &HostWeight, quantize: bool) -> Vec<
         .enumerate()
         .for_each(|(task, chunk)| {
             let rows = task * per_task..task * per_task + chunk.len() / m;
-            let mut wide = vec![0f32; if matches!(acts, Acts::F32(_)) { k } else { 0 }];
+            let fused = kernels.has_gemv_f32();
+            let widen = matches!(acts, Acts::F32(_)) && !fused;
+            let mut wide = vec![0f32; if widen { k } else { 0 }];
             for (j, outs) in rows.zip(chunk.chunks_exact_mut(m)) {
                 let wrow = w.row(j);
                 match &acts {
+                    Acts::F32(a) if fused => kernels.gemv_f32(wrow, a, outs),
                     Acts::F32(a) => {
                         kernels.widen(wrow, &mut wide);
                         for (o, a) in outs.iter_mut().zip(a.chunks_exact(k)) {
@@ -332,6 +345,25 @@ impl Kernels {
             (_, WeightType::F16) => portable::widen_f16(w, out),
             (_, WeightType::BF16) => portable::widen_bf16(w, out),
             (_, ty) => switchyard_model::quant::dequantize_row(ty, w, out),
+        }
+    }
+
+    /// Whether [`Kernels::gemv_f32`] runs: block types decoded in registers, no row buffer.
+    fn has_gemv_f32(&self) -> bool {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => self.ty.is_quantized(),
+            _ => false,
+        }
+    }
+
+    /// `out[r]` = row r of `x` (`out.len()` rows) · the weight row `w`, fused: only where
+    /// [`Kernels::has_gemv_f32`] says so.
+    fn gemv_f32(&self, w: &[u8], x: &[f32], out: &mut [f32]) {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::gemv_f32(self.ty, w, x, out),
+            isa => unreachable!("{isa:?} has no fused f32 GEMV"),
         }
     }
 

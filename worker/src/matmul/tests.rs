@@ -177,17 +177,57 @@ fn f32_activations_are_exact_up_to_f32_rounding() {
     let mut rng = Rng(41);
     let k = 512;
     for ty in TYPES {
-        for (m, n) in [(1, 37), (3, 64), (GEMM_MIN_ROWS, 9)] {
+        // Every group of rows the fused kernels take (1 to 4, and 7 = 4 + 3, 15 = 4+4+4+3).
+        for (m, n) in [
+            (1, 37),
+            (2, 5),
+            (3, 64),
+            (4, 9),
+            (7, 11),
+            (15, 6),
+            (GEMM_MIN_ROWS, 9),
+        ] {
             let w = weight(&mut rng, ty, n, k);
             let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
             let (want, mag) = exact(&x, m, &w);
-            let got = matmul_t_f32(&x, m, &w);
-            for (i, ((g, wv), mg)) in got.iter().zip(&want).zip(&mag).enumerate() {
-                let tol = 2e-6 * mg + 1e-6;
-                assert!(
-                    (*g as f64 - wv).abs() <= tol,
-                    "{ty} m={m} output {i}: {g}, exact {wv} (tolerance {tol})"
-                );
+            for isa in Isa::supported() {
+                let got = matmul_t_f32_with(isa, &x, m, &w);
+                assert_eq!(got.len(), m * n);
+                for (i, ((g, wv), mg)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                    let tol = 2e-6 * mg + 1e-6;
+                    assert!(
+                        (*g as f64 - wv).abs() <= tol,
+                        "{ty} {isa:?} m={m} output {i}: {g}, exact {wv} (tolerance {tol})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The fused f32-activation kernels decode each weight with the same f32 operations as
+/// `dequantize_row`, so they differ from the portable path (dequantized row · activations)
+/// only in the order of the sums: far below f32 rounding's scale Σ|x·w| · 2⁻²⁴ · √k.
+#[test]
+fn simd_f32_activation_kernels_agree_with_the_portable_ones() {
+    let mut rng = Rng(1401);
+    let k = 2048;
+    for ty in TYPES {
+        for m in [1, 5, 15] {
+            let n = 21;
+            let w = weight(&mut rng, ty, n, k);
+            let x: Vec<f32> = (0..m * k).map(|_| rng.normal() * 3.0).collect();
+            let portable = matmul_t_f32_with(Isa::Portable, &x, m, &w);
+            let (_, mag) = exact(&x, m, &w);
+            for isa in Isa::supported() {
+                let got = matmul_t_f32_with(isa, &x, m, &w);
+                for (i, ((g, p), mg)) in got.iter().zip(&portable).zip(&mag).enumerate() {
+                    let tol = 1e-6 * mg;
+                    assert!(
+                        (g - p).abs() as f64 <= tol,
+                        "{ty} {isa:?} m={m} output {i}: {g}, portable {p} (tolerance {tol})"
+                    );
+                }
             }
         }
     }

@@ -1,4 +1,6 @@
 //! AVX2 + FMA (+ F16C) kernels: the same dot products as `portable.rs`, 32 values at a time.
+//! `gemv_f32` (f32 activations) has no portable twin: its definition is the portable path's
+//! dequantized row · activations, which it matches up to the order of the sums.
 //!
 //! Integer products use `vpmaddubsw` (u8 × i8 → pairs summed to i16) and `vpmaddwd` (i16 pairs
 //! → i32); every weight operand is made unsigned first (nibbles are 0..16, Q6_K's values 0..64
@@ -9,6 +11,8 @@
 //! `matmul_t_with`, checks that the instruction set is supported).
 
 use std::arch::x86_64::*;
+
+use switchyard_model::WeightType;
 
 use super::{Q8Block, Q8KBlock};
 
@@ -369,4 +373,271 @@ unsafe fn dot_q6_k_avx2(w: &[u8], a: &[Q8KBlock]) -> f32 {
         offsets = _mm256_fmadd_ps(d, _mm256_set1_ps(offset as f32), offsets);
     }
     hsum_ps(acc) - _mm256_cvtss_f32(offsets)
+}
+
+/// `out[r] = Σᵢ x[r·k + i] · wᵢ` for every activation row r (`x` is `out.len()` rows of
+/// k = `w`'s length in values) over the weight row `w` stored as `ty` (one of the block types),
+/// dequantized block by block in registers with the same f32 operations as
+/// `quant::dequantize_row`, so each weight is bitwise the one it writes and only the order of
+/// the sums differs from `dot_f32` on a dequantized row. Each decoded vector of weights meets
+/// up to four activation rows before the next is decoded.
+pub(super) fn gemv_f32(ty: WeightType, w: &[u8], x: &[f32], out: &mut [f32]) {
+    let m = out.len();
+    let k = x.len() / m.max(1);
+    assert_eq!(x.len(), m * k, "x is {m} rows of k");
+    assert_eq!(Some(w.len()), ty.row_bytes(k), "{ty} row of {k} values");
+    assert!(ty.is_quantized(), "{ty} has no fused kernel");
+    let mut r = 0;
+    while r < m {
+        // Groups of at most four rows, as even as possible (7 = 4 + 3, not 4 + 4 - 1).
+        let groups = (m - r).div_ceil(4);
+        let rows = (m - r).div_ceil(groups);
+        let (x, out) = (&x[r * k..(r + rows) * k], &mut out[r..r + rows]);
+        // SAFETY: AVX2/FMA/F16C checked by the caller; `w` holds exactly the blocks of k
+        // values and `x` exactly `rows` rows of k (asserted above), which bound every load.
+        unsafe {
+            match rows {
+                1 => rows_of::<1, 4>(ty, w, x.as_ptr(), k, out),
+                2 => rows_of::<2, 4>(ty, w, x.as_ptr(), k, out),
+                3 => rows_of::<3, 2>(ty, w, x.as_ptr(), k, out),
+                _ => rows_of::<4, 2>(ty, w, x.as_ptr(), k, out),
+            }
+        }
+        r += rows;
+    }
+}
+
+/// R activation rows, each with U accumulators (independent FMA chains: one chain would wait
+/// on the FMA's latency at every vector).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_of<const R: usize, const U: usize>(
+    ty: WeightType,
+    w: &[u8],
+    x: *const f32,
+    k: usize,
+    out: &mut [f32],
+) {
+    let mut acc = Acc::<R, U> {
+        v: [[_mm256_setzero_ps(); U]; R],
+        x,
+        k,
+    };
+    match ty {
+        WeightType::Q8_0 => gemv_q8_0(w, &mut acc),
+        WeightType::Q4_0 => gemv_q4_0(w, &mut acc),
+        WeightType::Q4_1 => gemv_q4_1(w, &mut acc),
+        WeightType::Q4_K => gemv_q4_k(w, &mut acc),
+        WeightType::Q5_K => gemv_q5_k(w, &mut acc),
+        WeightType::Q6_K => gemv_q6_k(w, &mut acc),
+        WeightType::F32 | WeightType::F16 | WeightType::BF16 => {
+            unreachable!("gemv_f32 takes block types only")
+        }
+    }
+    for (o, v) in out.iter_mut().zip(acc.v) {
+        let mut s = v[0];
+        for u in &v[1..] {
+            s = _mm256_add_ps(s, *u);
+        }
+        *o = hsum_ps(s);
+    }
+}
+
+/// The running sums of R activation rows (row r at `x + r·k`).
+struct Acc<const R: usize, const U: usize> {
+    v: [[__m256; U]; R],
+    x: *const f32,
+    k: usize,
+}
+
+impl<const R: usize, const U: usize> Acc<R, U> {
+    /// Adds the 8 weights `w` of values i..i+8 times each row's activations there, into
+    /// chain `c` (mod U).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fma(&mut self, i: usize, c: usize, w: __m256) {
+        for (r, v) in self.v.iter_mut().enumerate() {
+            let a = _mm256_loadu_ps(self.x.add(r * self.k + i));
+            v[c % U] = _mm256_fmadd_ps(a, w, v[c % U]);
+        }
+    }
+}
+
+/// 8 bytes at `p`, zero-extended to i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn u8x8(p: *const u8) -> __m256i {
+    _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn f32s(v: __m256i) -> __m256 {
+    _mm256_cvtepi32_ps(v)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_q8_0<const R: usize, const U: usize>(w: &[u8], acc: &mut Acc<R, U>) {
+    for (bi, b) in w.chunks_exact(34).enumerate() {
+        let d = f16_splat(b, 0);
+        for v in 0..4 {
+            let p = b.as_ptr().add(2 + 8 * v) as *const __m128i;
+            let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p));
+            acc.fma(32 * bi + 8 * v, v, _mm256_mul_ps(d, f32s(q)));
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_q4_0<const R: usize, const U: usize>(w: &[u8], acc: &mut Acc<R, U>) {
+    let (m4, eight) = (_mm256_set1_epi32(0xF), _mm256_set1_epi32(8));
+    for (bi, b) in w.chunks_exact(18).enumerate() {
+        let d = f16_splat(b, 0);
+        for h in 0..2 {
+            // Byte j holds value j (low nibble) and value j + 16 (high).
+            let q = u8x8(b.as_ptr().add(2 + 8 * h));
+            let lo = _mm256_sub_epi32(_mm256_and_si256(q, m4), eight);
+            let hi = _mm256_sub_epi32(_mm256_srli_epi32(q, 4), eight);
+            acc.fma(32 * bi + 8 * h, h, _mm256_mul_ps(d, f32s(lo)));
+            acc.fma(32 * bi + 16 + 8 * h, h + 2, _mm256_mul_ps(d, f32s(hi)));
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_q4_1<const R: usize, const U: usize>(w: &[u8], acc: &mut Acc<R, U>) {
+    let m4 = _mm256_set1_epi32(0xF);
+    for (bi, b) in w.chunks_exact(20).enumerate() {
+        let (d, min) = (f16_splat(b, 0), f16_splat(b, 2));
+        for h in 0..2 {
+            let q = u8x8(b.as_ptr().add(4 + 8 * h));
+            let lo = f32s(_mm256_and_si256(q, m4));
+            let hi = f32s(_mm256_srli_epi32(q, 4));
+            acc.fma(32 * bi + 8 * h, h, _mm256_add_ps(_mm256_mul_ps(d, lo), min));
+            acc.fma(
+                32 * bi + 16 + 8 * h,
+                h + 2,
+                _mm256_add_ps(_mm256_mul_ps(d, hi), min),
+            );
+        }
+    }
+}
+
+/// Sub-block `j`'s scale `d · scⱼ` and min `dmin · mⱼ` of a Q4_K/Q5_K block, as
+/// `dequantize_row` rounds them.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn k4_scale_min(b: &[u8], d: __m256, dmin: __m256, j: usize) -> (__m256, __m256) {
+    let (s, m) = super::scale_min_k4(j, &b[4..16]);
+    (
+        _mm256_mul_ps(d, _mm256_set1_ps(s as f32)),
+        _mm256_mul_ps(dmin, _mm256_set1_ps(m as f32)),
+    )
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_q4_k<const R: usize, const U: usize>(w: &[u8], acc: &mut Acc<R, U>) {
+    let m4 = _mm256_set1_epi32(0xF);
+    for (bi, b) in w.chunks_exact(144).enumerate() {
+        let (d, dmin) = (f16_splat(b, 0), f16_splat(b, 2));
+        for c in 0..4 {
+            let (d1, m1) = k4_scale_min(b, d, dmin, 2 * c);
+            let (d2, m2) = k4_scale_min(b, d, dmin, 2 * c + 1);
+            let i = 256 * bi + 64 * c;
+            for j in 0..4 {
+                // Byte l of chunk c holds value 64c + l (low nibble) and 64c + 32 + l (high).
+                let q = u8x8(b.as_ptr().add(16 + 32 * c + 8 * j));
+                let lo = f32s(_mm256_and_si256(q, m4));
+                let hi = f32s(_mm256_srli_epi32(q, 4));
+                acc.fma(i + 8 * j, j, _mm256_sub_ps(_mm256_mul_ps(d1, lo), m1));
+                acc.fma(
+                    i + 32 + 8 * j,
+                    j + 1,
+                    _mm256_sub_ps(_mm256_mul_ps(d2, hi), m2),
+                );
+            }
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_q5_k<const R: usize, const U: usize>(w: &[u8], acc: &mut Acc<R, U>) {
+    let (m4, sixteen) = (_mm256_set1_epi32(0xF), _mm256_set1_epi32(16));
+    for (bi, b) in w.chunks_exact(176).enumerate() {
+        let (d, dmin) = (f16_splat(b, 0), f16_splat(b, 2));
+        for c in 0..4 {
+            let (d1, m1) = k4_scale_min(b, d, dmin, 2 * c);
+            let (d2, m2) = k4_scale_min(b, d, dmin, 2 * c + 1);
+            let i = 256 * bi + 64 * c;
+            for j in 0..4 {
+                let q = u8x8(b.as_ptr().add(48 + 32 * c + 8 * j));
+                // Bit 4 of value 64c + l is bit 2c of qh[l], of value 64c + 32 + l bit 2c + 1:
+                // shifted up 4 first, bit b lands on 16 after a shift down by b.
+                let qh = _mm256_slli_epi32(u8x8(b.as_ptr().add(16 + 8 * j)), 4);
+                let h1 = _mm256_srl_epi32(qh, _mm_cvtsi32_si128(2 * c as i32));
+                let h2 = _mm256_srl_epi32(qh, _mm_cvtsi32_si128(2 * c as i32 + 1));
+                let lo = _mm256_or_si256(_mm256_and_si256(q, m4), _mm256_and_si256(h1, sixteen));
+                let hi = _mm256_or_si256(_mm256_srli_epi32(q, 4), _mm256_and_si256(h2, sixteen));
+                acc.fma(i + 8 * j, j, _mm256_sub_ps(_mm256_mul_ps(d1, f32s(lo)), m1));
+                acc.fma(
+                    i + 32 + 8 * j,
+                    j + 1,
+                    _mm256_sub_ps(_mm256_mul_ps(d2, f32s(hi)), m2),
+                );
+            }
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_q6_k<const R: usize, const U: usize>(w: &[u8], acc: &mut Acc<R, U>) {
+    let (m4, m2, offset) = (
+        _mm256_set1_epi32(0xF),
+        _mm256_set1_epi32(0x30),
+        _mm256_set1_epi32(32),
+    );
+    for (bi, b) in w.chunks_exact(210).enumerate() {
+        let d = f16_splat(b, 208);
+        for h in 0..2 {
+            let (ql, qh) = (b.as_ptr().add(64 * h), b.as_ptr().add(128 + 32 * h));
+            let sc = &b[192 + 8 * h..200 + 8 * h];
+            for j in 0..4 {
+                // Values l, l + 32, l + 64, l + 96 of this half (l = 8j..8j + 8): low 4 bits
+                // from ql[l] and ql[l + 32], high 2 from qh[l] at bits 0, 2, 4, 6; 16 values
+                // per scale.
+                let (a, c) = (u8x8(ql.add(8 * j)), u8x8(ql.add(32 + 8 * j)));
+                let hb = u8x8(qh.add(8 * j));
+                let qs = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(a, m4),
+                        _mm256_and_si256(_mm256_slli_epi32(hb, 4), m2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(c, m4),
+                        _mm256_and_si256(_mm256_slli_epi32(hb, 2), m2),
+                    ),
+                    _mm256_or_si256(_mm256_srli_epi32(a, 4), _mm256_and_si256(hb, m2)),
+                    _mm256_or_si256(
+                        _mm256_srli_epi32(c, 4),
+                        _mm256_and_si256(_mm256_srli_epi32(hb, 2), m2),
+                    ),
+                ];
+                for (g, q) in qs.into_iter().enumerate() {
+                    let s = (sc[j / 2 + 2 * g] as i8) as f32;
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(s));
+                    let v = f32s(_mm256_sub_epi32(q, offset));
+                    acc.fma(
+                        256 * bi + 128 * h + 32 * g + 8 * j,
+                        g,
+                        _mm256_mul_ps(scale, v),
+                    );
+                }
+            }
+        }
+    }
 }
