@@ -2,8 +2,11 @@
 //! (llama.cpp's reader), the tokenizer carried over, the same greedy tokens as the safetensors
 //! directory for float types, and clear errors for bad input.
 
+mod common;
+
+use common::{fails, ok};
+
 use std::path::Path;
-use std::process::{Command, Output};
 
 use switchyard_model::gguf::GgufFile;
 use switchyard_model::{Checkpoint, Subset, Tokenizer, WeightType};
@@ -11,31 +14,6 @@ use switchyard_model::{Checkpoint, Subset, Tokenizer, WeightType};
 const TYPES: [&str; 8] = [
     "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q6_k", "q4_k_m",
 ];
-
-fn switchyard(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = switchyard(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = switchyard(args);
-    assert!(!out.status.success(), "{args:?} should fail");
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
-    stderr
-}
 
 fn init(dir: &Path, preset: &str) {
     let d = dir.to_str().unwrap();
@@ -215,7 +193,7 @@ print(json.dumps(out))
     for ty in TYPES {
         let out = tmp.path().join(format!("{ty}.gguf"));
         quantize(&dir, &out, ty);
-        let run = Command::new(&python)
+        let run = std::process::Command::new(&python)
             .args(["-c", script, out.to_str().unwrap()])
             .output()
             .unwrap();

@@ -21,6 +21,31 @@ use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
+/// `switchyard args…`, run to the end.
+pub fn switchyard(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+/// [`switchyard`] that must succeed: its stdout.
+pub fn ok(args: &[&str]) -> String {
+    let out = switchyard(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// [`switchyard`] that must fail cleanly (no panic): its stderr.
+pub fn fails(args: &[&str]) -> String {
+    let out = switchyard(args);
+    assert!(!out.status.success(), "{args:?} should fail");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    stderr
+}
+
 /// A child process, killed when dropped; its stderr lines are kept for failure messages.
 pub struct Proc {
     pub child: Child,

@@ -83,35 +83,6 @@ fn memory_bandwidth(repeats: usize) -> f64 {
     (buf.len() * 4) as f64 / s / 1e9
 }
 
-fn gemm_f32(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; m * n];
-    // SAFETY: as in the CPU backend: [m,k], [n,k] (read as wᵀ) and [m,n] buffers, unaliased.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
-    }
-    out
-}
-
 fn main() {
     let repeats: usize = std::env::var("BENCH_REPEATS")
         .ok()
@@ -173,7 +144,7 @@ fn main() {
         }
         // The CPU backend's f32 path for comparison: gemm at m = 128.
         let gemm = time(repeats.div_ceil(3), |_| {
-            std::hint::black_box(gemm_f32(&x128, 128, k, &wf, n));
+            std::hint::black_box(switchyard_worker::cpu::matmul_t(&x128, 128, k, &wf, n));
         });
         println!(
             "{:<14} {:<5} {:>9.1} {:>9} {:>10} {:>9} {:>10} {:>9.1} {:>10.1}",

@@ -125,8 +125,8 @@ fn shape_err(msg: String) -> BackendError {
     BackendError::Shape(msg)
 }
 
-/// `x[m, k] · w[n, k]ᵀ` into a new `[m, n]` buffer.
-fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+/// `x[m, k] · w[n, k]ᵀ` into a new `[m, n]` buffer: the f32 weights' product.
+pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
     if m == 0 || n == 0 {
