@@ -404,6 +404,11 @@ pub enum ModelCommand {
         dir: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Also show what each worker of this grid (PxE) would hold, placed as the coordinator
+        /// places it: its layers and experts, and their bytes as stored (a CPU worker) and in
+        /// bf16 (a GPU worker).
+        #[arg(long)]
+        grid: Option<switchyard_coordinator::Grid>,
     },
 }
 

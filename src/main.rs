@@ -80,7 +80,7 @@ fn run(command: Command, runtime: &tokio::runtime::Runtime) -> Result<()> {
                 report.tokenizer.as_deref().unwrap_or("none")
             );
         }
-        Command::Model(ModelCommand::Inspect { dir, json }) => inspect(&dir, json)?,
+        Command::Model(ModelCommand::Inspect { dir, json, grid }) => inspect(&dir, json, grid)?,
         Command::Generate(args) if args.server.is_some() => {
             runtime.block_on(generate::remote(args))?
         }
@@ -219,7 +219,50 @@ fn demo_model() -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
+/// What each worker of `grid` would hold: per cell, its part and the bytes of that part kept
+/// as stored and in bf16 (the same placement and accounting the coordinator uses).
+fn grid_parts(ckpt: &Checkpoint, grid: switchyard_coordinator::Grid) -> Result<serde_json::Value> {
+    use switchyard_coordinator::placement::{plan, Inventory};
+    let c = ckpt.config();
+    let stored = |s: &switchyard_model::Subset| ckpt.subset_bytes(s, |t| t).unwrap_or(u64::MAX);
+    let place = |keeps_stored_weights: bool| {
+        let workers: Vec<Inventory> = (0..grid.cells())
+            .map(|i| Inventory {
+                address: format!("worker {i}"),
+                device: String::new(),
+                memory_bytes: u64::MAX / 4,
+                available_bytes: u64::MAX / 4,
+                value_bytes: 2,
+                keeps_stored_weights,
+            })
+            .collect();
+        plan(c, &stored, grid, &workers, Default::default(), 1)
+    };
+    let (as_stored, as_bf16) = (place(true)?, place(false)?);
+    Ok(as_stored
+        .cells
+        .iter()
+        .zip(&as_bf16.cells)
+        .map(|(s, b)| {
+            serde_json::json!({
+                "stage": s.stage,
+                "shard": s.shard,
+                "layers": [s.subset.layers.start, s.subset.layers.end],
+                "experts": s.subset.experts,
+                "embedding": s.subset.embedding,
+                "head": s.subset.head,
+                "stored_bytes": s.weight_bytes,
+                "bf16_bytes": b.weight_bytes,
+            })
+        })
+        .collect())
+}
+
+fn inspect(
+    dir: &std::path::Path,
+    json: bool,
+    grid: Option<switchyard_coordinator::Grid>,
+) -> Result<()> {
     let ckpt =
         Checkpoint::open(dir).with_context(|| format!("cannot open model {}", dir.display()))?;
     ckpt.validate(&switchyard_model::Subset::all(ckpt.config()))?;
@@ -241,6 +284,10 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
         "bytes_by_dtype": ckpt.bytes_by_dtype(),
         "kv_bytes_per_token": {"bf16": c.kv_bytes_per_token(Dtype::BF16), "f32": c.kv_bytes_per_token(Dtype::F32)},
     });
+    let mut report = report;
+    if let Some(g) = grid {
+        report["grid"] = grid_parts(&ckpt, g)?;
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -274,5 +321,22 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
         c.kv_bytes_per_token(Dtype::BF16),
         c.kv_bytes_per_token(Dtype::F32)
     );
+    if let Some(cells) = report.get("grid").and_then(|g| g.as_array()) {
+        for cell in cells {
+            let experts = match &cell["experts"] {
+                serde_json::Value::Null => String::new(),
+                e => format!(", experts {e}"),
+            };
+            println!(
+                "worker {}.{}        layers {}..{}{experts}: {} bytes as stored, {} in bf16",
+                cell["stage"],
+                cell["shard"],
+                cell["layers"][0],
+                cell["layers"][1],
+                cell["stored_bytes"],
+                cell["bf16_bytes"]
+            );
+        }
+    }
     Ok(())
 }

@@ -288,3 +288,36 @@ fn inspect_a_gguf_file() {
     let text = ok(&["model", "inspect", &path]);
     assert!(text.contains("bytes (Q4_1)"), "{text}");
 }
+
+/// `model inspect --grid` places the model as the coordinator would: every layer in one stage,
+/// every expert in one shard, and bytes as stored (f32 here) twice those in bf16.
+#[test]
+fn inspect_shows_what_each_worker_of_a_grid_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    init(&dir, "tiny-mixtral");
+    let d = dir.to_str().unwrap();
+    let info: Value =
+        serde_json::from_str(&ok(&["model", "inspect", d, "--grid", "2x2", "--json"])).unwrap();
+    let cells = info["grid"].as_array().unwrap();
+    assert_eq!(cells.len(), 4);
+    let layers = info["config"]["num_layers"].as_u64().unwrap();
+    let mut covered = vec![0; layers as usize];
+    for cell in cells {
+        let stored = cell["stored_bytes"].as_u64().unwrap();
+        assert!(stored > 0);
+        assert_eq!(stored, 2 * cell["bf16_bytes"].as_u64().unwrap(), "{cell}");
+        if cell["shard"] == 0 {
+            let (a, b) = (
+                cell["layers"][0].as_u64().unwrap(),
+                cell["layers"][1].as_u64().unwrap(),
+            );
+            (a..b).for_each(|l| covered[l as usize] += 1);
+        }
+    }
+    assert_eq!(covered, vec![1; layers as usize]);
+    let text = ok(&["model", "inspect", d, "--grid", "2x2"]);
+    assert!(text.contains("worker 1.1"), "{text}");
+    let e = fails(&["model", "inspect", d, "--grid", "2by2"]);
+    assert!(e.contains("PxE"), "{e}");
+}
