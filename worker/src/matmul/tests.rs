@@ -5,29 +5,14 @@
 //! portable kernels.
 
 use switchyard_model::quant::quantize_row;
+use switchyard_model::rng::Rng;
 
 use super::*;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn normal(&mut self) -> f32 {
-        let u = ((self.next() >> 40) as f32 / (1u64 << 24) as f32).max(1e-7);
-        let v = (self.next() >> 40) as f32 / (1u64 << 24) as f32;
-        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
-    }
-}
 
 const TYPES: [WeightType; 9] = WeightType::ALL;
 
 fn weight(rng: &mut Rng, ty: WeightType, n: usize, k: usize) -> HostWeight {
-    let values: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
+    let values: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
     let mut bytes = Vec::new();
     for row in values.chunks_exact(k) {
         quantize_row(ty, row, &mut bytes);
@@ -83,14 +68,14 @@ fn rel_rms(got: &[f32], want: &[f64]) -> f64 {
 
 #[test]
 fn every_kernel_matches_f64_math_on_the_dequantized_weights() {
-    let mut rng = Rng(14);
+    let mut rng = Rng::new(14);
     let k = 1024;
     for ty in TYPES {
         // Odd row counts: tasks of uneven size; from GEMM_MIN_ROWS rows on, dequantized tiles
         // (two of them, one partial, at n = 37).
         for (m, n) in [(1, 37), (3, 64), (15, 19), (GEMM_MIN_ROWS, 37), (40, 6)] {
             let w = weight(&mut rng, ty, n, k);
-            let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
             // The gemm path takes the activations as they are.
             let xq = if m >= GEMM_MIN_ROWS {
                 x.clone()
@@ -131,11 +116,11 @@ fn every_kernel_matches_f64_math_on_the_dequantized_weights() {
 
 #[test]
 fn simd_kernels_agree_with_the_portable_ones() {
-    let mut rng = Rng(140);
+    let mut rng = Rng::new(140);
     let (m, n, k) = (5, 33, 2048);
     for ty in TYPES {
         let w = weight(&mut rng, ty, n, k);
-        let x: Vec<f32> = (0..m * k).map(|_| rng.normal() * 3.0).collect();
+        let x: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32 * 3.0).collect();
         let portable = matmul_t_with(Isa::Portable, &x, m, &w);
         for isa in Isa::supported() {
             let got = matmul_t_with(isa, &x, m, &w);
@@ -150,7 +135,7 @@ fn simd_kernels_agree_with_the_portable_ones() {
 
 #[test]
 fn empty_shapes() {
-    let w = weight(&mut Rng(1), WeightType::Q4_K, 3, 256);
+    let w = weight(&mut Rng::new(1), WeightType::Q4_K, 3, 256);
     assert!(matmul_t(&[], 0, &w).is_empty());
     let w = HostWeight::new(WeightType::Q8_0, 0, 64, Vec::new().into()).unwrap();
     assert!(matmul_t(&[0.5; 128], 2, &w).is_empty());
@@ -160,9 +145,9 @@ fn empty_shapes() {
 /// reports it: relative rms error of the outputs against f64 math on the dequantized weights.
 #[test]
 fn activation_quantization_costs_under_one_percent() {
-    let mut rng = Rng(1400);
+    let mut rng = Rng::new(1400);
     let (m, n, k) = (4, 64, 4096);
-    let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+    let x: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
     for ty in TYPES.into_iter().filter(|t| t.is_quantized()) {
         let w = weight(&mut rng, ty, n, k);
         let (want, _) = exact(&x, m, &w);
@@ -174,7 +159,7 @@ fn activation_quantization_costs_under_one_percent() {
 
 #[test]
 fn f32_activations_are_exact_up_to_f32_rounding() {
-    let mut rng = Rng(41);
+    let mut rng = Rng::new(41);
     let k = 512;
     for ty in TYPES {
         // Every group of rows the fused kernels take (1 to 4, and 7 = 4 + 3, 15 = 4+4+4+3).
@@ -188,7 +173,7 @@ fn f32_activations_are_exact_up_to_f32_rounding() {
             (GEMM_MIN_ROWS, 9),
         ] {
             let w = weight(&mut rng, ty, n, k);
-            let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
             let (want, mag) = exact(&x, m, &w);
             for isa in Isa::supported() {
                 let got = matmul_t_f32_with(isa, &x, m, &w);
@@ -210,13 +195,13 @@ fn f32_activations_are_exact_up_to_f32_rounding() {
 /// only in the order of the sums: far below f32 rounding's scale Σ|x·w| · 2⁻²⁴ · √k.
 #[test]
 fn simd_f32_activation_kernels_agree_with_the_portable_ones() {
-    let mut rng = Rng(1401);
+    let mut rng = Rng::new(1401);
     let k = 2048;
     for ty in TYPES {
         for m in [1, 5, 15] {
             let n = 21;
             let w = weight(&mut rng, ty, n, k);
-            let x: Vec<f32> = (0..m * k).map(|_| rng.normal() * 3.0).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32 * 3.0).collect();
             let portable = matmul_t_f32_with(Isa::Portable, &x, m, &w);
             let (_, mag) = exact(&x, m, &w);
             for isa in Isa::supported() {
