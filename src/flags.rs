@@ -398,6 +398,22 @@ pub enum ModelCommand {
         #[arg(long)]
         no_tokenizer: bool,
     },
+    /// Turn a dense Llama-architecture model (safetensors directory or GGUF) into an
+    /// equivalent Mixtral-architecture one: each expert a slice of the FFN, a zero router, every
+    /// expert used. Not a trained MoE: a real model whose tokens visit every expert shard.
+    Upcycle {
+        /// The dense model: a directory (config.json, safetensors), a .gguf file, or a
+        /// directory holding one.
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// The directory to write (new or empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Experts per layer; must divide the intermediate size (in whole quantization
+        /// blocks for a quantized down projection).
+        #[arg(long, default_value_t = 8)]
+        experts: usize,
+    },
     /// Architecture, parameter counts, bytes per dtype and KV bytes per token.
     Inspect {
         /// A model directory, a .gguf file, or a directory holding one.

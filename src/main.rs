@@ -80,6 +80,22 @@ fn run(command: Command, runtime: &tokio::runtime::Runtime) -> Result<()> {
                 report.tokenizer.as_deref().unwrap_or("none")
             );
         }
+        Command::Model(ModelCommand::Upcycle {
+            input,
+            out,
+            experts,
+        }) => {
+            let r = switchyard_model::upcycle::upcycle(&input, &out, experts)?;
+            eprintln!(
+                "wrote {} ({} layers of {} experts of {} neurons, {} tensors, {} tensor bytes)",
+                r.weights.display(),
+                r.layers,
+                r.experts,
+                r.expert_intermediate,
+                r.tensors,
+                r.tensor_bytes
+            );
+        }
         Command::Model(ModelCommand::Inspect { dir, json, grid }) => inspect(&dir, json, grid)?,
         Command::Generate(args) if args.server.is_some() => {
             runtime.block_on(generate::remote(args))?

@@ -64,6 +64,14 @@ pub enum CheckpointError {
     },
 }
 
+/// One tensor as a checkpoint's file stores it (see [`Checkpoint::stored_tensors`]).
+pub struct StoredTensor<'a> {
+    pub name: &'a str,
+    pub shape: Vec<usize>,
+    pub ty: WeightType,
+    pub bytes: &'a [u8],
+}
+
 /// An opened model.
 pub struct Checkpoint {
     dir: PathBuf,
@@ -407,6 +415,42 @@ impl Checkpoint {
             total = total.saturating_add(row as u64 * at.rows as u64);
         }
         Ok(total)
+    }
+
+    /// Every tensor as the files store it, in file order: its name there (llama.cpp's names in
+    /// a GGUF file), row-major shape (outermost first), type and bytes. For tools that rewrite a
+    /// checkpoint whole (`model upcycle`); the engine reads through [`Checkpoint::read`].
+    pub fn stored_tensors(&self) -> Result<Vec<StoredTensor<'_>>, CheckpointError> {
+        match &self.source {
+            Source::Gguf(f) => Ok(f
+                .tensors()
+                .iter()
+                .map(|info| StoredTensor {
+                    name: &info.name,
+                    shape: info.shape(),
+                    ty: info.ty,
+                    bytes: f.bytes(info),
+                })
+                .collect()),
+            Source::Safetensors { files, .. } => {
+                let mut out = Vec::new();
+                for f in files {
+                    for (name, info) in f.tensors() {
+                        let dtype = info.float_dtype().ok_or_else(|| CheckpointError::Dtype {
+                            name: name.clone(),
+                            found: info.dtype.clone(),
+                        })?;
+                        out.push(StoredTensor {
+                            name,
+                            shape: info.shape.clone(),
+                            ty: dtype.into(),
+                            bytes: f.bytes(info),
+                        });
+                    }
+                }
+                Ok(out)
+            }
+        }
     }
 
     /// Bytes on disk per stored type (`BF16`, `Q4_K`, ...) over all tensors of the checkpoint.

@@ -18,6 +18,7 @@ pub mod rng;
 pub mod safetensors;
 pub mod sizes;
 pub mod tokenizer;
+pub mod upcycle;
 pub mod weights;
 
 pub use chat::ChatMessage;

@@ -1,5 +1,5 @@
 //! The safetensors format, read through a memory map and checked before use, and written for
-//! `model init`. A file is 8 bytes of little-endian header length, a JSON header
+//! `model init` and `model upcycle`. A file is 8 bytes of little-endian header length, a JSON header
 //! `{name: {dtype, shape, data_offsets}}`, then the tensor bytes. Nothing is trusted: lengths,
 //! offsets and sizes are checked against the file so a truncated or corrupt file is an error
 //! that names it, never a panic or a read out of bounds.
@@ -310,32 +310,94 @@ pub struct OwnedTensor {
     pub data: Vec<u8>,
 }
 
+/// Writes a safetensors file tensor by tensor: the header first (every tensor's name, dtype and
+/// shape is known up front), then each tensor's bytes in the order given, so memory holds one
+/// tensor at a time.
+pub struct SafetensorsWriter {
+    out: std::io::BufWriter<File>,
+    /// Each tensor's name and byte size, in write order.
+    sizes: Vec<(String, usize)>,
+    next: usize,
+}
+
+impl SafetensorsWriter {
+    /// `tensors`: name, dtype and shape of each, in the order their bytes will be written.
+    pub fn create(path: &Path, tensors: &[(String, Dtype, Vec<usize>)]) -> std::io::Result<Self> {
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+        let mut offset = 0usize;
+        let mut sizes = Vec::with_capacity(tensors.len());
+        for (name, dtype, shape) in tensors {
+            let size = shape
+                .iter()
+                .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+                .ok_or_else(|| {
+                    std::io::Error::other(format!("tensor {name} {shape:?}: size overflows"))
+                })?;
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + size]}),
+            );
+            offset += size;
+            sizes.push((name.clone(), size));
+        }
+        let mut header = serde_json::to_vec(&Value::Object(header))?;
+        // Pad so the data section is 8-byte aligned, as the reference writer does.
+        while (8 + header.len()) % 8 != 0 {
+            header.push(b' ');
+        }
+        let mut out = std::io::BufWriter::new(File::create(path)?);
+        out.write_all(&(header.len() as u64).to_le_bytes())?;
+        out.write_all(&header)?;
+        Ok(SafetensorsWriter {
+            out,
+            sizes,
+            next: 0,
+        })
+    }
+
+    /// Writes the next tensor's bytes (in the order given to [`SafetensorsWriter::create`]).
+    pub fn write_tensor(&mut self, data: &[u8]) -> std::io::Result<()> {
+        let Some((name, size)) = self.sizes.get(self.next) else {
+            return Err(std::io::Error::other("every tensor is already written"));
+        };
+        if data.len() != *size {
+            return Err(std::io::Error::other(format!(
+                "tensor {name} takes {size} bytes; {} were given",
+                data.len()
+            )));
+        }
+        self.out.write_all(data)?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Checks that every tensor was written and flushes the file.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        if let Some((name, _)) = self.sizes.get(self.next) {
+            return Err(std::io::Error::other(format!(
+                "only {} of {} tensors were written; the next is {name}",
+                self.next,
+                self.sizes.len()
+            )));
+        }
+        self.out.flush()
+    }
+}
+
 /// Writes tensors as one safetensors file (sorted by name, as the reference writer does).
 pub fn write(path: &Path, tensors: &[&OwnedTensor]) -> std::io::Result<()> {
     let mut sorted: Vec<&&OwnedTensor> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
-    let mut offset = 0usize;
-    for t in &sorted {
-        header.insert(
-            t.name.clone(),
-            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + t.data.len()]}),
-        );
-        offset += t.data.len();
-    }
-    let mut header = serde_json::to_vec(&Value::Object(header))?;
-    // Pad so the data section is 8-byte aligned, as the reference writer does.
-    while (8 + header.len()) % 8 != 0 {
-        header.push(b' ');
-    }
-    let mut f = std::io::BufWriter::new(File::create(path)?);
-    f.write_all(&(header.len() as u64).to_le_bytes())?;
-    f.write_all(&header)?;
+    let descs: Vec<_> = sorted
+        .iter()
+        .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+        .collect();
+    let mut w = SafetensorsWriter::create(path, &descs)?;
     for t in sorted {
-        f.write_all(&t.data)?;
+        w.write_tensor(&t.data)?;
     }
-    f.flush()
+    w.finish()
 }
 
 #[cfg(test)]

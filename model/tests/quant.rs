@@ -359,3 +359,29 @@ fn k_quants_handle_degenerate_rows() {
         }
     }
 }
+
+/// Scaling a row by a power of two through its block scales (what `model upcycle` does to the
+/// down projections) multiplies every value it reads back to exactly that much; a scale that
+/// leaves its type's range is refused.
+#[test]
+fn scaling_blocks_by_a_power_of_two_is_exact() {
+    use switchyard_model::quant::scale_blocks;
+    let cols = 512;
+    let mut rng = Rng::new(1405);
+    let x: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
+    for ty in WeightType::ALL {
+        let q = ours_quantized(ty, &x, cols);
+        let before = ours_dequantized(ty, &q, 1, cols);
+        for factor in [2.0f32, 8.0] {
+            let mut scaled = q.clone();
+            scale_blocks(ty, &mut scaled, factor).unwrap();
+            let after = ours_dequantized(ty, &scaled, 1, cols);
+            for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+                assert_eq!(*a, b * factor, "{ty} ×{factor}: value {i}");
+            }
+        }
+    }
+    let mut big = ours_quantized(WeightType::Q8_0, &x, cols);
+    let e = scale_blocks(WeightType::Q8_0, &mut big, 1e7).unwrap_err();
+    assert!(e.is_infinite() || e > 65504.0, "{e}");
+}

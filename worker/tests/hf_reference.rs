@@ -186,3 +186,48 @@ fn greedy_generation_matches_transformers() {
         assert!(worst <= TOLERANCE, "{name}: logprob differs by {worst}");
     }
 }
+
+/// `model upcycle` of each dense fixture (4 experts, a zero router, every expert used) still
+/// computes what transformers computes for the dense model: the same full-sequence logits and
+/// greedy tokens within the same tolerance, now through the MoE path (routing, expert FFNs and
+/// their weighted combine) on every token.
+#[test]
+fn upcycled_dense_fixtures_match_the_dense_transformers_model() {
+    for name in [
+        "mistral-window",
+        "llama-headdim-tied-bf16",
+        "mistral-gqa-f16",
+    ] {
+        let (dense, r) = fixture(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("moe");
+        switchyard_model::upcycle::upcycle(&dense, &dir, 4).unwrap();
+        let config = switchyard_model::ModelConfig::load(&dir).unwrap();
+        assert_eq!(config.arch, switchyard_model::Arch::Mixtral, "{name}");
+        assert_eq!(config.moe.map(|m| (m.num_experts, m.top_k)), Some((4, 4)));
+
+        let mut e = engine(&dir);
+        let whole = e
+            .step_chunks(&[(1, &r.ids, 0, LogitsWanted::All)])
+            .unwrap()
+            .remove(0);
+        let d = max_diff(&whole, &r.logits);
+        println!("{name} upcycled to 4 experts: max |Δlogit| = {d:e} against the dense model");
+        assert!(d <= TOLERANCE, "{name} upcycled: max |Δlogit| {d}");
+
+        let params = SamplingParams {
+            max_tokens: r.generated.len(),
+            ignore_eos: true,
+            ..SamplingParams::default()
+        };
+        let out = e
+            .run(vec![Request {
+                id: 3,
+                prompt: r.prompt_ids.clone(),
+                params,
+            }])
+            .unwrap()
+            .remove(0);
+        assert_eq!(out.token_ids, r.generated, "{name} upcycled: greedy tokens");
+    }
+}

@@ -107,6 +107,54 @@ pub fn dequantize_row(ty: WeightType, src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Multiplies every value of `bytes` (whole blocks of `ty`) by `factor`, in place. Block formats
+/// scale their f16 super-block scales (and mins), so the quantized values stay as they are:
+/// exact when `factor` is a power of two. Returns the first scaled value that is not finite
+/// in its storage type (an f16 scale past 65504, say), leaving `bytes` partly scaled.
+pub fn scale_blocks(ty: WeightType, bytes: &mut [u8], factor: f32) -> Result<(), f32> {
+    fn f16s(bytes: &mut [u8], at: usize, factor: f32) -> Result<(), f32> {
+        let v = f16::from_f32(f16_at(bytes, at) * factor);
+        if !v.is_finite() {
+            return Err(f16_at(bytes, at) * factor);
+        }
+        bytes[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        Ok(())
+    }
+    // Offsets of the f16 scales inside one block.
+    let scales: &[usize] = match ty {
+        WeightType::F32 => {
+            for b in bytes.chunks_exact_mut(4) {
+                let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * factor;
+                if !v.is_finite() {
+                    return Err(v);
+                }
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+            return Ok(());
+        }
+        WeightType::F16 => &[0],
+        WeightType::BF16 => {
+            for b in bytes.chunks_exact_mut(2) {
+                let v = bf16::from_f32(bf16::from_le_bytes([b[0], b[1]]).to_f32() * factor);
+                if !v.is_finite() {
+                    return Err(v.to_f32());
+                }
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+            return Ok(());
+        }
+        WeightType::Q8_0 | WeightType::Q4_0 => &[0],
+        WeightType::Q4_1 | WeightType::Q4_K | WeightType::Q5_K => &[0, 2],
+        WeightType::Q6_K => &[208],
+    };
+    for block in bytes.chunks_exact_mut(ty.block_bytes()) {
+        for &at in scales {
+            f16s(block, at, factor)?;
+        }
+    }
+    Ok(())
+}
+
 /// The 6-bit scale and min of sub-block `j` (0..8) of a Q4_K/Q5_K block's 12 scale bytes.
 pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {

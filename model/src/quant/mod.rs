@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
-pub use blocks::{dequantize_row, quantize_row};
+pub use blocks::{dequantize_row, quantize_row, scale_blocks};
 
 /// A weight's storage type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -124,6 +124,19 @@ impl WeightType {
 impl fmt::Display for WeightType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+impl WeightType {
+    /// The safetensors dtype of a plain float type; `None` for a block format.
+    pub fn safetensors_dtype(self) -> Option<crate::safetensors::Dtype> {
+        use crate::safetensors::Dtype;
+        match self {
+            WeightType::F32 => Some(Dtype::F32),
+            WeightType::F16 => Some(Dtype::F16),
+            WeightType::BF16 => Some(Dtype::BF16),
+            _ => None,
+        }
     }
 }
 
