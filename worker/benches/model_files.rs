@@ -8,13 +8,19 @@
 //! is set (`source scripts/smollm2.sh`), and any further files listed in `BENCH_MODELS`
 //! (comma-separated paths, e.g. GGUFs made by `switchyard model quantize`). `BENCH_REPEATS`
 //! (default 3) runs per figure; medians are printed.
+//!
+//! `small-mixtral` also goes through `model quantize` into Q8_0 and Q4_K_M GGUFs. With
+//! `SWITCHYARD_LLAMA_PYTHON` set (`source scripts/llama-cpp-env.sh`), each model is also run by
+//! llama.cpp on the same weights as GGUF (the safetensors ones converted by `model quantize` to
+//! f32 and bf16 GGUF), with as many threads, as a row of its own: the side-by-side figure.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use switchyard_model::init::{preset, write_model_dir};
+use switchyard_model::quantize::{quantize, Scheme};
 use switchyard_model::safetensors::Dtype;
-use switchyard_model::Checkpoint;
+use switchyard_model::{Checkpoint, WeightType};
 use switchyard_scheduler::sampling::argmax;
 use switchyard_scheduler::step::LogitsWanted;
 use switchyard_worker::{CpuBackend, Engine, EngineConfig};
@@ -69,25 +75,47 @@ fn main() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(3);
     let tmp = tempfile::tempdir().unwrap();
-    let mut models: Vec<(String, PathBuf)> = Vec::new();
+    // (name, what we load, the GGUF llama.cpp runs).
+    let mut models: Vec<(String, PathBuf, Option<PathBuf>)> = Vec::new();
+    let gguf = |dir: &Path, scheme: Scheme, name: &str| {
+        let out = tmp.path().join(format!("{name}.gguf"));
+        quantize(dir, &out, scheme, false).unwrap();
+        out
+    };
+    let f32_dir = tmp.path().join("small-mixtral-F32");
     for dtype in [Dtype::F32, Dtype::BF16] {
         let dir = tmp.path().join(format!("small-mixtral-{}", dtype.name()));
         write_model_dir(&dir, &preset("small-mixtral").unwrap(), 0, dtype, None).unwrap();
-        models.push((format!("small-mixtral {}", dtype.name()), dir));
+        let name = format!("small-mixtral {}", dtype.name());
+        let file = gguf(&dir, Scheme::Plain(dtype.into()), &name);
+        models.push((name, dir, Some(file)));
+    }
+    for (label, scheme) in [
+        ("Q8_0", Scheme::Plain(WeightType::Q8_0)),
+        ("Q4_K_M", Scheme::Q4KM),
+    ] {
+        let name = format!("small-mixtral {label}");
+        let file = gguf(&f32_dir, scheme, &name);
+        models.push((name, file.clone(), Some(file)));
     }
     if let Ok(p) = std::env::var("SWITCHYARD_SMOLLM2") {
-        models.push(("SmolLM2-135M Q4_1".into(), p.into()));
+        models.push(("SmolLM2-135M Q4_1".into(), p.clone().into(), Some(p.into())));
     }
     for p in std::env::var("BENCH_MODELS").unwrap_or_default().split(',') {
         if !p.is_empty() {
             let name = Path::new(p).file_name().unwrap().to_string_lossy().into();
-            models.push((name, p.into()));
+            let gguf = p.ends_with(".gguf").then(|| PathBuf::from(p));
+            models.push((name, p.into(), gguf));
         }
     }
+    let llama = std::env::var("SWITCHYARD_LLAMA_PYTHON").ok();
     println!("{} threads", rayon::current_num_threads());
     println!("| model | weights kept as | file tensor MB | RSS after load MB | RSS / file | prefill {PROMPT_LEN} tok/s | decode tok/s |");
     println!("|---|---|---|---|---|---|---|");
-    for (name, path) in &models {
+    for (name, path, gguf) in &models {
+        if let (Some(python), Some(gguf)) = (&llama, gguf) {
+            llama_cpp_row(python, name, gguf, repeats);
+        }
         for how in 0..BACKENDS.len() {
             // Each in a process of its own, so that resident memory is this load's alone.
             let out = std::process::Command::new(std::env::current_exe().unwrap())
@@ -105,6 +133,42 @@ fn main() {
             print!("{}", String::from_utf8_lossy(&out.stdout));
         }
     }
+}
+
+/// llama.cpp (llama-cpp-python) on `gguf` with this process's thread count: a table row.
+fn llama_cpp_row(python: &str, name: &str, gguf: &Path, repeats: usize) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/llama_cpp_reference.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .args(["bench", "--model"])
+        .arg(gguf)
+        .args(["--prompt", &PROMPT_LEN.to_string()])
+        .args(["--decode", &DECODE_STEPS.to_string()])
+        .args(["--threads", &rayon::current_num_threads().to_string()])
+        .args(["--repeats", &repeats.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "llama.cpp on {}: {}",
+        gguf.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let file_bytes: usize = Checkpoint::open(gguf)
+        .unwrap()
+        .bytes_by_dtype()
+        .values()
+        .sum();
+    let rss = r["rss_bytes"].as_f64().unwrap();
+    println!(
+        "| {name} | llama.cpp 0.3.36 (GGUF) | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} |",
+        file_bytes as f64 / 1e6,
+        rss / 1e6,
+        rss / file_bytes as f64,
+        r["prefill_tps"].as_f64().unwrap(),
+        r["decode_tps"].as_f64().unwrap(),
+    );
 }
 
 const CHILD: &str = "BENCH_MODEL_FILES_BACKEND";
