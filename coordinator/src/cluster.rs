@@ -15,9 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use switchyard_model::{
-    Checkpoint, CheckpointError, ModelConfig, Tokenizer, TokenizerError,
-};
+use switchyard_model::{Checkpoint, CheckpointError, ModelConfig, Tokenizer, TokenizerError};
 use switchyard_net::grpc::{channel, worker_client};
 use switchyard_proto::v1 as pb;
 use switchyard_scheduler::{
@@ -30,9 +28,7 @@ use tracing::{info, warn};
 
 use crate::lane::{Admitted, Lane, LaneConfig, LaneFailure, Work, MAX_MOVES};
 use crate::metrics::Metrics;
-use crate::placement::{
-    self, grids_for, plan, Grid, Inventory, Placement, PlanError, PlanOptions,
-};
+use crate::placement::{self, grids_for, plan, Grid, Inventory, Placement, PlanError, PlanOptions};
 use crate::role::{ProcessRole, Role};
 
 #[derive(Debug, Clone)]

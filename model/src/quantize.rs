@@ -781,12 +781,18 @@ mod tests {
             let planned: u64 = specs
                 .iter()
                 .map(|s| {
-                    let (rows, cols) = (s.shape[..s.shape.len() - 1].iter().product(), s.shape[s.shape.len() - 1]);
+                    let (rows, cols) = (
+                        s.shape[..s.shape.len() - 1].iter().product(),
+                        s.shape[s.shape.len() - 1],
+                    );
                     types[&s.name].matrix_bytes(rows, cols)
                 })
                 .sum();
             assert_eq!(planned, report.tensor_bytes, "{scheme:?}");
-            assert_eq!(types["model.layers.0.block_sparse_moe.gate.weight"], WeightType::F32);
+            assert_eq!(
+                types["model.layers.0.block_sparse_moe.gate.weight"],
+                WeightType::F32
+            );
         }
     }
 

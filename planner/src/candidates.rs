@@ -90,7 +90,10 @@ fn shapes(model: &Model, devices: usize) -> Vec<(Grid, usize)> {
     out
 }
 
-fn bytes_of(placement: &Placement, f: impl Fn(&switchyard_coordinator::placement::Cell) -> u64) -> Bytes {
+fn bytes_of(
+    placement: &Placement,
+    f: impl Fn(&switchyard_coordinator::placement::Cell) -> u64,
+) -> Bytes {
     let per_worker: Vec<u64> = placement.cells.iter().map(f).collect();
     Bytes {
         total: per_worker.iter().sum(),
@@ -149,7 +152,10 @@ pub fn candidates(model: &Model, hw: &Hardware, work: &Workload) -> Vec<Candidat
             decode_tokens_per_s: None,
             ttft_s: None,
             pipeline_bubble: None,
-            exchange_bytes_per_token_per_layer: exchange_bytes_per_token(&model.config, grid.shards),
+            exchange_bytes_per_token_per_layer: exchange_bytes_per_token(
+                &model.config,
+                grid.shards,
+            ),
             cost_per_million_tokens: None,
             meets_target: None,
             serve: String::new(),
@@ -185,7 +191,8 @@ pub fn candidates(model: &Model, hw: &Hardware, work: &Workload) -> Vec<Candidat
         };
         // Decode at half the context on average; every lane busy when there are streams enough.
         let busy_lanes = work.concurrency.div_ceil(copies).min(grid.shards).max(1) as f64;
-        let (per_token, bubble) = shape.decode(streams_per_lane, work.context as f64 / 2.0, busy_lanes);
+        let (per_token, bubble) =
+            shape.decode(streams_per_lane, work.context as f64 / 2.0, busy_lanes);
         let per_stream = 1.0 / per_token;
         let aggregate = per_stream * work.concurrency.min(streams_per_lane * lanes) as f64;
         c.decode_tokens_per_s = Some(Speed {
@@ -196,7 +203,14 @@ pub fn candidates(model: &Model, hw: &Hardware, work: &Workload) -> Vec<Candidat
         c.ttft_s = Some(shape.ttft(work.prompt, work.step_tokens));
         c.cost_per_million_tokens = price_per_hour.map(|p| p / 3600.0 / aggregate * 1e6);
         c.meets_target = work.target_tps.map(|t| per_stream >= t);
-        let kv_mb = c.kv_bytes.per_worker.iter().max().copied().unwrap_or(0).div_ceil(1 << 20);
+        let kv_mb = c
+            .kv_bytes
+            .per_worker
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or(0)
+            .div_ceil(1 << 20);
         c.serve = format!(
             "--grid {grid} --kv-cache-mb {kv_mb} --block-size {} --max-running {streams_per_lane}",
             work.block_size
@@ -246,8 +260,20 @@ pub fn table(ranked: &[Candidate], limit: usize) -> String {
     let mut out = String::new();
     let fitting: Vec<&Candidate> = ranked.iter().filter(|c| c.does_not_fit.is_none()).collect();
     let header = [
-        "rank", "hardware", "weights", "grid", "copies", "devices", "weights/worker", "KV/worker",
-        "TTFT s", "tok/s/stream", "tok/s total", "$/hour", "$/M tokens", "target",
+        "rank",
+        "hardware",
+        "weights",
+        "grid",
+        "copies",
+        "devices",
+        "weights/worker",
+        "KV/worker",
+        "TTFT s",
+        "tok/s/stream",
+        "tok/s total",
+        "$/hour",
+        "$/M tokens",
+        "target",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for (i, c) in fitting.iter().take(limit).enumerate() {
@@ -293,7 +319,11 @@ pub fn table(ranked: &[Candidate], limit: usize) -> String {
             let _ = writeln!(out, "{}", line.join("  ").trim_end());
         }
         if fitting.len() > limit {
-            let _ = writeln!(out, "({} more fit; --top to see them, --json for all)", fitting.len() - limit);
+            let _ = writeln!(
+                out,
+                "({} more fit; --top to see them, --json for all)",
+                fitting.len() - limit
+            );
         }
     }
     // Per hardware and weight type: how many do not fit, and why the largest of them does not.
@@ -306,19 +336,21 @@ pub fn table(ranked: &[Candidate], limit: usize) -> String {
         seen.push(key);
         let same: Vec<&Candidate> = ranked
             .iter()
-            .filter(|o| o.does_not_fit.is_some() && (o.hardware.as_str(), o.held_as.as_str()) == key)
+            .filter(|o| {
+                o.does_not_fit.is_some() && (o.hardware.as_str(), o.held_as.as_str()) == key
+            })
             .collect();
+        // The largest grid that does not fit says most about why.
         let widest = same
             .iter()
-            .max_by_key(|o| (o.devices, std::cmp::Reverse(o.copies)))
+            .max_by_key(|o| (o.devices / o.copies, o.copies == 1))
             .expect("at least this one");
         let _ = writeln!(
             out,
-            "{} ({}): {} layouts do not fit; with all {} devices as grid {}: {}",
+            "{} ({}): {} layouts do not fit; the largest, grid {}: {}",
             c.hardware,
             c.held_as,
             same.len(),
-            widest.devices,
             widest.grid,
             widest.does_not_fit.as_deref().unwrap_or_default()
         );

@@ -437,7 +437,8 @@ mod tests {
         assert!(e("mem=24GiB,flops=1T").contains("(bw missing)"));
         assert!(e("A10G,mem=lots").contains("mem \"lots\": expected a number with a unit"));
         assert!(e("A10G,bw=600GB").contains("expected bytes per second"));
-        assert!(e("A10G,link=carrier-pigeon").contains("unknown link \"carrier-pigeon\"; expected one of nvlink4"));
+        assert!(e("A10G,link=carrier-pigeon")
+            .contains("unknown link \"carrier-pigeon\"; expected one of nvlink4"));
         assert!(e("A10G,colour=red").contains("unknown key \"colour\""));
         assert!(e("A10G,price=1,price=2").contains("price= is given twice"));
         assert!(e("A10G,H100").contains("is not key=value"));

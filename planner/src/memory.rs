@@ -160,14 +160,22 @@ mod tests {
     fn workers_hold_what_the_placement_gives_them() {
         let m = mixtral();
         let gpu = WorkerMemory::of(Kind::Gpu);
-        let p = place(&m, "2x4".parse().unwrap(), gpu, UNLIMITED, Default::default()).unwrap();
+        let p = place(
+            &m,
+            "2x4".parse().unwrap(),
+            gpu,
+            UNLIMITED,
+            Default::default(),
+        )
+        .unwrap();
         for c in &p.cells {
             assert_eq!(c.weight_bytes, m.config.subset_params(&c.subset) * 2);
         }
         let whole = m.config.param_counts().total * 2;
         let sum: u64 = p.cells.iter().map(|c| c.weight_bytes).sum();
         let pc = m.config.param_counts();
-        let repeated = 3 * (32 * (pc.attention_per_layer + 8 * 4096) + pc.embedding + pc.lm_head + 4096) * 2;
+        let repeated =
+            3 * (32 * (pc.attention_per_layer + 8 * 4096) + pc.embedding + pc.lm_head + 4096) * 2;
         assert_eq!(sum, whole + repeated);
         // 8 experts over 4 shards: each worker about a quarter of the experts of half the layers.
         let one = p.cells[0].weight_bytes as f64 / 1e9;
@@ -185,7 +193,9 @@ mod tests {
         let gpu = WorkerMemory::of(Kind::Gpu);
         let p = place_for_load(&m, "1x2".parse().unwrap(), gpu, UNLIMITED, load).unwrap();
         // 128 KiB per token in bf16 (32 layers × 8 KV heads × 128 × K and V × 2 bytes).
-        let per_token = m.config.kv_bytes_per_token(switchyard_model::safetensors::Dtype::BF16);
+        let per_token = m
+            .config
+            .kv_bytes_per_token(switchyard_model::safetensors::Dtype::BF16);
         assert_eq!(p.cells[0].kv_bytes, 8 * 4096 * per_token);
         assert_eq!(p.kv_blocks, 8 * 4096 / 16);
         // Three stages of 32 layers: 11, 11, 10; the KV of the largest decides the blocks.
@@ -212,9 +222,19 @@ mod tests {
         let q4 = mixtral().stored_as(switchyard_model::quantize::Scheme::Q4KM);
         let cpu = WorkerMemory::of(Kind::Cpu);
         let p = place_for_load(&q4, "1x1".parse().unwrap(), cpu, 32_000_000_000, load).unwrap();
-        assert_eq!(p.cells[0].weight_bytes, q4.stored_bytes(&Subset::all(&q4.config)));
+        assert_eq!(
+            p.cells[0].weight_bytes,
+            q4.stored_bytes(&Subset::all(&q4.config))
+        );
         // On a GPU the same file is held in bf16, as the CUDA backend keeps it.
-        let p = place(&q4, "1x1".parse().unwrap(), gpu, UNLIMITED, Default::default()).unwrap();
+        let p = place(
+            &q4,
+            "1x1".parse().unwrap(),
+            gpu,
+            UNLIMITED,
+            Default::default(),
+        )
+        .unwrap();
         assert_eq!(p.cells[0].weight_bytes, m.config.param_counts().total * 2);
     }
 

@@ -130,7 +130,11 @@ fn preset_names() -> String {
 
 /// The Hugging Face hub cache: `$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`.
 fn hub_cache() -> Option<PathBuf> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     var("HF_HUB_CACHE")
         .or_else(|| var("HF_HOME").map(|h| h.join("hub")))
         .or_else(|| var("HOME").map(|h| h.join(".cache/huggingface/hub")))
@@ -279,7 +283,13 @@ impl Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Model({} from {}, {})", self.name, self.origin, self.storage_name())
+        write!(
+            f,
+            "Model({} from {}, {})",
+            self.name,
+            self.origin,
+            self.storage_name()
+        )
     }
 }
 
@@ -346,7 +356,9 @@ mod tests {
         let e = Model::resolve("mixtral-9x9b").unwrap_err().to_string();
         assert!(e.contains("not a preset"), "{e}");
         assert!(e.contains("mixtral-8x7b, mixtral-8x22b"), "{e}");
-        let e = Model::resolve("nobody/nothing-here").unwrap_err().to_string();
+        let e = Model::resolve("nobody/nothing-here")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no Hugging Face cache of it"), "{e}");
     }
 

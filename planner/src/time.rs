@@ -101,7 +101,9 @@ pub fn remote_shards(n: usize, k: usize, shards: usize) -> f64 {
 /// back from each (BENCHMARKS.md, issue 3: 3219 measured against this 3210 on small-mixtral).
 pub fn exchange_bytes_per_token(config: &ModelConfig, shards: usize) -> f64 {
     match config.moe {
-        Some(m) => remote_shards(m.num_experts, m.top_k, shards) * 2.0 * 4.0 * config.hidden_size as f64,
+        Some(m) => {
+            remote_shards(m.num_experts, m.top_k, shards) * 2.0 * 4.0 * config.hidden_size as f64
+        }
         None => 0.0,
     }
 }
@@ -246,7 +248,10 @@ mod tests {
         let (per_token, bubble) = s.decode(1, 0.0, 1.0);
         let active = m.config.param_counts().active_per_token as f64 - 32000.0 * 4096.0;
         let floor = active * 2.0 / (3.35e12 * 0.75);
-        assert!((per_token / floor - 1.0).abs() < 0.01, "{per_token} vs {floor}");
+        assert!(
+            (per_token / floor - 1.0).abs() < 0.01,
+            "{per_token} vs {floor}"
+        );
         assert_eq!(bubble, 0.0);
         // Bigger batches touch more experts: slower per token, faster in aggregate.
         let (t8, _) = s.decode(8, 512.0, 1.0);

@@ -142,7 +142,10 @@ mod tests {
         assert_eq!(parse_bytes("mem", "1.5TiB").unwrap(), 3 << 39);
         let e = parse_bytes("mem", "24").unwrap_err();
         assert_eq!(e.given, "24");
-        assert!(e.to_string().contains("expected a number with a unit"), "{e}");
+        assert!(
+            e.to_string().contains("expected a number with a unit"),
+            "{e}"
+        );
         assert!(parse_bytes("mem", "24GiBs").is_err());
         assert!(parse_bytes("mem", "-1GB").is_err());
         assert!(parse_bytes("mem", "").is_err());
