@@ -100,12 +100,19 @@ pub fn run(a: &PlanArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(());
     }
+    let count = |n: u64| match n {
+        n if n >= 1_000_000_000 => format!("{:.1}B", n as f64 / 1e9),
+        n => format!("{:.0}M", n as f64 / 1e6),
+    };
+    let origin = match model.origin == model.name {
+        true => String::new(),
+        false => format!(" ({})", model.origin),
+    };
     println!(
-        "model     {} ({}): {:.1}B parameters, {:.1}B active per token",
+        "model     {}{origin}: {} parameters, {} active per token",
         model.name,
-        model.origin,
-        p.total as f64 / 1e9,
-        p.active_per_token as f64 / 1e9
+        count(p.total),
+        count(p.active_per_token)
     );
     println!(
         "workload  {} streams, {} tokens of context each, {}-token prompts{}",
