@@ -59,6 +59,9 @@ pub enum Command {
     /// Make a CA and certificates for a trial cluster: for the client ports (--tls-cert),
     /// the cluster plane (--cluster-ca/--cluster-cert) and a client (--tls-client-ca).
     Certs(CertsArgs),
+    /// Which grid, on which hardware, at what memory per worker, speed and cost: predicted
+    /// before buying, with the coordinator's own placement.
+    Plan(Box<PlanArgs>),
     /// A running cluster's grid, workers (memory), lanes (KV usage) and queue.
     Status {
         #[arg(long, default_value = "127.0.0.1:50051")]
@@ -426,6 +429,49 @@ pub enum ModelCommand {
         #[arg(long)]
         grid: Option<switchyard_coordinator::Grid>,
     },
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    /// A preset of a published model's shapes (mixtral-8x7b, mixtral-8x22b, mistral-7b,
+    /// llama-2-7b, llama-2-13b, llama-2-70b, or model init's tiny-* and small-mixtral), a
+    /// model directory or .gguf file, or org/name from the Hugging Face cache.
+    #[arg(long)]
+    pub model: String,
+    /// Devices to plan for (repeatable): a catalog name with a count, e.g. 8xA10G or 2xH100
+    /// (fields overridable: 8xA10G,price=1.5), or a device described whole, e.g.
+    /// mem=24GiB,bw=600GB/s,flops=125T,link=pcie4,price=1.2 (kind=cpu for a CPU host).
+    #[arg(long, required = true)]
+    pub hardware: Vec<String>,
+    /// Weight storage to plan for (repeatable): q8_0, q4_0, q4_1, q4_k_m, q6_k, f16, bf16, f32.
+    /// Default: bf16 for a preset, the stored types for a checkpoint. GPU workers hold bf16
+    /// whatever is stored (the CUDA backend's only weight type).
+    #[arg(long)]
+    pub dtype: Vec<String>,
+    /// KV tokens each sequence may hold (prompt and output).
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
+    pub context: usize,
+    /// Sequences decoding at once, over the whole deployment.
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+    pub concurrency: usize,
+    /// Prompt tokens for the time to first token (at most --context).
+    #[arg(long, default_value_t = 512, value_parser = at_least_one)]
+    pub prompt: usize,
+    /// Decode tokens per second each stream should get: candidates meeting it rank first.
+    #[arg(long)]
+    pub target_tps: Option<f64>,
+    /// Tokens per KV block (1 to 1024), as served.
+    #[arg(long, default_value_t = 16, value_parser = block_size)]
+    pub block_size: usize,
+    /// Most tokens one step processes per lane, as served (prefill chunks).
+    #[arg(long, default_value_t = 512, value_parser = at_least_one)]
+    pub max_step_tokens: usize,
+    /// Rows of the table (the best ones); --json has every candidate.
+    #[arg(long, default_value_t = 15, value_parser = at_least_one)]
+    pub top: usize,
+    /// Every candidate as JSON, with the catalog rows used.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

@@ -5,6 +5,7 @@
 mod certs;
 mod flags;
 mod generate;
+mod plan;
 mod telemetry;
 
 use std::path::{Path, PathBuf};
@@ -106,6 +107,7 @@ fn run(command: Command, runtime: &tokio::runtime::Runtime) -> Result<()> {
         Command::Coordinator(args) => runtime.block_on(run_coordinator(*args))?,
         Command::Bench(args) => runtime.block_on(bench(*args))?,
         Command::Certs(args) => certs::write_all(&args)?,
+        Command::Plan(args) => plan::run(&args)?,
         Command::Status { server } => runtime.block_on(status(&server))?,
     }
     Ok(())
@@ -236,25 +238,18 @@ fn demo_model() -> Result<PathBuf> {
 }
 
 /// What each worker of `grid` would hold: per cell, its part and the bytes of that part kept
-/// as stored and in bf16 (the same placement and accounting the coordinator uses).
-fn grid_parts(ckpt: &Checkpoint, grid: switchyard_coordinator::Grid) -> Result<serde_json::Value> {
-    use switchyard_coordinator::placement::{plan, Inventory};
-    let c = ckpt.config();
-    let stored = |s: &switchyard_model::Subset| ckpt.subset_bytes(s, |t| t).unwrap_or(u64::MAX);
-    let place = |keeps_stored_weights: bool| {
-        let workers: Vec<Inventory> = (0..grid.cells())
-            .map(|i| Inventory {
-                address: format!("worker {i}"),
-                device: String::new(),
-                memory_bytes: u64::MAX / 4,
-                available_bytes: u64::MAX / 4,
-                value_bytes: 2,
-                keeps_stored_weights,
-            })
-            .collect();
-        plan(c, &stored, grid, &workers, Default::default(), 1)
+/// as stored and in bf16, from the planner's placement (the coordinator's own, the same path
+/// `switchyard plan` sizes workers by).
+fn grid_parts(dir: &Path, grid: switchyard_coordinator::Grid) -> Result<serde_json::Value> {
+    use switchyard_planner::memory::{place, WorkerMemory, UNLIMITED};
+    let model = switchyard_planner::Model::open(dir)?;
+    let as_stored = WorkerMemory {
+        value_bytes: 2,
+        keeps_stored_weights: true,
     };
-    let (as_stored, as_bf16) = (place(true)?, place(false)?);
+    let gpu = WorkerMemory::of(switchyard_planner::Kind::Gpu);
+    let place = |worker| place(&model, grid, worker, UNLIMITED, Default::default());
+    let (as_stored, as_bf16) = (place(as_stored)?, place(gpu)?);
     Ok(as_stored
         .cells
         .iter()
@@ -302,7 +297,7 @@ fn inspect(
     });
     let mut report = report;
     if let Some(g) = grid {
-        report["grid"] = grid_parts(&ckpt, g)?;
+        report["grid"] = grid_parts(dir, g)?;
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

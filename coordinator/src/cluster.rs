@@ -15,9 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use switchyard_model::{
-    Checkpoint, CheckpointError, ModelConfig, Subset, Tokenizer, TokenizerError,
-};
+use switchyard_model::{Checkpoint, CheckpointError, ModelConfig, Tokenizer, TokenizerError};
 use switchyard_net::grpc::{channel, worker_client};
 use switchyard_proto::v1 as pb;
 use switchyard_scheduler::{
@@ -30,7 +28,7 @@ use tracing::{info, warn};
 
 use crate::lane::{Admitted, Lane, LaneConfig, LaneFailure, Work, MAX_MOVES};
 use crate::metrics::Metrics;
-use crate::placement::{grids_for, plan, Grid, Inventory, Placement, PlanError, PlanOptions};
+use crate::placement::{self, grids_for, plan, Grid, Inventory, Placement, PlanError, PlanOptions};
 use crate::role::{ProcessRole, Role};
 
 #[derive(Debug, Clone)]
@@ -262,14 +260,6 @@ impl Cluster {
 
     pub fn model(&self) -> &ModelConfig {
         self.validator.model()
-    }
-
-    /// Bytes of `subset`'s tensors in the checkpoint's own types (f32 per value where the
-    /// checkpoint cannot say: that subset's workers will refuse it themselves).
-    fn stored_bytes(&self, subset: &Subset) -> u64 {
-        self.checkpoint
-            .subset_bytes(subset, |t| t)
-            .unwrap_or_else(|_| self.model().subset_params(subset) * 4)
     }
 
     /// The model's tokenizer, or why there is none.
@@ -564,7 +554,7 @@ impl Cluster {
         for grid in grids_for(self.config.grid, workers.len()) {
             match plan(
                 self.model(),
-                &|subset| self.stored_bytes(subset),
+                &|subset| placement::stored_bytes(&self.checkpoint, subset),
                 grid,
                 &workers[..grid.cells()],
                 self.config.plan,

@@ -9,7 +9,7 @@ use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
 
-use switchyard_model::{ModelConfig, Subset};
+use switchyard_model::{Checkpoint, ModelConfig, Subset};
 
 /// `P` pipeline stages × `E` expert shards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +211,15 @@ pub fn grids_for(max: Grid, n: usize) -> Vec<Grid> {
         )
     });
     grids
+}
+
+/// Bytes of `subset`'s tensors in the checkpoint's own types, the `stored_bytes` the
+/// coordinator plans with (f32 per value where the checkpoint cannot say: that subset's
+/// workers will refuse it themselves).
+pub fn stored_bytes(checkpoint: &Checkpoint, subset: &Subset) -> u64 {
+    checkpoint
+        .subset_bytes(subset, |t| t)
+        .unwrap_or_else(|_| checkpoint.config().subset_params(subset) * 4)
 }
 
 /// `stored_bytes(subset)`: what the tensors of `subset` take in the checkpoint's own types.

@@ -409,10 +409,7 @@ impl Checkpoint {
         let mut total = 0u64;
         for spec in self.config.tensor_specs(subset) {
             let at = self.check(&spec)?;
-            let ty = kept(at.ty);
-            // A type whose blocks do not divide the row is widened to f32 by whoever keeps it.
-            let row = ty.row_bytes(at.cols).unwrap_or(4 * at.cols);
-            total = total.saturating_add(row as u64 * at.rows as u64);
+            total = total.saturating_add(kept(at.ty).matrix_bytes(at.rows, at.cols));
         }
         Ok(total)
     }

@@ -8,6 +8,7 @@
 //! row from the mapped safetensors (dequantized into one row buffer, permuted, quantized),
 //! written, and dropped, so memory holds one output tensor at a time.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -229,6 +230,20 @@ fn model_metadata(c: &ModelConfig, input: &Path, scheme: Scheme) -> GgufMetadata
     m.insert("general.file_type", GgufValue::U32(scheme.file_type()));
     m.insert("general.quantization_version", GgufValue::U32(2));
     m
+}
+
+/// The type each Hugging Face tensor of `c` is stored in by [`quantize`] with `scheme`, by its
+/// checkpoint name (an expert's rows of a merged GGUF tensor take that tensor's type): what a
+/// planner sizes a quantized model by before the file exists.
+pub fn tensor_types(c: &ModelConfig, scheme: Scheme) -> BTreeMap<String, WeightType> {
+    plan(c, scheme)
+        .0
+        .into_iter()
+        .flat_map(|p| {
+            let ty = p.desc.ty;
+            p.sources.into_iter().map(move |(name, _)| (name, ty))
+        })
+        .collect()
 }
 
 /// Every GGUF tensor in file order, with its type, and the fallbacks taken.
@@ -746,6 +761,37 @@ mod tests {
                 gguf.encode(text, false).unwrap(),
                 hf.encode(text, false).unwrap(),
                 "{text:?}"
+            );
+        }
+    }
+
+    /// The sizes a planner takes from [`tensor_types`] are the bytes [`quantize`] writes.
+    #[test]
+    fn tensor_types_size_what_quantize_writes() {
+        let c = crate::init::preset("tiny-mixtral").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        crate::init::write_model_dir(dir.path(), &c, 1, crate::safetensors::Dtype::F32, None)
+            .unwrap();
+        for scheme in [Scheme::Q4KM, Scheme::Plain(WeightType::Q8_0)] {
+            let out = dir.path().join("m.gguf");
+            let report = quantize(dir.path(), &out, scheme, false).unwrap();
+            let types = tensor_types(&c, scheme);
+            let specs = c.tensor_specs(&crate::Subset::all(&c));
+            assert_eq!(types.len(), specs.len());
+            let planned: u64 = specs
+                .iter()
+                .map(|s| {
+                    let (rows, cols) = (
+                        s.shape[..s.shape.len() - 1].iter().product(),
+                        s.shape[s.shape.len() - 1],
+                    );
+                    types[&s.name].matrix_bytes(rows, cols)
+                })
+                .sum();
+            assert_eq!(planned, report.tensor_bytes, "{scheme:?}");
+            assert_eq!(
+                types["model.layers.0.block_sparse_moe.gate.weight"],
+                WeightType::F32
             );
         }
     }

@@ -79,6 +79,14 @@ impl WeightType {
         (cols / self.block_len()).checked_mul(self.block_bytes())
     }
 
+    /// Bytes a `[rows, cols]` matrix stored as `self` takes once loaded: a type whose blocks do
+    /// not divide the row is widened to f32 by whoever keeps it. The one rule behind every
+    /// size the placement planner and `switchyard plan` count.
+    pub fn matrix_bytes(self, rows: usize, cols: usize) -> u64 {
+        let row = self.row_bytes(cols).unwrap_or(4 * cols);
+        (row as u64).saturating_mul(rows as u64)
+    }
+
     /// ggml's type id (`enum ggml_type`), as GGUF stores it.
     pub const fn ggml_id(self) -> u32 {
         match self {
