@@ -16,15 +16,17 @@ pub enum Module {
     AttentionDecode,
     Moe,
     MoeGemm,
+    QuantGemv,
 }
 
 impl Module {
-    pub const ALL: [Module; 5] = [
+    pub const ALL: [Module; 6] = [
         Module::Elementwise,
         Module::AttentionPrefill,
         Module::AttentionDecode,
         Module::Moe,
         Module::MoeGemm,
+        Module::QuantGemv,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -34,6 +36,7 @@ impl Module {
             Module::AttentionDecode => "attention_decode.cu",
             Module::Moe => "moe.cu",
             Module::MoeGemm => "moe_gemm.cu",
+            Module::QuantGemv => "quant_gemv.cu",
         }
     }
 
@@ -44,6 +47,7 @@ impl Module {
             Module::AttentionDecode => include_str!("../cuda/attention_decode.cu"),
             Module::Moe => include_str!("../cuda/moe.cu"),
             Module::MoeGemm => include_str!("../cuda/moe_gemm.cu"),
+            Module::QuantGemv => include_str!("../cuda/quant_gemv.cu"),
         }
     }
 
@@ -69,6 +73,14 @@ impl Module {
                 "moe_down_gemv",
                 "moe_gate_up_mma",
                 "moe_down_mma",
+            ],
+            Module::QuantGemv => &[
+                "gemv_q8_0",
+                "moe_gate_up_gemv_q8_0",
+                "moe_down_gemv_q8_0",
+                "gemv_q4_k",
+                "moe_gate_up_gemv_q4_k",
+                "moe_down_gemv_q4_k",
             ],
         }
     }

@@ -77,15 +77,19 @@ fn main() {
     let tmp = tempfile::tempdir().unwrap();
     // (name, what we load, the GGUF llama.cpp runs).
     let mut models: Vec<(String, PathBuf, Option<PathBuf>)> = Vec::new();
+    // llama.cpp loads no GGUF without a vocabulary: small-mixtral's 32000 tokens get Mistral's.
+    let mistral = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/mistral-v1-tokenizer/tokenizer.json");
     let gguf = |dir: &Path, scheme: Scheme, name: &str| {
-        let out = tmp.path().join(format!("{name}.gguf"));
-        quantize(dir, &out, scheme, false).unwrap();
+        let out = tmp.path().join(format!("{}.gguf", name.replace(' ', "-")));
+        quantize(dir, &out, scheme, true).unwrap();
         out
     };
     let f32_dir = tmp.path().join("small-mixtral-F32");
     for dtype in [Dtype::F32, Dtype::BF16] {
         let dir = tmp.path().join(format!("small-mixtral-{}", dtype.name()));
         write_model_dir(&dir, &preset("small-mixtral").unwrap(), 0, dtype, None).unwrap();
+        std::fs::copy(&mistral, dir.join("tokenizer.json")).unwrap();
         let name = format!("small-mixtral {}", dtype.name());
         let file = gguf(&dir, Scheme::Plain(dtype.into()), &name);
         models.push((name, dir, Some(file)));
