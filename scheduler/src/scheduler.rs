@@ -86,8 +86,9 @@ struct Sequence {
     seed: u64,
     /// Prompt followed by generated tokens.
     tokens: Vec<u32>,
-    /// The generated tokens counted for the penalties, one token at a time.
-    history: History,
+    /// The generated tokens counted for the penalties, one token at a time (boxed: most
+    /// requests keep nothing in it, and sequences move between queues whole).
+    history: Box<History>,
     /// Tokens whose K/V are in the cache.
     computed: usize,
     /// Part of a planned step whose results are not applied yet.
@@ -223,7 +224,7 @@ impl Scheduler {
         self.waiting.push_back(Sequence {
             seed: seed_of(&req.params),
             tokens: req.prompt.clone(),
-            history: History::new(&req.params, &req.prompt),
+            history: Box::new(History::new(&req.params, &req.prompt)),
             computed: 0,
             in_flight: false,
             paused: false,
