@@ -39,6 +39,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of its largest variant (generate's flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum Command {
     /// Make or describe model directories.
@@ -535,6 +537,60 @@ pub struct SamplingArgs {
     /// Keep generating past the end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// OpenAI's: lower a generated token's logit by this once (-2 to 2).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// OpenAI's: lower a generated token's logit by this per time generated (-2 to 2).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// Hugging Face's, over prompt and output (> 0; 1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// TOKEN=BIAS: add BIAS (-100 to 100) to the token's logit (repeatable).
+    #[arg(long, value_parser = logit_bias, allow_hyphen_values = true)]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Generate at least this many tokens before EOS or a stop token.
+    #[arg(long, default_value_t = 0)]
+    pub min_tokens: usize,
+    /// Comma-separated token ids that end the generation as EOS does.
+    #[arg(long, value_delimiter = ',')]
+    pub stop_token_ids: Vec<u32>,
+    /// A word the output must not contain (repeatable; needs the model's tokenizer).
+    #[arg(long)]
+    pub bad_words: Vec<String>,
+    /// A token sequence the output must not contain, comma-separated (repeatable).
+    #[arg(long, value_parser = token_ids)]
+    pub bad_word_ids: Vec<TokenIds>,
+}
+
+/// A comma-separated list of token ids, one value of a repeatable flag.
+#[derive(Clone, Debug)]
+pub struct TokenIds(pub Vec<u32>);
+
+fn token_ids(s: &str) -> Result<TokenIds, String> {
+    s.split(',')
+        .map(|t| {
+            t.trim()
+                .parse::<u32>()
+                .map_err(|e| format!("{t:?} is not a token id: {e}"))
+        })
+        .collect::<Result<_, _>>()
+        .map(TokenIds)
+}
+
+fn logit_bias(s: &str) -> Result<(u32, f32), String> {
+    let (t, b) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected TOKEN=BIAS"))?;
+    let t = t
+        .trim()
+        .parse()
+        .map_err(|e| format!("{t:?} is not a token id: {e}"))?;
+    let b = b
+        .trim()
+        .parse()
+        .map_err(|e| format!("{b:?} is not a number: {e}"))?;
+    Ok((t, b))
 }
 
 impl SamplingArgs {
@@ -549,6 +605,14 @@ impl SamplingArgs {
             logprobs: self.logprobs,
             prompt_logprobs: self.prompt_logprobs,
             ignore_eos: self.ignore_eos,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            repetition_penalty: self.repetition_penalty,
+            logit_bias: self.logit_bias.clone(),
+            min_tokens: self.min_tokens,
+            stop_token_ids: self.stop_token_ids.clone(),
+            bad_words: self.bad_words.clone(),
+            bad_word_ids: self.bad_word_ids.iter().map(|w| w.0.clone()).collect(),
         }
     }
 }

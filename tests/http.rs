@@ -4,28 +4,13 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{http, http_address, http_with_headers, model, output_within, serve, start_env, BIN};
+use common::{
+    http, http_address, http_with_headers, model, output_within, python, serve, start_env, BIN,
+};
 use serde_json::Value;
-
-/// The Python with `openai` installed: `scripts/test.sh` makes it (scripts/python-env.sh).
-fn python() -> PathBuf {
-    let path = std::env::var_os("SWITCHYARD_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME is set");
-            PathBuf::from(home).join(".cache/switchyard/py-venv/bin/python")
-        });
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/test.sh, which installs the openai package (scripts/python-env.sh), or set SWITCHYARD_PYTHON",
-        path.display()
-    );
-    path
-}
 
 #[test]
 fn the_openai_package_works_against_serve() {

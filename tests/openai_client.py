@@ -87,11 +87,59 @@ stream = client.chat.completions.create(model=model, messages=messages, max_toke
 streamed = "".join((c.choices[0].delta.content or "") for c in stream if c.choices)
 check(streamed == choice.message.content, f"streamed chat {streamed!r} vs {choice.message.content!r}")
 
+# best_of: that many candidates per prompt, the n with the highest cumulative logprob returned.
+# The candidates are the n = 3 choices of the same seed (choice i samples with seed + i).
+sample = dict(model=model, prompt="Once", max_tokens=6, temperature=1.0, seed=11, extra_body={"ignore_eos": True})
+three = client.completions.create(n=3, logprobs=0, **sample)
+scores = {c.index: sum(c.logprobs.token_logprobs) for c in three.choices}
+best = client.completions.create(n=1, best_of=3, **sample)
+check(len(best.choices) == 1 and best.choices[0].index == 0, f"one choice: {best.choices}")
+check(best.choices[0].logprobs is None, "logprobs only when asked")
+top = max(scores, key=lambda i: (scores[i], -i))
+check(best.choices[0].text == [c.text for c in three.choices if c.index == top][0],
+      f"best_of returns the most likely candidate: {best.choices[0].text!r}, scores {scores}")
+check(best.usage.completion_tokens == 18, f"every candidate counts in usage: {best.usage}")
+two = client.completions.create(n=2, best_of=3, logprobs=0, **sample)
+order = sorted(scores, key=lambda i: (-scores[i], i))[:2]
+check([c.index for c in two.choices] == [0, 1], "the n best, numbered from 0")
+check([c.text for c in two.choices] == [[c.text for c in three.choices if c.index == i][0] for i in order],
+      "the n best, best first")
+same = client.completions.create(n=2, best_of=2, **sample)
+check(sorted(c.text for c in same.choices) == sorted(c.text for c in three.choices if c.index < 2),
+      "best_of = n is plain n")
+
+# The sampling extensions are accepted on both endpoints and do what they say.
+biased = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0, logprobs=1,
+                                   logit_bias={"77": 100}, extra_body={"ignore_eos": True})
+check(len(set(biased.choices[0].logprobs.tokens)) == 1, f"a +100 bias wins every step: {biased.choices[0].logprobs}")
+penalized = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=8, temperature=0, presence_penalty=1.5, frequency_penalty=0.5,
+    extra_body={"repetition_penalty": 1.3, "min_tokens": 8, "stop_token_ids": [5], "bad_words": ["the"]})
+check(penalized.usage.completion_tokens == 8, f"min_tokens: no early stop: {penalized.usage}")
+
 # Errors: the right exception classes, with messages that say what was wrong.
 for call, cls, needle in [
     (lambda: client.completions.create(model=model, prompt="x", temperature=3), openai.BadRequestError, "temperature"),
-    (lambda: client.completions.create(model=model, prompt="x", presence_penalty=1), openai.BadRequestError,
-     "presence_penalty"),
+    (lambda: client.completions.create(model=model, prompt="x", presence_penalty=3), openai.BadRequestError,
+     "presence_penalty is 3; expected -2 to 2"),
+    (lambda: client.completions.create(model=model, prompt="x", frequency_penalty=-2.5), openai.BadRequestError,
+     "frequency_penalty is -2.5"),
+    (lambda: client.completions.create(model=model, prompt="x", extra_body={"repetition_penalty": 0}),
+     openai.BadRequestError, "repetition_penalty is 0; expected a number > 0"),
+    (lambda: client.completions.create(model=model, prompt="x", logit_bias={"5": 101}), openai.BadRequestError,
+     "logit_bias of token 5 is 101; expected -100 to 100"),
+    (lambda: client.completions.create(model=model, prompt="x", logit_bias={"x": 1}), openai.BadRequestError,
+     "logit_bias key"),
+    (lambda: client.completions.create(model=model, prompt="x", logit_bias={"1000000": 1}), openai.BadRequestError,
+     "logit_bias names token 1000000"),
+    (lambda: client.completions.create(model=model, prompt="x", max_tokens=4, extra_body={"min_tokens": 5}),
+     openai.BadRequestError, "min_tokens is 5; expected at most max_tokens (4)"),
+    (lambda: client.completions.create(model=model, prompt="x", extra_body={"stop_token_ids": [10**6]}),
+     openai.BadRequestError, "stop_token_ids names token"),
+    (lambda: client.completions.create(model=model, prompt="x", n=2, best_of=1), openai.BadRequestError,
+     "best_of is 1; expected n (2) to 16"),
+    (lambda: client.completions.create(model=model, prompt="x", best_of=2, stream=True), openai.BadRequestError,
+     "cannot be streamed"),
     (lambda: client.completions.create(model="nope", prompt="x"), openai.NotFoundError, "nope"),
     (lambda: client.completions.create(model=model, prompt="x", max_tokens=10**6), openai.BadRequestError, "context"),
     (lambda: client.chat.completions.create(model=model, messages=[]), openai.BadRequestError, "messages"),

@@ -3,7 +3,9 @@
 //! [`InferenceApi::admission`], the path gRPC clients take too, so both APIs share checks, queue,
 //! scheduling and metrics; on a standby coordinator both go on to the leader
 //! ([`crate::forward::ToLeader`]). Field names and shapes follow OpenAI's API and vLLM's extensions
-//! (`top_k`, `ignore_eos`), what lm-eval-harness and the `openai` package send and read.
+//! (`top_k`, `ignore_eos`, `repetition_penalty`, `min_tokens`, `stop_token_ids`, `bad_words`),
+//! what lm-eval-harness and the `openai` package send and read. The sampling fields' ranges are
+//! checked once, by the scheduler's validation, for both APIs.
 
 use std::convert::Infallible;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -158,7 +160,15 @@ struct Common {
     ignore_eos: bool,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+    /// Token id (as a string, as JSON keys are) → bias.
     logit_bias: Option<serde_json::Map<String, Value>>,
+    /// vLLM's extensions.
+    repetition_penalty: Option<f32>,
+    min_tokens: Option<u32>,
+    #[serde(default)]
+    stop_token_ids: Vec<u32>,
+    #[serde(default)]
+    bad_words: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -223,21 +233,6 @@ impl Common {
                 ),
             });
         }
-        for (name, value) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if value.is_some_and(|v| v != 0.0) {
-                return Err(ApiError::bad_request(format!(
-                    "{name} is not supported; expected 0 or no value"
-                )));
-            }
-        }
-        if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-            return Err(ApiError::bad_request(
-                "logit_bias is not supported; expected an empty object or no value",
-            ));
-        }
         match self.n {
             Some(n) if n == 0 || n > MAX_N => Err(ApiError::bad_request(format!(
                 "n is {n}; expected 1 to {MAX_N}"
@@ -264,6 +259,20 @@ impl Common {
                 ))
             })?,
         };
+        let mut logit_bias = std::collections::HashMap::new();
+        for (token, bias) in self.logit_bias.iter().flatten() {
+            let t = token.parse::<u32>().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "logit_bias key {token:?} is not a token id; expected token ids as strings"
+                ))
+            })?;
+            let b = bias.as_f64().ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "logit_bias of token {t} is {bias}; expected a number from -100 to 100"
+                ))
+            })?;
+            logit_bias.insert(t, b as f32);
+        }
         Ok(pb::GenerateRequest {
             max_tokens,
             temperature,
@@ -276,6 +285,13 @@ impl Common {
                 Some(Stop::Many(v)) => v.clone(),
             },
             ignore_eos: self.ignore_eos,
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            repetition_penalty: self.repetition_penalty,
+            logit_bias,
+            min_tokens: self.min_tokens.unwrap_or(0),
+            stop_token_ids: self.stop_token_ids.clone(),
+            bad_words: self.bad_words.clone(),
             ..Default::default()
         })
     }
@@ -481,8 +497,12 @@ struct Meta {
     object: &'static str,
     model: String,
     created: u64,
-    /// Choices per prompt: a prompt's tokens count once per `n` choices in usage.
+    /// Choices started per prompt (`best_of`, else `n`): a prompt's tokens count once per
+    /// that many in usage.
     n: u32,
+    /// With `best_of` > `n`: the `n` choices of each prompt with the highest cumulative logprob
+    /// are returned.
+    keep: Option<u32>,
     logprobs: bool,
     stream: bool,
     include_usage: bool,
@@ -642,14 +662,18 @@ fn extend_logprobs(acc: &mut Option<Value>, new: Value) {
 async fn whole(api: InferenceApi, meta: Meta, choices: Choices, kind: Kind) -> Response {
     let mut out = Vec::new();
     let mut usages = Vec::new();
+    // Each choice's cumulative logprob, for `best_of`.
+    let mut scores = Vec::new();
     for (c, mut updates) in choices {
         let mut tracker = Tracker::default();
         let (mut text, mut logprobs, mut finish) = (String::new(), None, None);
+        let mut score = 0.0f64;
         while let Some(outcome) = updates.recv().await {
             let u = match outcome {
                 Ok(u) => u,
                 Err(s) => return ApiError::from(s).into_response(),
             };
+            score += u.logprobs.iter().map(|l| l.logprob as f64).sum::<f64>();
             let d = tracker.delta(&api, &c, &u, &meta, kind);
             text.push_str(&d.text);
             if let Some(l) = d.logprobs {
@@ -678,10 +702,32 @@ async fn whole(api: InferenceApi, meta: Meta, choices: Choices, kind: Kind) -> R
                 "finish_reason": finish,
             }),
         });
+        scores.push(score);
+    }
+    if let Some(keep) = meta.keep {
+        out = best_of(out, &scores, meta.n as usize, keep as usize);
     }
     let mut body = meta.envelope(out);
     body["usage"] = meta.usage(&usages).json();
     Json(body).into_response()
+}
+
+/// The `keep` choices of each group of `group` (one prompt's) with the highest cumulative
+/// logprob, best first (ties to the earlier choice), numbered again from 0.
+fn best_of(choices: Vec<Value>, scores: &[f64], group: usize, keep: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut choices = choices.into_iter();
+    for (g, scores) in scores.chunks(group).enumerate() {
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|a, b| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b)));
+        let mut these: Vec<Option<Value>> = choices.by_ref().take(scores.len()).map(Some).collect();
+        for (j, i) in order.into_iter().take(keep).enumerate() {
+            let mut c = these[i].take().expect("each choice is taken once");
+            c["index"] = json!(g * keep + j);
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Streams every choice's deltas as server-sent events, ending with `data: [DONE]`. A task
@@ -793,7 +839,10 @@ async fn respond(api: InferenceApi, meta: Meta, choices: Choices, kind: Kind) ->
 pub struct Decoded {
     /// Each choice's request, and whether its prompt is echoed.
     pub requests: Vec<(pb::GenerateRequest, bool)>,
+    /// Choices started per prompt.
     n: u32,
+    /// Choices returned per prompt, when fewer than started (`best_of`).
+    keep: Option<u32>,
     logprobs: bool,
     stream: bool,
     include_usage: bool,
@@ -812,6 +861,7 @@ impl Decoded {
             model: api.cluster().model_name().to_string(),
             created: now_s(),
             n: self.n,
+            keep: self.keep,
             logprobs: self.logprobs,
             stream: self.stream,
             include_usage: self.include_usage,
@@ -834,10 +884,17 @@ pub fn completion_requests(body: &[u8], served: &str) -> ApiResult<Decoded> {
     let r: CompletionRequest = parse(body)?;
     r.common.check(served)?;
     let n = r.common.n.unwrap_or(1);
-    if r.best_of.is_some_and(|b| b != n) {
-        return Err(ApiError::bad_request(
-            "best_of other than n is not supported; expected best_of = n or no value",
-        ));
+    // As OpenAI and vLLM: best_of candidates per prompt, the n most likely returned.
+    let best_of = r.best_of.unwrap_or(n);
+    if best_of < n || best_of > MAX_N {
+        return Err(ApiError::bad_request(format!(
+            "best_of is {best_of}; expected n ({n}) to {MAX_N}"
+        )));
+    }
+    if best_of > n && r.common.stream {
+        return Err(ApiError::bad_request(format!(
+            "best_of ({best_of}) greater than n ({n}) cannot be streamed; expected stream false"
+        )));
     }
     if r.suffix.is_some() {
         return Err(ApiError::bad_request("suffix is not supported"));
@@ -864,14 +921,18 @@ pub fn completion_requests(body: &[u8], served: &str) -> ApiResult<Decoded> {
             "prompt is empty; expected text, a list of texts or token ids",
         ));
     }
-    check_choices(prompts.len(), n)?;
+    check_choices(prompts.len(), best_of)?;
     let mut requests = Vec::new();
     for (text, ids) in prompts {
-        for choice in 0..n {
+        for choice in 0..best_of {
             let mut req = r.common.request(Some(max_tokens), choice)?;
             req.prompt = text.clone();
             req.prompt_token_ids = ids.clone();
             req.logprobs = r.logprobs;
+            // Choosing the best needs every token's logprob; they are reported only if asked.
+            if best_of > n {
+                req.logprobs.get_or_insert(0);
+            }
             // Scoring the prompt (lm-eval's log-likelihood) needs its logprobs; with
             // `max_tokens: 0` that is all that runs.
             if r.echo && (r.logprobs.is_some() || max_tokens == 0) {
@@ -882,7 +943,8 @@ pub fn completion_requests(body: &[u8], served: &str) -> ApiResult<Decoded> {
     }
     Ok(Decoded {
         requests,
-        n,
+        n: best_of,
+        keep: (best_of > n).then_some(n),
         logprobs: r.logprobs.is_some(),
         stream: r.common.stream,
         include_usage: r.common.include_usage(),
@@ -979,6 +1041,7 @@ pub fn chat_requests(body: &[u8], served: &str) -> ApiResult<Decoded> {
     Ok(Decoded {
         requests,
         n,
+        keep: None,
         logprobs: r.logprobs,
         stream: r.common.stream,
         include_usage: r.common.include_usage(),

@@ -1,5 +1,5 @@
 //! The coordinator's gRPC server: the client API ([`crate::api`]), the standard health service
-//! (`SERVING` only while a complete, warmed-up placement serves) and server reflection, so
+//! (`SERVING` only while a complete, warmed-up placement serves) and server reflection (v1 and v1alpha), so
 //! generic clients (grpcurl, grpc_health_probe) work without a .proto file. With TLS,
 //! connections are encrypted (and client certificates required where asked); with API keys,
 //! `Inference` calls need one (health calls too where asked; reflection stays open: it tells
@@ -45,10 +45,14 @@ pub async fn serve(
             }
         }
     });
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // v1, and v1alpha beside it: what grpcio's Python client, older grpcurl and Postman speak.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let reflection = reflection().build_v1()?;
     let api = InferenceServer::new(InferenceApi::new(cluster));
     grpc::server()
         .add_service(InterceptedService::new(
@@ -56,6 +60,7 @@ pub async fn serve(
             keys.interceptor(Scope::Health),
         ))
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(api, keys.interceptor(Scope::Api)))
         .serve_with_incoming_shutdown(grpc::incoming(listener, tls)?, shutdown)
         .await?;

@@ -2,6 +2,7 @@
 
 use switchyard_proto::v1 as pb;
 
+use switchyard_scheduler::processors::Adjust;
 use switchyard_scheduler::sampling::{Draw, TokenLogprob, TopLogprob};
 use switchyard_scheduler::step::{LogitsWanted, SeqInput, SeqResult, SeqWork};
 use switchyard_scheduler::validate::DEFAULT_MAX_TOKENS;
@@ -91,7 +92,49 @@ pub fn seq_work(w: &SeqWork) -> pb::SeqWork {
             seed: d.seed,
             index: d.index,
         }),
+        adjust: w.adjust.as_ref().map(adjust),
         logprobs: w.logprobs.map(|n| n as u32),
+    }
+}
+
+fn adjust(a: &Adjust) -> pb::LogitsAdjust {
+    pb::LogitsAdjust {
+        bias_tokens: a.bias.iter().map(|(t, _)| *t).collect(),
+        bias_values: a.bias.iter().map(|(_, b)| *b).collect(),
+        repetition_penalty: a.repetition_penalty,
+        seen: a.seen.clone(),
+        banned: a.banned.clone(),
+        presence_penalty: a.presence_penalty,
+        frequency_penalty: a.frequency_penalty,
+        count_tokens: a.counts.iter().map(|(t, _)| *t).collect(),
+        counts: a.counts.iter().map(|(_, n)| *n).collect(),
+    }
+}
+
+/// The inverse of [`adjust`]; the worker has checked the lists' lengths and ids.
+fn from_adjust(a: &pb::LogitsAdjust) -> Adjust {
+    Adjust {
+        bias: a
+            .bias_tokens
+            .iter()
+            .copied()
+            .zip(a.bias_values.iter().copied())
+            .collect(),
+        repetition_penalty: if a.repetition_penalty == 0.0 {
+            1.0
+        } else {
+            a.repetition_penalty
+        },
+        seen: a.seen.clone(),
+        banned: a.banned.clone(),
+        presence_penalty: a.presence_penalty,
+        frequency_penalty: a.frequency_penalty,
+        counts: a
+            .count_tokens
+            .iter()
+            .copied()
+            .zip(a.counts.iter().copied())
+            .collect(),
     }
 }
 
@@ -123,6 +166,7 @@ pub fn from_seq_work(w: &pb::SeqWork) -> Result<SeqWork, Malformed> {
             seed: d.seed,
             index: d.index,
         }),
+        adjust: w.adjust.as_ref().map(from_adjust),
         logprobs: w.logprobs.map(|n| n as usize),
     })
 }
@@ -212,6 +256,21 @@ pub fn sampling_params(r: &pb::GenerateRequest) -> SamplingParams {
         logprobs: r.logprobs.map(|n| n as usize),
         prompt_logprobs: r.prompt_logprobs.map(|n| n as usize),
         ignore_eos: r.ignore_eos,
+        presence_penalty: r.presence_penalty,
+        frequency_penalty: r.frequency_penalty,
+        repetition_penalty: r.repetition_penalty.unwrap_or(1.0),
+        // By token: the same request always makes the same steps.
+        logit_bias: r
+            .logit_bias
+            .iter()
+            .map(|(t, b)| (*t, *b))
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into_iter()
+            .collect(),
+        min_tokens: r.min_tokens as usize,
+        stop_token_ids: r.stop_token_ids.clone(),
+        bad_words: r.bad_words.clone(),
+        bad_word_ids: r.bad_word_ids.iter().map(|w| w.ids.clone()).collect(),
     }
 }
 
@@ -227,6 +286,18 @@ pub fn sampling_request(p: SamplingParams) -> pb::GenerateRequest {
         logprobs: p.logprobs.map(|n| n as u32),
         prompt_logprobs: p.prompt_logprobs.map(|n| n as u32),
         ignore_eos: p.ignore_eos,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        repetition_penalty: Some(p.repetition_penalty),
+        logit_bias: p.logit_bias.into_iter().collect(),
+        min_tokens: p.min_tokens as u32,
+        stop_token_ids: p.stop_token_ids,
+        bad_words: p.bad_words,
+        bad_word_ids: p
+            .bad_word_ids
+            .into_iter()
+            .map(|ids| pb::TokenIds { ids })
+            .collect(),
         ..Default::default()
     }
 }
@@ -234,6 +305,25 @@ pub fn sampling_request(p: SamplingParams) -> pb::GenerateRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_steps_logits_changes_survive_the_wire() {
+        let a = Adjust {
+            bias: vec![(1, 2.0)],
+            repetition_penalty: 1.5,
+            seen: vec![1, 4],
+            banned: vec![2],
+            presence_penalty: 0.5,
+            frequency_penalty: 0.1,
+            counts: vec![(4, 3)],
+        };
+        assert_eq!(from_adjust(&adjust(&a)), a);
+        // An unset penalty on the wire is off.
+        assert_eq!(
+            from_adjust(&pb::LogitsAdjust::default()).repetition_penalty,
+            1.0
+        );
+    }
 
     #[test]
     fn a_generate_response_becomes_the_update_it_was_made_from() {
@@ -275,11 +365,27 @@ mod tests {
             logprobs: Some(3),
             prompt_logprobs: Some(0),
             ignore_eos: true,
+            presence_penalty: 0.5,
+            frequency_penalty: -0.25,
+            repetition_penalty: 1.3,
+            logit_bias: vec![(3, -100.0), (9, 2.5)],
+            min_tokens: 4,
+            stop_token_ids: vec![7, 8],
+            bad_words: vec!["no".into()],
+            bad_word_ids: vec![vec![1, 2], vec![5]],
         };
         assert_eq!(sampling_params(&sampling_request(p.clone())), p);
         let empty = sampling_params(&pb::GenerateRequest::default());
         assert_eq!(empty.max_tokens, DEFAULT_MAX_TOKENS);
         assert_eq!(empty.top_p, 1.0);
         assert_eq!((empty.logprobs, empty.prompt_logprobs), (None, None));
+        assert_eq!(empty.repetition_penalty, 1.0);
+        assert_eq!(
+            empty,
+            SamplingParams {
+                max_tokens: DEFAULT_MAX_TOKENS,
+                ..Default::default()
+            }
+        );
     }
 }

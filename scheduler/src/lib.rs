@@ -9,6 +9,7 @@
 
 pub mod completion;
 pub mod kv_blocks;
+pub mod processors;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;

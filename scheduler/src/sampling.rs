@@ -122,6 +122,10 @@ impl Draw {
             all
         };
         let max = cand[0].1;
+        // Every token banned (a request's bad words can do that): the lowest id, as greedy.
+        if max == f32::NEG_INFINITY {
+            return cand[0].0;
+        }
         let mut probs: Vec<f64> = cand
             .iter()
             .map(|(_, l)| (((l - max) / self.temperature) as f64).exp())

@@ -18,6 +18,7 @@ use switchyard_model::{IncrementalDecoder, ModelConfig, Tokenizer, TokenizerErro
 use tracing::debug;
 
 use crate::kv_blocks::{BlockAllocator, SeqId};
+use crate::processors::{Adjust, History};
 use crate::request::Request;
 use crate::sampling::{seed_of, Draw, TokenLogprob};
 use crate::step::{LogitsWanted, SeqInput, SeqResult, SeqWork};
@@ -85,6 +86,9 @@ struct Sequence {
     seed: u64,
     /// Prompt followed by generated tokens.
     tokens: Vec<u32>,
+    /// The generated tokens counted for the penalties, one token at a time (boxed: most
+    /// requests keep nothing in it, and sequences move between queues whole).
+    history: Box<History>,
     /// Tokens whose K/V are in the cache.
     computed: usize,
     /// Part of a planned step whose results are not applied yet.
@@ -185,8 +189,9 @@ impl Scheduler {
     }
 
     /// Checks a request before it is admitted: what is wrong and what was expected.
-    pub fn check(&self, req: Request) -> Result<ValidRequest, Invalid> {
+    pub fn check(&self, mut req: Request) -> Result<ValidRequest, Invalid> {
         self.fits(&req)?;
+        self.validator.resolve(&mut req.params)?;
         Ok(ValidRequest::checked(req))
     }
 
@@ -219,6 +224,7 @@ impl Scheduler {
         self.waiting.push_back(Sequence {
             seed: seed_of(&req.params),
             tokens: req.prompt.clone(),
+            history: Box::new(History::new(&req.params, &req.prompt)),
             computed: 0,
             in_flight: false,
             paused: false,
@@ -314,6 +320,10 @@ impl Scheduler {
             let completes = end == s.tokens.len();
             let draw = (completes && s.finish.is_none())
                 .then(|| Draw::new(&s.req.params, s.seed, s.generated().len() as u64));
+            let adjust = draw.and_then(|_| {
+                let eos = &self.validator.model().eos_token_ids;
+                Adjust::next(&s.req.params, &s.history, s.generated(), eos)
+            });
             let logits = match (&prompt_targets, completes) {
                 (Some(_), _) => LogitsWanted::All,
                 (None, true) => LogitsWanted::Last,
@@ -329,6 +339,7 @@ impl Scheduler {
                 },
                 prompt_targets,
                 draw,
+                adjust,
                 logprobs: s.req.params.logprobs,
             });
             s.in_flight = true;
@@ -379,6 +390,7 @@ impl Scheduler {
             }
             if let (Some(token), true) = (r.token, s.computed == s.tokens.len()) {
                 s.tokens.push(token);
+                s.history.push(token);
                 update.token_ids.push(token);
                 update.logprobs.extend(r.logprob);
                 after_token(
@@ -454,14 +466,15 @@ impl Scheduler {
     }
 }
 
-/// Stop checks after a new token: EOS, stop strings, max tokens, context length.
+/// Stop checks after a new token: EOS and stop tokens, stop strings, max tokens, context length.
 fn after_token(
     c: &ModelConfig,
     tokenizer: Option<&Tokenizer>,
     s: &mut Sequence,
     token: u32,
 ) -> Result<(), TokenizerError> {
-    if !s.req.params.ignore_eos && c.eos_token_ids.contains(&token) {
+    let p = &s.req.params;
+    if (!p.ignore_eos && c.eos_token_ids.contains(&token)) || p.stop_token_ids.contains(&token) {
         s.finish = Some(FinishReason::Stop);
         if let Some(tok) = tokenizer {
             detokenize(tok, s, None, true)?;
@@ -566,6 +579,58 @@ mod tests {
             })
             .collect();
         s.apply(&work, results).unwrap()
+    }
+
+    #[test]
+    fn each_draw_carries_the_counts_so_far_and_stop_tokens_end_the_sequence() {
+        let mut s = scheduler();
+        let params = SamplingParams {
+            max_tokens: 8,
+            frequency_penalty: 0.5,
+            min_tokens: 2,
+            stop_token_ids: vec![12],
+            ..Default::default()
+        };
+        let req = s
+            .check(Request {
+                id: 1,
+                prompt: vec![3, 4],
+                params,
+            })
+            .unwrap();
+        s.add(req);
+        let eos = s.validator.model().eos_token_ids.clone();
+        let mut seen = Vec::new();
+        let mut finish = None;
+        for _ in 0..4 {
+            let work = s.plan();
+            if work.is_empty() {
+                break;
+            }
+            let a = work[0]
+                .adjust
+                .clone()
+                .expect("penalties or min_tokens apply");
+            seen.push(a.counts.clone());
+            // Before min_tokens, EOS and the stop token are banned; after, nothing is.
+            let generated = a.counts.iter().map(|(_, n)| *n as usize).sum::<usize>();
+            let mut banned = eos.clone();
+            banned.push(12);
+            assert_eq!(a.banned, if generated < 2 { banned } else { vec![] });
+            let results = work
+                .iter()
+                .map(|w| SeqResult {
+                    token: w.draw.map(|d| d.index as u32 + 10),
+                    ..Default::default()
+                })
+                .collect();
+            for u in s.apply(&work, results).unwrap() {
+                finish = finish.or(u.finish);
+            }
+        }
+        // Draws 10, 11, then 12: a stop token, which ends the sequence as EOS would.
+        assert_eq!(seen, [vec![], vec![(10, 1)], vec![(10, 1), (11, 1)]]);
+        assert_eq!(finish.map(|f| f.0), Some(FinishReason::Stop));
     }
 
     #[test]

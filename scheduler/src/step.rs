@@ -3,6 +3,7 @@
 //! logits to return. Prefill chunks and decode tokens of many sequences share one step.
 
 use crate::kv_blocks::SeqId;
+use crate::processors::Adjust;
 use crate::sampling::{log_softmax, token_logprob, Draw, TokenLogprob};
 
 /// Which logits a sequence wants back from a step.
@@ -39,6 +40,8 @@ pub struct SeqWork {
     pub prompt_targets: Option<(Vec<u32>, usize)>,
     /// Draw the next token from the last row.
     pub draw: Option<Draw>,
+    /// Changes to the last row before the draw (penalties, biases, banned tokens).
+    pub adjust: Option<Adjust>,
     /// Alternatives to report with the drawn token.
     pub logprobs: Option<usize>,
 }
@@ -68,7 +71,15 @@ pub fn sample_step(work: &[SeqWork], logits: &[Vec<f32>], vocab: usize) -> Vec<S
             }
             if let (Some(draw), true) = (&w.draw, n_rows > 0) {
                 let last = row(n_rows - 1);
-                let token = draw.sample(last);
+                // Logprobs stay those of the model's own distribution, as vLLM reports them.
+                let token = match &w.adjust {
+                    Some(adjust) => {
+                        let mut adjusted = last.to_vec();
+                        adjust.apply(&mut adjusted);
+                        draw.sample(&adjusted)
+                    }
+                    None => draw.sample(last),
+                };
                 out.token = Some(token);
                 out.logprob = w
                     .logprobs

@@ -18,6 +18,10 @@ pub const MAX_LOGPROBS: usize = 20;
 /// Tokens generated when a request does not say (OpenAI's default for completions).
 pub const DEFAULT_MAX_TOKENS: usize = 16;
 
+/// Most entries in each of `logit_bias`, `stop_token_ids` and `bad_words` (with their token
+/// forms): each is looked at on every step of the request.
+pub const MAX_TOKEN_LIST: usize = 1024;
+
 /// Why a request was refused. Each says what was wrong and what was expected.
 #[derive(Debug, thiserror::Error)]
 pub enum Invalid {
@@ -129,9 +133,31 @@ impl Validator {
     /// Everything about a request that does not depend on where it runs: its sampling
     /// parameters, its prompt against the vocabulary and the context, stop strings against
     /// the tokenizer.
-    pub fn validate(&self, req: Request) -> Result<ValidRequest, Invalid> {
+    pub fn validate(&self, mut req: Request) -> Result<ValidRequest, Invalid> {
         self.check(&req)?;
+        self.resolve(&mut req.params)?;
         Ok(ValidRequest(req))
+    }
+
+    /// Turns `bad_words` text into token sequences (appended to `bad_word_ids`) as vLLM does:
+    /// each word as written and, where that tokenizes differently, after a space, so it is
+    /// banned at the start of the text and inside it.
+    pub fn resolve(&self, p: &mut SamplingParams) -> Result<(), Invalid> {
+        if p.bad_words.is_empty() {
+            return Ok(());
+        }
+        let tok = self.tokenizer()?;
+        for word in std::mem::take(&mut p.bad_words) {
+            let plain = tok.encode(word.trim_start(), false)?;
+            let spaced = tok.encode(&format!(" {}", word.trim_start()), false)?;
+            let differs = spaced.first() != plain.first() && spaced.len() == plain.len();
+            p.bad_word_ids.push(plain);
+            if differs {
+                p.bad_word_ids.push(spaced);
+            }
+        }
+        p.bad_word_ids.retain(|w| !w.is_empty());
+        check_token_ids(p, self.model.vocab_size)
     }
 
     /// [`Validator::validate`] without taking the request.
@@ -157,7 +183,12 @@ impl Validator {
         if !req.params.stop.is_empty() && self.tokenizer.is_none() {
             return bad("stop strings need a tokenizer.json in the model directory".into());
         }
-        Ok(())
+        if !req.params.bad_words.is_empty() && self.tokenizer.is_none() {
+            return bad(
+                "bad_words need a tokenizer.json in the model directory; send bad_word_ids".into(),
+            );
+        }
+        check_token_ids(&req.params, c.vocab_size)
     }
 }
 
@@ -184,6 +215,75 @@ pub fn check_params(p: &SamplingParams) -> Result<(), Invalid> {
     if p.stop.iter().any(String::is_empty) {
         return bad("stop holds an empty string".into());
     }
+    for (name, v) in [
+        ("presence_penalty", p.presence_penalty),
+        ("frequency_penalty", p.frequency_penalty),
+    ] {
+        if !(-2.0..=2.0).contains(&v) {
+            return bad(format!("{name} is {v}; expected -2 to 2"));
+        }
+    }
+    if !(p.repetition_penalty.is_finite() && p.repetition_penalty > 0.0) {
+        return bad(format!(
+            "repetition_penalty is {}; expected a number > 0 (1 = off)",
+            p.repetition_penalty
+        ));
+    }
+    if let Some((t, b)) = p
+        .logit_bias
+        .iter()
+        .find(|(_, b)| !(-100.0..=100.0).contains(b))
+    {
+        return bad(format!(
+            "logit_bias of token {t} is {b}; expected -100 to 100"
+        ));
+    }
+    if p.min_tokens > p.max_tokens {
+        return bad(format!(
+            "min_tokens is {}; expected at most max_tokens ({})",
+            p.min_tokens, p.max_tokens
+        ));
+    }
+    for (name, n) in [
+        ("logit_bias", p.logit_bias.len()),
+        ("stop_token_ids", p.stop_token_ids.len()),
+        ("bad_words", p.bad_words.len() + p.bad_word_ids.len()),
+    ] {
+        if n > MAX_TOKEN_LIST {
+            return bad(format!(
+                "{name} has {n} entries; expected at most {MAX_TOKEN_LIST}"
+            ));
+        }
+    }
+    if p.bad_words.iter().any(|w| w.trim().is_empty()) {
+        return bad("bad_words holds an empty string".into());
+    }
+    if p.bad_word_ids.iter().any(Vec::is_empty) {
+        return bad("bad_word_ids holds an empty sequence".into());
+    }
+    Ok(())
+}
+
+/// The token ids the sampling parameters name, against the vocabulary.
+fn check_token_ids(p: &SamplingParams, vocab: usize) -> Result<(), Invalid> {
+    let named = p
+        .logit_bias
+        .iter()
+        .map(|(t, _)| ("logit_bias", *t))
+        .chain(p.stop_token_ids.iter().map(|t| ("stop_token_ids", *t)))
+        .chain(
+            p.bad_word_ids
+                .iter()
+                .flatten()
+                .map(|t| ("bad_word_ids", *t)),
+        );
+    for (name, t) in named {
+        if t as usize >= vocab {
+            return bad(format!(
+                "invalid sampling parameter: {name} names token {t}; the vocabulary has {vocab} tokens"
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -209,5 +309,71 @@ mod tests {
             ..Default::default()
         };
         assert!(e(many).contains("logprobs is 21; expected at most 20"));
+        let with = |f: fn(&mut SamplingParams)| {
+            let mut p = SamplingParams::default();
+            f(&mut p);
+            e(p)
+        };
+        assert!(with(|p| p.presence_penalty = 2.5)
+            .contains("presence_penalty is 2.5; expected -2 to 2"));
+        assert!(with(|p| p.frequency_penalty = -3.0)
+            .contains("frequency_penalty is -3; expected -2 to 2"));
+        assert!(with(|p| p.repetition_penalty = 0.0)
+            .contains("repetition_penalty is 0; expected a number > 0"));
+        assert!(with(|p| p.repetition_penalty = f32::NAN).contains("repetition_penalty is NaN"));
+        assert!(with(|p| p.logit_bias = vec![(3, 101.0)])
+            .contains("logit_bias of token 3 is 101; expected -100 to 100"));
+        assert!(with(|p| p.min_tokens = 17)
+            .contains("min_tokens is 17; expected at most max_tokens (16)"));
+        assert!(with(|p| p.stop_token_ids = vec![0; 1025])
+            .contains("stop_token_ids has 1025 entries; expected at most 1024"));
+        assert!(with(|p| p.bad_word_ids = vec![vec![]]).contains("an empty sequence"));
+    }
+
+    #[test]
+    fn token_ids_are_checked_against_the_vocabulary_and_bad_words_need_a_tokenizer() {
+        let model = switchyard_model::init::preset("tiny-mixtral").unwrap();
+        let vocab = model.vocab_size;
+        let v = Validator::new(model, None);
+        let req = |f: fn(&mut SamplingParams, u32)| {
+            let mut params = SamplingParams::default();
+            f(&mut params, vocab as u32);
+            Request {
+                id: 0,
+                prompt: vec![1],
+                params,
+            }
+        };
+        let e = |r: Request| v.validate(r).unwrap_err().to_string();
+        assert!(e(req(|p, v| p.logit_bias = vec![(v, 1.0)]))
+            .contains(&format!("logit_bias names token {vocab}")));
+        assert!(e(req(|p, v| p.stop_token_ids = vec![v])).contains("stop_token_ids names token"));
+        assert!(e(req(|p, v| p.bad_word_ids = vec![vec![1, v]])).contains("bad_word_ids names"));
+        assert!(e(req(|p, _| p.bad_words = vec!["x".into()])).contains("need a tokenizer.json"));
+        assert!(v
+            .validate(req(|p, v| p.bad_word_ids = vec![vec![v - 1]]))
+            .is_ok());
+    }
+
+    #[test]
+    fn bad_words_become_token_sequences_with_and_without_a_leading_space() {
+        let model = switchyard_model::init::preset("tiny-mixtral").unwrap();
+        let json = switchyard_model::tokenizer::synthetic_tokenizer_json(model.vocab_size);
+        let tok = Tokenizer::from_json_str(&json).unwrap();
+        let plain = tok.encode("ab", false).unwrap();
+        let v = Validator::new(model, Some(Arc::new(tok)));
+        let r = v
+            .validate(Request {
+                id: 0,
+                prompt: vec![1],
+                params: SamplingParams {
+                    bad_words: vec!["ab".into()],
+                    ..Default::default()
+                },
+            })
+            .unwrap();
+        assert!(r.params.bad_words.is_empty());
+        assert_eq!(r.params.bad_word_ids[0], plain);
+        assert!(!plain.is_empty());
     }
 }

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -20,6 +20,23 @@ use switchyard_worker::{CpuBackend, Engine, EngineConfig};
 use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// The Python with `openai` and `grpc_reflection` installed: `scripts/test.sh` makes it
+/// (scripts/python-env.sh).
+pub fn python() -> PathBuf {
+    let path = std::env::var_os("SWITCHYARD_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME is set");
+            PathBuf::from(home).join(".cache/switchyard/py-venv/bin/python")
+        });
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/test.sh, which installs the openai and grpcio packages (scripts/python-env.sh), or set SWITCHYARD_PYTHON",
+        path.display()
+    );
+    path
+}
 
 /// `switchyard args…`, run to the end.
 pub fn switchyard(args: &[&str]) -> std::process::Output {

@@ -286,6 +286,47 @@ fn check_seq(s: &pb::SeqWork, p: &PartLimits) -> Result<(), Refused> {
             return refuse(format!("top_p is {}; expected 0 to 1", d.top_p));
         }
     }
+    if let Some(a) = &s.adjust {
+        check_adjust(a, s.draw.is_some(), p.vocab_size)?;
+    }
+    Ok(())
+}
+
+/// A draw's logits changes: paired lists of equal length, ids in the vocabulary, finite values.
+fn check_adjust(a: &pb::LogitsAdjust, draws: bool, vocab: usize) -> Result<(), Refused> {
+    if !draws {
+        return refuse("adjust without a draw".into());
+    }
+    for (name, a, b) in [
+        ("bias", a.bias_tokens.len(), a.bias_values.len()),
+        ("count", a.count_tokens.len(), a.counts.len()),
+    ] {
+        if a != b {
+            return refuse(format!(
+                "{a} {name}_tokens but {b} values; expected as many"
+            ));
+        }
+    }
+    let ids = [&a.bias_tokens, &a.seen, &a.banned, &a.count_tokens];
+    if let Some(t) = ids.into_iter().flatten().find(|t| **t as usize >= vocab) {
+        return refuse(format!(
+            "adjust names token {t}; the vocabulary has {vocab} tokens"
+        ));
+    }
+    let values = [
+        a.repetition_penalty,
+        a.presence_penalty,
+        a.frequency_penalty,
+    ];
+    if let Some(v) = values.iter().chain(&a.bias_values).find(|v| !v.is_finite()) {
+        return refuse(format!("adjust holds {v}; expected finite numbers"));
+    }
+    if a.repetition_penalty < 0.0 {
+        return refuse(format!(
+            "repetition_penalty is {}; expected > 0 (0: off)",
+            a.repetition_penalty
+        ));
+    }
     Ok(())
 }
 
@@ -421,5 +462,36 @@ mod tests {
             ..Default::default()
         };
         assert!(refused(&many).contains("24 tokens; this part's KV cache holds 16"));
+    }
+
+    #[test]
+    fn hostile_logits_changes_are_refused_by_name() {
+        let with = |adjust: pb::LogitsAdjust| pb::SeqWork {
+            draw: Some(pb::Draw::default()),
+            adjust: Some(adjust),
+            ..seq(vec![1, 2], vec![0])
+        };
+        check_step(&step(with(pb::LogitsAdjust::default())), &limits()).unwrap();
+        let far = pb::LogitsAdjust {
+            banned: vec![100],
+            ..Default::default()
+        };
+        assert!(refused(&step(with(far))).contains("adjust names token 100"));
+        let unpaired = pb::LogitsAdjust {
+            bias_tokens: vec![1, 2],
+            bias_values: vec![1.0],
+            ..Default::default()
+        };
+        assert!(refused(&step(with(unpaired))).contains("2 bias_tokens but 1 values"));
+        let nan = pb::LogitsAdjust {
+            presence_penalty: f32::NAN,
+            ..Default::default()
+        };
+        assert!(refused(&step(with(nan))).contains("expected finite numbers"));
+        let alone = pb::SeqWork {
+            draw: None,
+            ..with(pb::LogitsAdjust::default())
+        };
+        assert!(refused(&step(alone)).contains("adjust without a draw"));
     }
 }
