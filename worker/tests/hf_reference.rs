@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use switchyard_scheduler::step::LogitsWanted;
-use switchyard_scheduler::{Request, SamplingParams};
+use switchyard_scheduler::{Completion, Request, SamplingParams};
 use switchyard_worker::{CpuBackend, Engine, EngineConfig};
 
 const FIXTURES: [&str; 4] = [
@@ -149,25 +149,29 @@ fn chunked_prefill_and_decode_match_transformers() {
     }
 }
 
+/// Greedy decoding of the reference's prompt, with top-5 logprobs.
+fn greedy(e: &mut Engine<CpuBackend>, r: &Reference) -> Completion {
+    let params = SamplingParams {
+        max_tokens: r.generated.len(),
+        logprobs: Some(5),
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    e.run(vec![Request {
+        id: 3,
+        prompt: r.prompt_ids.clone(),
+        params,
+    }])
+    .unwrap()
+    .remove(0)
+}
+
 #[test]
 fn greedy_generation_matches_transformers() {
     for name in FIXTURES {
         let (dir, r) = fixture(name);
         let mut e = engine(&dir);
-        let params = SamplingParams {
-            max_tokens: r.generated.len(),
-            logprobs: Some(5),
-            ignore_eos: true,
-            ..SamplingParams::default()
-        };
-        let out = e
-            .run(vec![Request {
-                id: 3,
-                prompt: r.prompt_ids.clone(),
-                params,
-            }])
-            .unwrap()
-            .remove(0);
+        let out = greedy(&mut e, &r);
         assert_eq!(
             out.token_ids, r.generated,
             "{name}: greedy tokens differ from transformers"
@@ -215,19 +219,7 @@ fn upcycled_dense_fixtures_match_the_dense_transformers_model() {
         println!("{name} upcycled to 4 experts: max |Δlogit| = {d:e} against the dense model");
         assert!(d <= TOLERANCE, "{name} upcycled: max |Δlogit| {d}");
 
-        let params = SamplingParams {
-            max_tokens: r.generated.len(),
-            ignore_eos: true,
-            ..SamplingParams::default()
-        };
-        let out = e
-            .run(vec![Request {
-                id: 3,
-                prompt: r.prompt_ids.clone(),
-                params,
-            }])
-            .unwrap()
-            .remove(0);
+        let out = greedy(&mut e, &r);
         assert_eq!(out.token_ids, r.generated, "{name} upcycled: greedy tokens");
     }
 }
