@@ -1,7 +1,8 @@
 //! Our CPU forward pass against llama.cpp 0.3.36 on GGUF files llama.cpp wrote itself
 //! (`fixtures/llama-cpp/make.sh`): random Mixtrals from transformers, converted by llama.cpp's
-//! `convert_hf_to_gguf.py` to f32 and quantized by llama.cpp to Q8_0 and Q4_K_M, with the logits
-//! llama.cpp computed from them (f32 KV cache); and SmolLM2-135M-Instruct Q4_1 (a trained model,
+//! `convert_hf_to_gguf.py` to f32 and f16 and quantized by llama.cpp to Q8_0 and Q4_K_M, with
+//! the logits llama.cpp computed from them (f32 KV cache); and SmolLM2-135M-Instruct Q4_1 (a
+//! trained model,
 //! `scripts/smollm2.sh`) with llama.cpp's 64 most likely tokens at each position of real text.
 //!
 //! Figures per file: top-1 agreement, the mean KL divergence of our next-token distribution
@@ -146,16 +147,17 @@ fn an_f32_mixtral_converted_by_llama_cpp_gives_llama_cpps_logits() {
     assert_eq!(a.top1, 1.0, "{a:?}");
 }
 
-/// Files llama.cpp quantized. Against llama.cpp's logits on its own f32 dequantization of the
-/// same file, ours (weights read from the blocks, f32 activations) must agree as f32 files do:
-/// that shows we read every block as llama.cpp does. Against llama.cpp on the quantized file
-/// itself, which multiplies by activations quantized to 8 bits, the figures are reported and
+/// An f16 file from llama.cpp's converter and files llama.cpp quantized. Against llama.cpp's
+/// logits on its own f32 dequantization of the same file, ours (weights read as stored, f32
+/// activations) must agree as f32 files do: that shows we read every value and block as
+/// llama.cpp does. Against llama.cpp on the file itself, which rounds activations to f16 for
+/// f16 weights and quantizes them to 8 bits for block weights, the figures are reported and
 /// held to loose bounds (a misread block gives a KL of order 1 and top-1 agreement near chance,
 /// 1/384); in these random models a near tie between experts can flip the routing at a
 /// position, which moves that position's logits by more than rounding.
 #[test]
-fn mixtrals_quantized_by_llama_cpp_agree_with_llama_cpp() {
-    for name in ["mixtral-q8_0", "mixtral-q4_k_m"] {
+fn f16_and_quantized_mixtrals_from_llama_cpp_agree_with_llama_cpp() {
+    for name in ["mixtral-f16", "mixtral-q8_0", "mixtral-q4_k_m"] {
         let r = reference(name);
         let tokens = ids(&r);
         let model = fixture_dir(name).join("model.gguf");
