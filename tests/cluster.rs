@@ -8,7 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    client, coordinator, four_layers_eight_experts, model, offline, runtime, worker, Proc, BIN,
+    client, coordinator, four_layers_eight_experts, generate_json, model, offline, runtime, worker,
+    Proc, BIN,
 };
 use serde_json::Value;
 use switchyard_model::ModelConfig;
@@ -16,19 +17,7 @@ use switchyard_proto::v1 as pb;
 use tonic::Code;
 
 fn generate(target: &[&str], args: &[&str]) -> Value {
-    let out = Command::new(BIN)
-        .arg("generate")
-        .args(target)
-        .args(args)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "generate {target:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    generate_json(&[target, args].concat())
 }
 
 fn ids(n: usize, salt: usize) -> Vec<u32> {

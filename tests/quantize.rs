@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fails, ok};
+use common::{fails, generate_json, gguf_py, ok};
 
 use std::path::Path;
 
@@ -153,11 +153,10 @@ fn float_types_generate_the_same_greedy_tokens() {
         init(&dir, preset);
         let generate = |model: &Path| {
             let m = model.to_str().unwrap();
-            let args = ["generate", "--model", m, "--prompt-ids", "1,50,60,70,80"];
-            let mut args = args.to_vec();
-            args.extend(["--max-tokens", "12", "--dtype", "f32", "--json"]);
-            let v: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
-            v["token_ids"].clone()
+            let args = ["--model", m, "--prompt-ids", "1,50,60,70,80"];
+            generate_json(&[&args[..], &["--max-tokens", "12", "--dtype", "f32"]].concat())
+                ["token_ids"]
+                .clone()
         };
         let want = generate(&dir);
         assert!(want.as_array().is_some_and(|t| !t.is_empty()), "{want}");
@@ -174,8 +173,6 @@ fn float_types_generate_the_same_greedy_tokens() {
 /// sources it).
 #[test]
 fn gguf_py_reads_the_file() {
-    let python = std::env::var_os("SWITCHYARD_GGUF_PYTHON")
-        .expect("SWITCHYARD_GGUF_PYTHON is not set: source scripts/gguf-py-env.sh");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("m");
     init(&dir, "tiny-mixtral");
@@ -193,16 +190,8 @@ print(json.dumps(out))
     for ty in TYPES {
         let out = tmp.path().join(format!("{ty}.gguf"));
         quantize(&dir, &out, ty);
-        let run = std::process::Command::new(&python)
-            .args(["-c", script, out.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&gguf_py(script, &[out.to_str().unwrap()])).unwrap();
         let ours = GgufFile::open(&out).unwrap();
         let want: Vec<serde_json::Value> = ours
             .tensors()

@@ -6,41 +6,14 @@
 
 mod common;
 
-use std::process::Command;
-use std::time::Duration;
-
-use common::{http, http_address, output_within, serve, BIN};
+use common::{generate_json, http, http_address, serve, smollm2};
 
 const QUESTION: &str = "What is the capital of France?";
-
-fn smollm2() -> String {
-    std::env::var("SWITCHYARD_SMOLLM2").expect(
-        "SWITCHYARD_SMOLLM2 is not set: run `source scripts/smollm2.sh` (scripts/test.sh does)",
-    )
-}
 
 #[test]
 fn answers_in_one_process() {
     let model = smollm2();
-    let out = output_within(
-        Command::new(BIN).args([
-            "generate",
-            "--model",
-            &model,
-            "--chat",
-            QUESTION,
-            "--max-tokens",
-            "16",
-            "--json",
-        ]),
-        Duration::from_secs(300),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reply = generate_json(&["--model", &model, "--chat", QUESTION, "--max-tokens", "16"]);
     let text = reply["text"].as_str().unwrap();
     assert!(text.contains("Paris"), "answer: {text:?}");
     // ChatML: the prompt is the template's, not the bare question.

@@ -8,43 +8,24 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
 
-use common::{fails, http, http_address, ok, output_within, serve, BIN};
+use common::{fails, generate_json, gguf_py, http, http_address, ok, serve, smollm2};
 use switchyard_model::Checkpoint;
-
-fn smollm2() -> String {
-    std::env::var("SWITCHYARD_SMOLLM2").expect(
-        "SWITCHYARD_SMOLLM2 is not set: run `source scripts/smollm2.sh` (scripts/test.sh does)",
-    )
-}
 
 const PROMPT: &str = "The three largest cities of France are";
 const TOKENS: &str = "24";
 
 /// Greedy token ids and text of `generate` on `model`.
 fn generate(model: &str) -> (Vec<u64>, String) {
-    let out = output_within(
-        Command::new(BIN).args([
-            "generate",
-            "--model",
-            model,
-            "--prompt",
-            PROMPT,
-            "--max-tokens",
-            TOKENS,
-            "--ignore-eos",
-            "--json",
-        ]),
-        Duration::from_secs(300),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reply = generate_json(&[
+        "--model",
+        model,
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        TOKENS,
+        "--ignore-eos",
+    ]);
     let ids = reply["token_ids"]
         .as_array()
         .unwrap_or_else(|| panic!("no token_ids in {reply}"))
@@ -113,8 +94,6 @@ fn an_upcycled_smollm2_generates_the_dense_models_tokens_on_a_2x2_grid() {
 /// merged `*_exps` tensors, an F32 router, the expert keys.
 #[test]
 fn gguf_py_reads_the_upcycled_file_as_a_mixtral() {
-    let python = std::env::var("SWITCHYARD_GGUF_PYTHON")
-        .expect("SWITCHYARD_GGUF_PYTHON is not set: run `source scripts/gguf-py-env.sh`");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("m");
     let o = out.to_str().unwrap();
@@ -145,16 +124,7 @@ for t in r.tensors:
     if t.name.startswith("blk.0.ffn"):
         print(t.name, t.tensor_type.name, list(reversed([int(x) for x in t.shape])))
 "#;
-    let run = Command::new(python)
-        .args(["-c", SCRIPT, file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let text = String::from_utf8(run.stdout).unwrap();
+    let text = gguf_py(SCRIPT, &[file.to_str().unwrap()]);
     assert!(text.contains("experts 4 4 384"), "{text}");
     assert!(
         text.contains("blk.0.ffn_gate_inp.weight F32 [4, 576]"),

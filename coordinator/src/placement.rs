@@ -222,6 +222,17 @@ pub fn stored_bytes(checkpoint: &Checkpoint, subset: &Subset) -> u64 {
         .unwrap_or_else(|_| checkpoint.config().subset_params(subset) * 4)
 }
 
+/// Bytes one KV block of `block_size` tokens takes on a worker holding `layers` layers, each
+/// value `value_bytes` wide (K and V).
+pub fn kv_block_bytes(
+    config: &ModelConfig,
+    layers: usize,
+    block_size: usize,
+    value_bytes: u64,
+) -> u64 {
+    2 * layers as u64 * config.kv_dim() as u64 * block_size as u64 * value_bytes
+}
+
 /// `stored_bytes(subset)`: what the tensors of `subset` take in the checkpoint's own types.
 pub fn plan(
     config: &ModelConfig,
@@ -281,7 +292,7 @@ pub fn plan(
     // them whatever its device.
     let value_bytes = workers.iter().map(|w| w.value_bytes).max().unwrap_or(4);
     let kv_block = |layers: usize, value_bytes: u64| {
-        2 * layers as u64 * config.kv_dim() as u64 * options.block_size as u64 * value_bytes
+        kv_block_bytes(config, layers, options.block_size, value_bytes)
     };
     let mut kv_blocks = usize::MAX;
     for (stage, layers) in stages.iter().enumerate() {

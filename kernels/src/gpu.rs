@@ -213,7 +213,7 @@ impl Gpu {
         let nvrtc = Nvrtc::load()?;
         let cache = DiskCache::new(DiskCache::default_dir());
         let mut functions = HashMap::new();
-        for module in Module::ALL {
+        for module in Module::SERVING {
             let cubin = cache.compile(&nvrtc, module, &spec, Target::Cubin(arch))?;
             let loaded = ctx.load_module(Ptx::from_binary(cubin))?;
             for &name in module.kernels() {

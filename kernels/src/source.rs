@@ -20,6 +20,7 @@ pub enum Module {
 }
 
 impl Module {
+    /// Every module: what CI compiles and assembles.
     pub const ALL: [Module; 6] = [
         Module::Elementwise,
         Module::AttentionPrefill,
@@ -27,6 +28,16 @@ impl Module {
         Module::Moe,
         Module::MoeGemm,
         Module::QuantGemv,
+    ];
+
+    /// The modules a GPU backend launches, compiled and loaded when it starts. `QuantGemv` is
+    /// not among them until the CUDA backend keeps quantized weights.
+    pub const SERVING: [Module; 5] = [
+        Module::Elementwise,
+        Module::AttentionPrefill,
+        Module::AttentionDecode,
+        Module::Moe,
+        Module::MoeGemm,
     ];
 
     pub fn file_name(self) -> &'static str {

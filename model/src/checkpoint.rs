@@ -64,6 +64,14 @@ pub enum CheckpointError {
     },
 }
 
+/// The last component of `path` once made absolute (`.` names its directory), as a model's
+/// name in the files written from it.
+pub(crate) fn model_name(path: &Path) -> Option<String> {
+    std::fs::canonicalize(path)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
 /// One tensor as a checkpoint's file stores it (see [`Checkpoint::stored_tensors`]).
 pub struct StoredTensor<'a> {
     pub name: &'a str,

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::checkpoint::{model_name, Checkpoint, CheckpointError};
 use crate::config::ModelConfig;
 use crate::gguf::{GgufArray, GgufError, GgufMetadata, GgufValue, GgufWriter, TensorDesc};
 use crate::gguf_model::{unpermute_qk_order, GGUF_ARCH};
@@ -200,10 +200,7 @@ fn model_metadata(c: &ModelConfig, input: &Path, scheme: Scheme) -> GgufMetadata
     let k = |name: &str| format!("{GGUF_ARCH}.{name}");
     let u = |v: usize| GgufValue::U32(v as u32);
     m.insert("general.architecture", GgufValue::String(GGUF_ARCH.into()));
-    let name = std::fs::canonicalize(input)
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "model".into());
+    let name = model_name(input).unwrap_or_else(|| "model".into());
     m.insert("general.name", GgufValue::String(name));
     m.insert(k("block_count"), u(c.num_layers));
     m.insert(k("context_length"), u(c.max_position_embeddings));

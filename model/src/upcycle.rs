@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::checkpoint::{Checkpoint, CheckpointError, StoredTensor};
+use crate::checkpoint::{model_name, Checkpoint, CheckpointError, StoredTensor};
 use crate::config::Arch;
 use crate::gguf::{GgufError, GgufMetadata, GgufValue, GgufWriter, TensorDesc};
 use crate::gguf_model::GGUF_ARCH;
@@ -179,10 +179,7 @@ pub fn upcycle(input: &Path, out: &Path, experts: usize) -> Result<UpcycleReport
     let shape = (config.num_layers, config.hidden_size, inter);
     let outputs = plan(format, &stored, shape, experts)?;
     prepare_out(out)?;
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| UpcycleError::Io { path, source }
-    };
+    let source = name_of(input);
 
     let (weights, tensor_bytes) = match format {
         Format::Gguf => {
@@ -203,12 +200,7 @@ pub fn upcycle(input: &Path, out: &Path, experts: usize) -> Result<UpcycleReport
                 })
                 .collect();
             let mut w = GgufWriter::create(&path, &metadata, &descs)?;
-            let mut total = 0u64;
-            for o in &outputs {
-                let data = make(o, &stored, experts)?;
-                total += data.len() as u64;
-                w.write_tensor(&data)?;
-            }
+            let total = stream(&outputs, &stored, experts, |data| Ok(w.write_tensor(data)?))?;
             w.finish()?;
             (path, total)
         }
@@ -218,7 +210,7 @@ pub fn upcycle(input: &Path, out: &Path, experts: usize) -> Result<UpcycleReport
             let json: Value = serde_json::from_str(&text).map_err(|e| {
                 UpcycleError::Model(format!("{}: not valid JSON: {e}", config_path.display()))
             })?;
-            let mixtral = hf_config(json, experts, slice, &name_of(input));
+            let mixtral = hf_config(json, experts, slice, &source);
             let config_out = out.join("config.json");
             let pretty = serde_json::to_string_pretty(&mixtral).expect("a JSON value");
             std::fs::write(&config_out, pretty + "\n").map_err(io(&config_out))?;
@@ -232,18 +224,15 @@ pub fn upcycle(input: &Path, out: &Path, experts: usize) -> Result<UpcycleReport
                 })
                 .collect();
             let mut w = SafetensorsWriter::create(&path, &descs).map_err(io(&path))?;
-            let mut total = 0u64;
-            for o in &outputs {
-                let data = make(o, &stored, experts)?;
-                total += data.len() as u64;
-                w.write_tensor(&data).map_err(io(&path))?;
-            }
+            let total = stream(&outputs, &stored, experts, |data| {
+                w.write_tensor(data).map_err(io(&path))
+            })?;
             w.finish().map_err(io(&path))?;
             (path, total)
         }
     };
     let card = out.join("README.md");
-    std::fs::write(&card, model_card(&name_of(input), experts, slice, inter)).map_err(io(&card))?;
+    std::fs::write(&card, model_card(&source, experts, slice, inter)).map_err(io(&card))?;
     Ok(UpcycleReport {
         weights,
         layers: config.num_layers,
@@ -406,10 +395,29 @@ fn make(o: &Output, stored: &[StoredTensor<'_>], experts: usize) -> Result<Vec<u
 }
 
 fn name_of(input: &Path) -> String {
-    std::fs::canonicalize(input)
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| input.display().to_string())
+    model_name(input).unwrap_or_else(|| input.display().to_string())
+}
+
+/// The error of an I/O call on `path`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> UpcycleError {
+    let path = path.to_path_buf();
+    move |source| UpcycleError::Io { path, source }
+}
+
+/// Makes each output tensor in turn and hands its bytes to `write`; the tensor bytes written.
+fn stream(
+    outputs: &[Output],
+    stored: &[StoredTensor<'_>],
+    experts: usize,
+    mut write: impl FnMut(&[u8]) -> Result<(), UpcycleError>,
+) -> Result<u64, UpcycleError> {
+    let mut total = 0u64;
+    for o in outputs {
+        let data = make(o, stored, experts)?;
+        total += data.len() as u64;
+        write(&data)?;
+    }
+    Ok(total)
 }
 
 const UPCYCLED: &str = "Upcycled equivalent, not a trained mixture of experts";
@@ -497,28 +505,20 @@ fn model_card(source: &str, experts: usize, slice: usize, inter: usize) -> Strin
 
 /// `out` must be new or empty, so an upcycle never mixes with another model's files.
 fn prepare_out(out: &Path) -> Result<(), UpcycleError> {
-    let io = |source| UpcycleError::Io {
-        path: out.to_path_buf(),
-        source,
-    };
     if out.exists() {
-        let empty = out.is_dir() && std::fs::read_dir(out).map_err(io)?.next().is_none();
+        let empty = out.is_dir() && std::fs::read_dir(out).map_err(io(out))?.next().is_none();
         if !empty {
             return Err(UpcycleError::OutExists {
                 path: out.to_path_buf(),
             });
         }
     }
-    std::fs::create_dir_all(out).map_err(io)
+    std::fs::create_dir_all(out).map_err(io(out))
 }
 
 /// The tokenizer, generation config and other files beside a safetensors model, copied as they
 /// are (not the weights, their index, config.json or a model card).
 fn copy_side_files(input: &Path, out: &Path) -> Result<(), UpcycleError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| UpcycleError::Io { path, source }
-    };
     for entry in std::fs::read_dir(input).map_err(io(input))? {
         let path = entry.map_err(io(input))?.path();
         let name = path.file_name().unwrap_or_default().to_string_lossy();

@@ -91,8 +91,8 @@ pub fn kv_bytes_per_worker(
     value_bytes: u64,
 ) -> u64 {
     let blocks = (load.streams_per_lane * load.context.div_ceil(load.block_size)) as u64;
-    let layers = stages.iter().map(|s| s.len()).max().unwrap_or(0) as u64;
-    blocks * 2 * layers * config.kv_dim() as u64 * load.block_size as u64 * value_bytes
+    let layers = stages.iter().map(|s| s.len()).max().unwrap_or(0);
+    blocks * placement::kv_block_bytes(config, layers, load.block_size, value_bytes)
 }
 
 /// What the placement does not count: the runtime (a CUDA context with its kernels and

@@ -568,17 +568,20 @@ mod tests {
         Scheduler::new(config, preset("tiny-mixtral").unwrap(), None)
     }
 
-    /// One step with a stand-in model that draws token `10 + index` every time.
-    fn step(s: &mut Scheduler) -> Vec<Update> {
-        let work = s.plan();
-        let results = work
-            .iter()
+    /// What a stand-in model that draws token `10 + index` every time returns for `work`.
+    fn stand_in(work: &[SeqWork]) -> Vec<SeqResult> {
+        work.iter()
             .map(|w| SeqResult {
                 token: w.draw.map(|d| d.index as u32 + 10),
                 ..Default::default()
             })
-            .collect();
-        s.apply(&work, results).unwrap()
+            .collect()
+    }
+
+    /// One step with the [`stand_in`] model.
+    fn step(s: &mut Scheduler) -> Vec<Update> {
+        let work = s.plan();
+        s.apply(&work, stand_in(&work)).unwrap()
     }
 
     #[test]
@@ -617,14 +620,7 @@ mod tests {
             let mut banned = eos.clone();
             banned.push(12);
             assert_eq!(a.banned, if generated < 2 { banned } else { vec![] });
-            let results = work
-                .iter()
-                .map(|w| SeqResult {
-                    token: w.draw.map(|d| d.index as u32 + 10),
-                    ..Default::default()
-                })
-                .collect();
-            for u in s.apply(&work, results).unwrap() {
+            for u in s.apply(&work, stand_in(&work)).unwrap() {
                 finish = finish.or(u.finish);
             }
         }

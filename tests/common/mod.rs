@@ -54,6 +54,45 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `switchyard generate args… --json` that must succeed within five minutes: its JSON.
+pub fn generate_json(args: &[&str]) -> serde_json::Value {
+    let out = output_within(
+        Command::new(BIN).arg("generate").args(args).arg("--json"),
+        Duration::from_secs(300),
+    );
+    assert!(
+        out.status.success(),
+        "generate {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// SmolLM2-135M-Instruct Q4_1, the real GGUF `scripts/smollm2.sh` fetches: its path.
+pub fn smollm2() -> String {
+    std::env::var("SWITCHYARD_SMOLLM2").expect(
+        "SWITCHYARD_SMOLLM2 is not set: run `source scripts/smollm2.sh` (scripts/test.sh does)",
+    )
+}
+
+/// `script` run by the Python that has gguf-py (`scripts/gguf-py-env.sh`, which
+/// scripts/test.sh sources), with `args`; it must succeed: its stdout.
+pub fn gguf_py(script: &str, args: &[&str]) -> String {
+    let python = std::env::var_os("SWITCHYARD_GGUF_PYTHON")
+        .expect("SWITCHYARD_GGUF_PYTHON is not set: source scripts/gguf-py-env.sh");
+    let out = Command::new(python)
+        .args(["-c", script])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "gguf-py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// [`switchyard`] that must fail cleanly (no panic): its stderr.
 pub fn fails(args: &[&str]) -> String {
     let out = switchyard(args);

@@ -74,6 +74,7 @@ fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(3);
+    let llama = std::env::var("SWITCHYARD_LLAMA_PYTHON").ok();
     let tmp = tempfile::tempdir().unwrap();
     // (name, what we load, the GGUF llama.cpp runs).
     let mut models: Vec<(String, PathBuf, Option<PathBuf>)> = Vec::new();
@@ -91,8 +92,11 @@ fn main() {
         write_model_dir(&dir, &preset("small-mixtral").unwrap(), 0, dtype, None).unwrap();
         std::fs::copy(&mistral, dir.join("tokenizer.json")).unwrap();
         let name = format!("small-mixtral {}", dtype.name());
-        let file = gguf(&dir, Scheme::Plain(dtype.into()), &name);
-        models.push((name, dir, Some(file)));
+        // The same weights as a GGUF only for llama.cpp to run.
+        let file = llama
+            .is_some()
+            .then(|| gguf(&dir, Scheme::Plain(dtype.into()), &name));
+        models.push((name, dir, file));
     }
     for (label, scheme) in [
         ("Q8_0", Scheme::Plain(WeightType::Q8_0)),
@@ -112,7 +116,6 @@ fn main() {
             models.push((name, p.into(), gguf));
         }
     }
-    let llama = std::env::var("SWITCHYARD_LLAMA_PYTHON").ok();
     println!("{} threads", rayon::current_num_threads());
     println!("| model | weights kept as | file tensor MB | RSS after load MB | RSS / file | prefill {PROMPT_LEN} tok/s | decode tok/s |");
     println!("|---|---|---|---|---|---|---|");

@@ -21,9 +21,15 @@ fn fixture_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn reference(name: &str) -> serde_json::Value {
-    let path = fixture_dir(name).join("reference.json");
+/// A JSON file of fixture `name`.
+fn json(name: &str, file: &str) -> serde_json::Value {
+    let path = fixture_dir(name).join(file);
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// llama.cpp's run of the fixture's file.
+fn reference(name: &str) -> serde_json::Value {
+    json(name, "reference.json")
 }
 
 fn ids(json: &serde_json::Value) -> Vec<u32> {
@@ -128,13 +134,6 @@ fn full_logits(json: &serde_json::Value) -> Vec<Vec<f32>> {
         .collect()
 }
 
-fn reference_logits(name: &str, file: &str) -> Vec<Vec<f32>> {
-    let path = fixture_dir(name).join(file);
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    full_logits(&json)
-}
-
 #[test]
 fn an_f32_mixtral_converted_by_llama_cpp_gives_llama_cpps_logits() {
     let r = reference("mixtral-f32");
@@ -162,7 +161,10 @@ fn f16_and_quantized_mixtrals_from_llama_cpp_agree_with_llama_cpp() {
         let tokens = ids(&r);
         let model = fixture_dir(name).join("model.gguf");
         let ours = our_logits(&model, Mode::F32Prefill, &tokens);
-        let exact = compare_full(&reference_logits(name, "reference-dequantized.json"), &ours);
+        let exact = compare_full(
+            &full_logits(&json(name, "reference-dequantized.json")),
+            &ours,
+        );
         println!("{name} against llama.cpp's dequantization of it: {exact:?}");
         assert!(exact.max_dlogprob <= 1e-4, "{name}: {exact:?}");
         assert_eq!(exact.top1, 1.0, "{name}: {exact:?}");

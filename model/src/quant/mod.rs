@@ -307,25 +307,6 @@ impl HostWeight {
         }
     }
 
-    /// Rows `range` of this matrix, sharing its bytes.
-    pub fn slice_rows(&self, range: Range<usize>) -> Self {
-        assert!(range.start <= range.end && range.end <= self.rows);
-        let bytes = match &self.bytes {
-            WeightBytes::Owned(b) => WeightBytes::Owned(
-                b[range.start * self.row_bytes..range.end * self.row_bytes].into(),
-            ),
-            WeightBytes::Mapped { map, range: r } => WeightBytes::Mapped {
-                map: map.clone(),
-                range: r.start + range.start * self.row_bytes..r.start + range.end * self.row_bytes,
-            },
-        };
-        HostWeight {
-            rows: range.len(),
-            bytes,
-            ..self.clone()
-        }
-    }
-
     /// The first index of a non-finite value (with it), reading every value.
     pub fn first_non_finite(&self) -> Option<(usize, f32)> {
         let mut row = vec![0f32; self.cols];
