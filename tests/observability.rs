@@ -181,20 +181,23 @@ fn prometheus_scrapes_coordinator_and_workers() {
     }
     assert_eq!(generated, 4 * (12 + 13 + 14 + 15 + 16 + 17));
 
-    // Prometheus sees every request once the next scrapes land.
+    // Prometheus sees every request once the next scrapes land. The coordinator and the
+    // workers are scraped at their own times: wait for a scrape of each after the load.
+    let sum = |q: &str| scalar(&prometheus, q).unwrap_or(-1.0);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let done = scalar(&prometheus, "sum(switchyard_request_success_total)");
-        if done == Some(24.0) {
+        let done = sum("sum(switchyard_request_success_total)");
+        let routed = sum("sum(switchyard_expert_tokens_routed_total)");
+        if done == 24.0 && routed >= generated as f64 {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "Prometheus saw {done:?} of 24 requests"
+            "Prometheus saw {done} of 24 requests and {routed} routed tokens (at least \
+             {generated} expected)"
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let sum = |q: &str| scalar(&prometheus, q).unwrap_or(-1.0);
     assert_eq!(
         sum("sum(switchyard_generation_tokens_total)"),
         generated as f64
