@@ -40,6 +40,9 @@ for values in $chart/ci/*.yaml; do
     "$HELM" template switchyard $chart -f "$values" --namespace switchyard >"$out/$name.yaml"
     echo "  $name: $(grep -c '^kind:' "$out/$name.yaml") objects" >&2
 done
+# TLS on the client ports without client certificates: the probes speak HTTPS.
+"$HELM" template switchyard $chart -f $chart/ci/secured.yaml --set security.clientCaSecret= \
+    --namespace switchyard >"$out/secured-https-probes.yaml"
 # What the chart must refuse, with the reason in the message.
 refuse() { # refuse "WHAT THE MESSAGE SAYS" --set …
     local want=$1
@@ -55,6 +58,9 @@ refuse "externalEndpoint is required" --set etcd.embedded=false
 refuse "needs model.source: pvc" --set model.download.enabled=true --set model.source=hostPath
 refuse "/workers/device" --set workers.device=gpu
 refuse "/coordinator/grid" --set coordinator.grid=2by2
+refuse "needs security.clientTlsSecret" --set security.clientCaSecret=ca
+refuse "cannot speak TLS" --set security.clientTlsSecret=tls --set coordinator.grpcProbe=true \
+    --set coordinator.readiness=leader --set coordinator.replicas=1
 
 step "kubernetes-validate --strict (Kubernetes 1.30 and the newest known)"
 newest=$("$K8S_PYTHON" -c 'import kubernetes_validate as k; print(k.latest_version())')

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use switchyard_bench::args::AccessArgs;
 use switchyard_bench::config::parse_duration_or_zero;
-use switchyard_coordinator::auth::ApiKeys;
+use switchyard_coordinator::auth::{ApiKeys, RateLimit};
 use switchyard_coordinator::run::Ports;
 use switchyard_coordinator::{ClusterConfig, Grid, PlanOptions};
 use switchyard_net::etcd::{Credentials, EtcdAccess};
@@ -66,8 +67,11 @@ pub enum Command {
     Plan(Box<PlanArgs>),
     /// A running cluster's grid, workers (memory), lanes (KV usage) and queue.
     Status {
+        /// HOST:PORT, http://HOST:PORT or https://HOST:PORT of the gRPC API.
         #[arg(long, default_value = "127.0.0.1:50051")]
         server: String,
+        #[command(flatten)]
+        access: AccessArgs,
     },
 }
 
@@ -142,6 +146,10 @@ pub struct FrontDoorArgs {
     /// service too (open by default, for probes and scrapers).
     #[arg(long)]
     pub auth_health: bool,
+    /// Requests each API key may start: N (per second), N/s, N/min or N/h; more are refused
+    /// with HTTP 429 (Retry-After) or RESOURCE_EXHAUSTED.
+    #[arg(long, value_name = "RATE")]
+    pub api_key_rate_limit: Option<RateLimit>,
 }
 
 /// Mutual TLS on the cluster plane (coordinator ↔ workers ↔ workers): every process presents
@@ -481,9 +489,13 @@ pub struct GenerateArgs {
     /// Model directory (config.json, safetensors, tokenizer.json).
     #[arg(long, required_unless_present = "server", conflicts_with = "server")]
     pub model: Option<PathBuf>,
-    /// Generate from a running cluster at this address instead (streams the text).
+    /// Generate from a running cluster at this address instead (streams the text):
+    /// HOST:PORT, http://HOST:PORT or https://HOST:PORT of its gRPC API.
     #[arg(long)]
     pub server: Option<String>,
+    /// TLS and the API key, for --server.
+    #[command(flatten)]
+    pub access: AccessArgs,
     #[arg(long, group = "input", required = true)]
     pub prompt: Option<String>,
     /// Comma-separated token ids, fed as they are.
@@ -643,6 +655,12 @@ impl ClusterArgs {
         if let Some(path) = &f.api_key_file {
             keys.extend(ApiKeys::read_file(path)?);
         }
+        if f.api_key_rate_limit.is_some() && keys.iter().all(String::is_empty) {
+            anyhow::bail!(
+                "--api-key-rate-limit limits each API key, but none is given: add --api-key \
+                 or --api-key-file"
+            );
+        }
         let tls = match (&f.tls_cert, &f.tls_key) {
             (Some(cert), Some(key)) => Some(ServerTls {
                 cert: cert.clone(),
@@ -655,7 +673,9 @@ impl ClusterArgs {
             grpc: self.grpc_addr,
             http: self.http_addr,
             tls,
-            keys: std::sync::Arc::new(ApiKeys::new(keys, f.auth_health)),
+            keys: std::sync::Arc::new(
+                ApiKeys::new(keys, f.auth_health).with_rate_limit(f.api_key_rate_limit),
+            ),
         })
     }
 }

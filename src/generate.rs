@@ -100,7 +100,8 @@ pub async fn remote(a: GenerateArgs) -> Result<()> {
         ..wire::sampling_request(a.sampling.params())
     };
     let json = a.json;
-    let out = client::generate(&server, request, |m| {
+    let access = a.access.access()?;
+    let out = client::generate(&server, &access, request, |m| {
         if !json {
             use std::io::Write;
             print!("{}", m.text);

@@ -108,7 +108,7 @@ fn run(command: Command, runtime: &tokio::runtime::Runtime) -> Result<()> {
         Command::Bench(args) => runtime.block_on(bench(*args))?,
         Command::Certs(args) => certs::write_all(&args)?,
         Command::Plan(args) => plan::run(&args)?,
-        Command::Status { server } => runtime.block_on(status(&server))?,
+        Command::Status { server, access } => runtime.block_on(status(&server, &access))?,
     }
     Ok(())
 }
@@ -200,8 +200,8 @@ fn open_gpu(ordinal: usize) -> Result<CudaHardware> {
         .with_context(|| format!("--device cuda:{ordinal}: cannot use this GPU"))
 }
 
-async fn status(server: &str) -> Result<()> {
-    let s = client::status(server).await?;
+async fn status(server: &str, access: &switchyard_bench::args::AccessArgs) -> Result<()> {
+    let s = client::status(server, &access.access()?).await?;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
         "{}: grid {}x{}, placement epoch {}, queue depth {}",

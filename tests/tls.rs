@@ -273,6 +273,8 @@ fn api_keys_guard_http_and_grpc() {
         "sk-flag",
         "--api-key-file",
         keys.to_str().unwrap(),
+        "--api-key-rate-limit",
+        "10/s",
     ]);
     let web = http_address(&server);
     let get = |auth: Option<&str>| {
@@ -323,6 +325,37 @@ fn api_keys_guard_http_and_grpc() {
                 .map(|t| t.len()),
             Ok(2)
         );
+    });
+    // Over its rate (10/s, bursts of 10), a key is told to wait; another key is not.
+    let mut limited = None;
+    for _ in 0..40 {
+        let (code, body) = get(Some("Bearer sk-flag"));
+        if code == 429 {
+            limited = Some(body);
+            break;
+        }
+        assert_eq!(code, 200, "{body}");
+    }
+    let body = limited.expect("40 requests at once passed a limit of 10/s");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["type"], "rate_limit_error", "{body}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("retry after"),
+        "{body}"
+    );
+    assert_eq!(get(Some("Bearer sk-from-file")).0, 200);
+    rt.block_on(async {
+        // gRPC calls draw from the same bucket.
+        for _ in 0..40 {
+            match generate(&server.address, None, Some("sk-flag"), &[1, 2], 2).await {
+                Err(tonic::Code::ResourceExhausted) => return,
+                r => assert_eq!(r.map(|t| t.len()), Ok(2)),
+            }
+        }
+        panic!("40 gRPC calls at once passed a limit of 10/s");
     });
     // The keys never reach the log.
     let logged: Vec<String> = server
@@ -386,6 +419,183 @@ fn a_rotated_certificate_serves_new_connections_while_a_stream_finishes() {
         }
         assert_eq!(tokens, 2000, "the stream in flight finished");
     });
+}
+
+/// Runs `switchyard ARGS` (with `SWITCHYARD_API_KEY` = `key` when given): its status, stdout
+/// and stderr.
+fn own_client(args: &[String], key: Option<&str>) -> (bool, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("SWITCHYARD_API_KEY");
+    if let Some(k) = key {
+        cmd.env("SWITCHYARD_API_KEY", k);
+    }
+    let out = common::output_within(&mut cmd, Duration::from_secs(120));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    (out.status.success(), stdout, stderr)
+}
+
+#[test]
+fn switchyards_own_clients_speak_tls_and_keys_and_a_rotated_client_ca_is_trusted() {
+    let (dir, ca, other, trust) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    model(dir.path(), "tiny-mistral", |_| {});
+    let (c, o) = (ca.path(), other.path());
+    certs(c);
+    certs(o);
+    // The CA the server takes client certificates from: a file of its own, rotated below.
+    let client_ca = file(trust.path(), "clients.pem");
+    std::fs::copy(file(c, "ca.pem"), &client_ca).unwrap();
+    let keys = file(trust.path(), "keys");
+    std::fs::write(&keys, "sk-own\n").unwrap();
+    let server = serve(&[
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--tls-cert",
+        &arg(c, "server.pem"),
+        "--tls-key",
+        &arg(c, "server.key"),
+        "--tls-client-ca",
+        client_ca.to_str().unwrap(),
+        "--api-key-file",
+        keys.to_str().unwrap(),
+    ]);
+    let grpc = server.address.clone();
+    let web = http_address(&server);
+    // Trusting c's CA for the server, presenting `who`'s client certificate.
+    let access = |who: &Path| -> Vec<String> {
+        [
+            ("--tls-ca", arg(c, "ca.pem")),
+            ("--tls-client-cert", arg(who, "client.pem")),
+            ("--tls-client-key", arg(who, "client.key")),
+        ]
+        .into_iter()
+        .flat_map(|(f, v)| [f.to_string(), v])
+        .collect()
+    };
+    let with = |head: &[&str], who: &Path| -> Vec<String> {
+        let mut a: Vec<String> = head.iter().map(|s| s.to_string()).collect();
+        a.extend(access(who));
+        a
+    };
+    let prompt = [1u32, 17, 93, 5];
+    let want = offline(dir.path(), &[(prompt.to_vec(), 6)], None).remove(0);
+    let generate_args = |server: &str, who: &Path| {
+        with(
+            &[
+                "generate",
+                "--server",
+                server,
+                "--prompt-ids",
+                "1,17,93,5",
+                "--max-tokens",
+                "6",
+                "--json",
+            ],
+            who,
+        )
+    };
+    let https = format!("https://{grpc}");
+
+    // generate --server over TLS with a client certificate and the key from the environment:
+    // the offline engine's tokens.
+    let (ok, stdout, stderr) = own_client(&generate_args(&https, c), Some("sk-own"));
+    assert!(ok, "{stderr}");
+    let got: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(got["token_ids"], serde_json::json!(want.token_ids));
+    // Without the key: refused, saying why.
+    let (ok, _, stderr) = own_client(&generate_args(&https, c), None);
+    assert!(!ok && stderr.contains("API key"), "{stderr}");
+    // A plain address with --tls-ca is TLS too; http:// with it is a contradiction.
+    let (ok, _, stderr) = own_client(&generate_args(&grpc, c), Some("sk-own"));
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = own_client(&generate_args(&format!("http://{grpc}"), c), None);
+    assert!(!ok && stderr.contains("use https://"), "{stderr}");
+
+    // status, the key from a file.
+    let (ok, stdout, stderr) = own_client(
+        &with(
+            &[
+                "status",
+                "--server",
+                &grpc,
+                "--api-key-file",
+                keys.to_str().unwrap(),
+            ],
+            c,
+        ),
+        None,
+    );
+    assert!(ok && stdout.contains("grid 1x1"), "{stdout}{stderr}");
+
+    // bench over both APIs.
+    for target in [format!("grpcs://{grpc}"), format!("https://{web}/v1")] {
+        let json = file(trust.path(), "bench.json");
+        let bench = with(
+            &[
+                "bench",
+                "--target",
+                &target,
+                "--tokenizer",
+                dir.path().to_str().unwrap(),
+                "--requests",
+                "3",
+                "--concurrency",
+                "2",
+                "--input-len",
+                "8",
+                "--output-len",
+                "4",
+                "--json",
+                json.to_str().unwrap(),
+            ],
+            c,
+        );
+        let (ok, _, stderr) = own_client(&bench, Some("sk-own"));
+        assert!(ok, "{target}: {stderr}");
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(report["runs"][0]["completed"], 3, "{target}: {report}");
+        assert!(
+            !std::fs::read_to_string(&json).unwrap().contains("sk-own"),
+            "the key reached the report"
+        );
+        // A TLS flag with a plain target is refused before anything connects.
+        let plain = target
+            .replacen("grpcs://", "grpc://", 1)
+            .replacen("https://", "http://", 1);
+        let bench: Vec<String> = bench
+            .iter()
+            .map(|a| {
+                if *a == target {
+                    plain.clone()
+                } else {
+                    a.clone()
+                }
+            })
+            .collect();
+        let (ok, _, stderr) = own_client(&bench, Some("sk-own"));
+        assert!(!ok && stderr.contains("grpcs:// or https://"), "{stderr}");
+    }
+
+    // The client CA file now holds the other CA: its client certificates are in, the first
+    // CA's are out, without a restart.
+    std::fs::copy(file(o, "ca.pem"), &client_ca).unwrap();
+    let (ok, stdout, stderr) = own_client(&generate_args(&https, o), Some("sk-own"));
+    assert!(ok, "{stderr}");
+    let got: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(got["token_ids"], serde_json::json!(want.token_ids));
+    let (ok, _, _) = own_client(&generate_args(&https, c), Some("sk-own"));
+    assert!(
+        !ok,
+        "a client certificate of the rotated-out CA was accepted"
+    );
 }
 
 /// A real etcd serving TLS only, requiring client certificates; killed when dropped.

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use switchyard_net::api_client::ApiAccess;
+
 use crate::config::{self, Api, Config, LenDist, Load, Slo, Sweep, Target};
 
 #[derive(Debug, clap::Args)]
@@ -69,6 +71,77 @@ pub struct Args {
     /// Draw the latency–throughput curve and latency distributions to this .svg file.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    #[command(flatten)]
+    pub access: AccessArgs,
+}
+
+/// How to reach a server whose client ports want TLS, a client certificate or an API key:
+/// the flags of every command that talks to a running server (`bench`, `generate --server`,
+/// `status`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AccessArgs {
+    /// The CA that signed the server's certificate: TLS to a HOST:PORT address (an https://
+    /// or grpcs:// address uses the system's CA bundle without it).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate, for a server started with --tls-client-ca.
+    #[arg(long, requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+    /// The API key, sent as `Authorization: Bearer KEY` (default: the SWITCHYARD_API_KEY
+    /// environment variable, which keeps it out of the process list).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// A file whose first line (blank lines and `#` comments skipped) is the API key.
+    #[arg(long, conflicts_with = "api_key")]
+    pub api_key_file: Option<PathBuf>,
+}
+
+/// The API key file of `--api-key-file` could not be read or holds no key.
+#[derive(Debug, thiserror::Error)]
+#[error("--api-key-file {path}: {reason}")]
+pub struct KeyFileError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+impl AccessArgs {
+    /// What these flags say, the key read from its file or the environment.
+    pub fn access(&self) -> Result<ApiAccess, KeyFileError> {
+        let api_key = match (&self.api_key, &self.api_key_file) {
+            (Some(k), _) => Some(k.clone()),
+            (None, Some(path)) => {
+                let bad = |reason: String| KeyFileError {
+                    path: path.clone(),
+                    reason,
+                };
+                let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+                let key = text
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty() && !l.starts_with('#'))
+                    .ok_or_else(|| bad("expected a key on a line of its own, found none".into()))?;
+                Some(key.to_string())
+            }
+            (None, None) => std::env::var("SWITCHYARD_API_KEY")
+                .ok()
+                .filter(|k| !k.is_empty()),
+        };
+        Ok(ApiAccess {
+            ca: self.tls_ca.clone(),
+            identity: self
+                .tls_client_cert
+                .clone()
+                .zip(self.tls_client_key.clone()),
+            api_key,
+        })
+    }
+
+    /// Whether a certificate flag asks for TLS.
+    pub fn wants_tls(&self) -> bool {
+        self.tls_ca.is_some() || self.tls_client_cert.is_some()
+    }
 }
 
 impl Args {
@@ -96,6 +169,7 @@ impl Args {
             request_timeout: self.request_timeout,
             json: self.json,
             plot: self.plot,
+            access: self.access,
         }
     }
 }

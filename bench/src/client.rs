@@ -7,13 +7,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
+use switchyard_net::api_client::{ApiAccess, ApiInferenceClient, HttpConnector};
 use switchyard_proto::code_name;
 use switchyard_proto::v1 as pb;
-use switchyard_proto::v1::inference_client::InferenceClient;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::config::{Api, Target};
 use crate::BenchError;
@@ -49,7 +47,7 @@ pub struct Outcome {
 /// A connected target.
 #[derive(Clone)]
 pub enum Client {
-    Grpc(InferenceClient<Channel>),
+    Grpc(ApiInferenceClient),
     Http(HttpClient),
 }
 
@@ -58,6 +56,8 @@ pub struct HttpClient {
     inner: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
     base: String,
     model: String,
+    /// `Bearer KEY`, when an API key is set.
+    authorization: Option<String>,
 }
 
 /// How long connecting and the first probe may take before the target counts as unreachable.
@@ -68,6 +68,7 @@ impl Client {
     /// error at once. Returns the client and the served model's name.
     pub async fn connect(
         target: &Target,
+        access: &ApiAccess,
         model_name: Option<&str>,
     ) -> Result<(Client, String), BenchError> {
         let unreachable = |reason: String| BenchError::Unreachable {
@@ -77,13 +78,7 @@ impl Client {
         let probe = async {
             match target {
                 Target::Grpc(uri) => {
-                    let channel = Endpoint::from_shared(uri.clone())
-                        .map_err(|e| e.to_string())?
-                        .tcp_nodelay(true)
-                        .connect()
-                        .await
-                        .map_err(|e| source_chain(&e))?;
-                    let mut client = InferenceClient::new(channel);
+                    let mut client = access.inference(uri).map_err(|e| e.to_string())?;
                     let models = client
                         .list_models(pb::ListModelsRequest {})
                         .await
@@ -99,14 +94,14 @@ impl Client {
                     Ok((Client::Grpc(client), name))
                 }
                 Target::Http(base) => {
-                    let mut connector = HttpConnector::new();
-                    connector.set_nodelay(true);
+                    let connector = access.http_connector(base).map_err(|e| e.to_string())?;
                     let inner = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
                         .build(connector);
                     let mut http = HttpClient {
                         inner,
                         base: base.clone(),
                         model: String::new(),
+                        authorization: access.authorization(),
                     };
                     let body = http.get("models").await?;
                     http.model = match (model_name, body["data"][0]["id"].as_str()) {
@@ -182,7 +177,7 @@ fn arrived(out: &mut Outcome, start: Instant, last: &mut Option<Instant>, n: usi
 }
 
 async fn grpc_send(
-    mut client: InferenceClient<Channel>,
+    mut client: ApiInferenceClient,
     api: Api,
     prompt: &Prompt,
     start: Instant,
@@ -235,10 +230,18 @@ impl HttpClient {
         format!("{}/{endpoint}", self.base)
     }
 
+    fn authorize(&self, request: hyper::http::request::Builder) -> hyper::http::request::Builder {
+        match &self.authorization {
+            Some(v) => request.header(hyper::header::AUTHORIZATION, v),
+            None => request,
+        }
+    }
+
     /// `GET {base}/{endpoint}` as JSON; errors are reasons for [`BenchError::Unreachable`].
     async fn get(&self, endpoint: &str) -> Result<Value, String> {
         let url = self.url(endpoint);
-        let request = hyper::Request::get(&url)
+        let request = self
+            .authorize(hyper::Request::get(&url))
             .body(Full::new(Bytes::new()))
             .map_err(|e| e.to_string())?;
         let response = self
@@ -284,7 +287,8 @@ impl HttpClient {
         body["stream_options"] = json!({"include_usage": true});
         body["ignore_eos"] = json!(true);
         let transport = |e: String| ("connection".to_string(), e);
-        let request = hyper::Request::post(self.url(endpoint))
+        let request = self
+            .authorize(hyper::Request::post(self.url(endpoint)))
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| transport(e.to_string()))?;

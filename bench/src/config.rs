@@ -35,7 +35,8 @@ pub enum Target {
 impl FromStr for Target {
     type Err = ParseError;
     fn from_str(s: &str) -> Result<Self, ParseError> {
-        const WHAT: &str = "grpc://HOST:PORT or http://HOST:PORT/v1";
+        const WHAT: &str =
+            "grpc://HOST:PORT or http://HOST:PORT/v1 (grpcs:// and https:// for TLS)";
         let (scheme, rest) = match s.split_once("://") {
             Some(parts) => parts,
             None => return expected(WHAT),
@@ -45,12 +46,13 @@ impl FromStr for Target {
             return expected(&format!("{WHAT} (a host and a port)"));
         }
         match scheme {
-            "grpc" if rest.trim_end_matches('/') == host => {
-                Ok(Target::Grpc(format!("http://{host}")))
+            "grpc" | "grpcs" if rest.trim_end_matches('/') != host => {
+                expected(&format!("{WHAT}: a gRPC target has no path"))
             }
-            "grpc" => expected(&format!("{WHAT}: a gRPC target has no path")),
-            "http" => Ok(Target::Http(format!(
-                "http://{}",
+            "grpc" => Ok(Target::Grpc(format!("http://{host}"))),
+            "grpcs" => Ok(Target::Grpc(format!("https://{host}"))),
+            "http" | "https" => Ok(Target::Http(format!(
+                "{scheme}://{}",
                 rest.trim_end_matches('/')
             ))),
             _ => expected(WHAT),
@@ -61,7 +63,10 @@ impl FromStr for Target {
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
-            Target::Grpc(uri) => write!(f, "grpc://{}", uri.trim_start_matches("http://")),
+            Target::Grpc(uri) => match uri.strip_prefix("https://") {
+                Some(host) => write!(f, "grpcs://{host}"),
+                None => write!(f, "grpc://{}", uri.trim_start_matches("http://")),
+            },
             Target::Http(base) => f.write_str(base),
         }
     }
@@ -317,6 +322,9 @@ pub struct Config {
     pub request_timeout: Duration,
     pub json: Option<PathBuf>,
     pub plot: Option<PathBuf>,
+    /// TLS and the API key: not part of the report (the key is never written anywhere).
+    #[serde(skip)]
+    pub access: crate::args::AccessArgs,
 }
 
 /// Input and output length of synthetic prompts when not given.
@@ -385,6 +393,16 @@ impl Config {
                     "an existing ShareGPT .json or .jsonl file",
                 );
             }
+        }
+        let target_url = match &self.target {
+            Target::Grpc(url) | Target::Http(url) => url,
+        };
+        if self.access.wants_tls() && !target_url.starts_with("https://") {
+            return flag(
+                "--target",
+                self.target.to_string(),
+                "a grpcs:// or https:// target: --tls-ca and --tls-client-cert are for TLS",
+            );
         }
         if let (Target::Http(_), None) = (&self.target, &self.tokenizer) {
             return flag(
@@ -486,6 +504,15 @@ mod tests {
         }
         let t: Target = "grpc://h:1".parse().unwrap();
         assert_eq!(t.to_string(), "grpc://h:1");
+        let t: Target = "grpcs://h:1".parse().unwrap();
+        assert_eq!(
+            (&t, t.to_string().as_str()),
+            (&Target::Grpc("https://h:1".into()), "grpcs://h:1")
+        );
+        assert_eq!(
+            "https://h:1/v1".parse(),
+            Ok(Target::Http("https://h:1/v1".into()))
+        );
     }
 
     #[test]

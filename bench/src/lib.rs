@@ -20,7 +20,6 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
 use switchyard_model::Tokenizer;
-use switchyard_proto::v1::inference_client::InferenceClient;
 
 pub use args::Args;
 pub use client::Client;
@@ -40,6 +39,8 @@ pub enum BenchError {
     },
     #[error("cannot reach {target}: {reason}")]
     Unreachable { target: String, reason: String },
+    #[error("{0}")]
+    Access(String),
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     #[error("dataset {path}: {reason}")]
@@ -66,7 +67,12 @@ pub async fn bench(config: Config, progress: ProgressFn) -> Result<Outcome, Benc
         Some(path) => Some(prompts::read_dataset(path)?),
         None => None,
     };
-    let (client, model) = Client::connect(&config.target, config.model_name.as_deref()).await?;
+    let access = config
+        .access
+        .access()
+        .map_err(|e| BenchError::Access(e.to_string()))?;
+    let (client, model) =
+        Client::connect(&config.target, &access, config.model_name.as_deref()).await?;
     let counter = match (&config.tokenizer, &client) {
         (Some(path), _) => {
             let file = config::tokenizer_file(path);
@@ -76,7 +82,7 @@ pub async fn bench(config: Config, progress: ProgressFn) -> Result<Outcome, Benc
             })?;
             Counter::Local(Box::new(tokenizer))
         }
-        (None, Client::Grpc(c)) => Counter::Remote(InferenceClient::clone(c)),
+        (None, Client::Grpc(c)) => Counter::Remote(c.clone()),
         (None, Client::Http(_)) => unreachable!("validate() requires --tokenizer for HTTP"),
     };
     let mut synth = Synthesizer::new(counter, config.api).await?;

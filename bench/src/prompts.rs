@@ -10,10 +10,9 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use serde_json::Value;
 use switchyard_model::{ChatMessage, Tokenizer};
+use switchyard_net::api_client::ApiInferenceClient;
 use switchyard_proto::code_name;
 use switchyard_proto::v1 as pb;
-use switchyard_proto::v1::inference_client::InferenceClient;
-use tonic::transport::Channel;
 
 use crate::client::Prompt;
 use crate::config::{Api, LenDist};
@@ -22,7 +21,7 @@ use crate::BenchError;
 /// Counts a prompt's tokens exactly as the server will.
 pub enum Counter {
     Local(Box<Tokenizer>),
-    Remote(InferenceClient<Channel>),
+    Remote(ApiInferenceClient),
 }
 
 impl Counter {

@@ -1,7 +1,8 @@
 //! A small client of the `Inference` API: what `switchyard generate --server` uses. It gathers
 //! a streamed generation into the same [`Completion`] the offline path prints.
 
-use switchyard_net::grpc::{channel, MAX_MESSAGE_BYTES};
+use switchyard_net::api_client::{AccessError, ApiAccess};
+use switchyard_net::grpc::MAX_MESSAGE_BYTES;
 use switchyard_net::wire;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_client::InferenceClient;
@@ -10,20 +11,12 @@ use tonic::transport::Channel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("server address {address:?}: {reason}")]
-    Address { address: String, reason: String },
+    #[error("{0}")]
+    Access(#[from] AccessError),
     #[error("{}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
     #[error("the stream ended without a finish reason")]
     Unfinished,
-}
-
-fn connect(address: &str) -> Result<InferenceClient<Channel>, ClientError> {
-    let channel = channel(address).map_err(|e| ClientError::Address {
-        address: address.into(),
-        reason: e.to_string(),
-    })?;
-    Ok(inference_client(channel))
 }
 
 /// A client of the `Inference` API on `channel`, taking replies as large as the API sends
@@ -33,8 +26,12 @@ pub(crate) fn inference_client(channel: Channel) -> InferenceClient<Channel> {
 }
 
 /// The cluster's grid, workers, placement epoch and lanes.
-pub async fn status(address: &str) -> Result<pb::ClusterStatusResponse, ClientError> {
-    Ok(connect(address)?
+pub async fn status(
+    address: &str,
+    access: &ApiAccess,
+) -> Result<pb::ClusterStatusResponse, ClientError> {
+    Ok(access
+        .inference(address)?
         .cluster_status(pb::ClusterStatusRequest {})
         .await?
         .into_inner())
@@ -44,10 +41,11 @@ pub async fn status(address: &str) -> Result<pb::ClusterStatusResponse, ClientEr
 /// message, and returns the whole completion.
 pub async fn generate(
     address: &str,
+    access: &ApiAccess,
     request: pb::GenerateRequest,
     mut on_message: impl FnMut(&pb::GenerateResponse),
 ) -> Result<Completion, ClientError> {
-    let mut client = connect(address)?;
+    let mut client = access.inference(address)?;
     let wants_logprobs = request.logprobs.is_some();
     let mut stream = client.generate(request).await?.into_inner();
     let mut out = Completion::new(0, wants_logprobs);

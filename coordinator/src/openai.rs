@@ -61,6 +61,14 @@ impl ApiError {
         }
     }
 
+    /// A key over its rate limit ([`crate::auth`]).
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: message.into(),
+        }
+    }
+
     /// A call without a valid API key ([`crate::auth`]).
     pub fn unauthorized(message: impl Into<String>) -> Self {
         ApiError {

@@ -1,7 +1,8 @@
 //! A coordinator process from start to exit: bind the client gRPC API and the HTTP port, run
 //! the membership (a static worker list, or etcd with leader election), serve until Ctrl-C or
-//! SIGTERM, then drain: stop admitting, let requests in flight finish within the grace period,
-//! fail the rest and stop the servers.
+//! SIGTERM, then drain: stop admitting (both ports stay open, answering new requests
+//! "unavailable" so clients go elsewhere), let requests in flight finish within the grace
+//! period, fail the rest and stop the servers.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -82,13 +83,13 @@ pub async fn static_cluster(
     if let Some(s) = cluster.serving() {
         eprint!("{}", s.placement);
     }
-    let _web = spawn_http(&cluster, &ports, http_tls, local_workers).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let web = spawn_http(&cluster, &ports, http_tls, local_workers, stop_rx.clone()).await?;
     eprintln!(
         "switchyard: listening on {} (gRPC), serving {}",
         listener.local_addr()?,
         cluster.model_name()
     );
-    let (stop_tx, stop_rx) = watch::channel(false);
     let leader = tokio::spawn(membership::run_static(cluster.clone(), {
         let mut rx = stop_rx.clone();
         async move {
@@ -96,7 +97,7 @@ pub async fn static_cluster(
         }
     }));
     let front = (grpc_tls, ports.keys);
-    serve_until_drained(cluster, listener, front, grace, stop_tx).await?;
+    serve_until_drained(cluster, listener, front, grace, stop_tx, web).await?;
     let _ = leader.await;
     Ok(())
 }
@@ -118,15 +119,15 @@ pub async fn etcd_cluster(
         None if ports.grpc.ip().is_unspecified() => return Err(RunError::NoAdvertise(ports.grpc)),
         None => listener.local_addr()?.to_string(),
     };
+    let (stop_tx, stop_rx) = watch::channel(false);
     // The HTTP port first: its line comes before the one that says the coordinator is up.
-    let _web = spawn_http(&cluster, &ports, http_tls, Vec::new()).await?;
+    let web = spawn_http(&cluster, &ports, http_tls, Vec::new(), stop_rx.clone()).await?;
     eprintln!(
         "switchyard: listening on {address} (gRPC), serving {} in cluster {:?} (etcd {})",
         cluster.model_name(),
         member.cluster,
         member.url
     );
-    let (stop_tx, stop_rx) = watch::channel(false);
     let m = EtcdMembership {
         etcd,
         keys,
@@ -135,17 +136,21 @@ pub async fn etcd_cluster(
     };
     let leader = tokio::spawn(membership::run_etcd(cluster.clone(), m, stop_rx));
     let front = (grpc_tls, ports.keys);
-    serve_until_drained(cluster, listener, front, grace, stop_tx).await?;
+    serve_until_drained(cluster, listener, front, grace, stop_tx, web).await?;
     let _ = leader.await;
     Ok(())
 }
 
-/// Binds the HTTP port and serves it (over TLS with `tls`) until Ctrl-C / SIGTERM.
+/// Binds the HTTP port and serves it (over TLS with `tls`) until `stop` says the drain is
+/// over. While the coordinator drains, the port stays open: new requests are answered 503
+/// (and `/ready` says not ready), so a client that raced the signal is told to go elsewhere
+/// instead of having its connection reset by a closing socket.
 async fn spawn_http(
     cluster: &Arc<Cluster>,
     ports: &Ports,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     local_workers: Vec<Arc<Registry>>,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, RunError> {
     let web = bind(ports.http).await?;
     let router = http::router(cluster.clone(), local_workers, ports.keys.clone());
@@ -157,7 +162,9 @@ async fn spawn_http(
     Ok(tokio::spawn(metrics::serve_http(
         Incoming::new(web, tls, metrics::MAX_CONNECTIONS)?,
         router,
-        shutdown_signal(),
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        },
     )))
 }
 
@@ -167,13 +174,15 @@ type Front = (
     Arc<ApiKeys>,
 );
 
-/// Serves the client API until a signal, drains, tells `stop` and stops the server.
+/// Serves the client API until a signal, drains, tells `stop` and stops the gRPC server and
+/// the HTTP port (`web`).
 async fn serve_until_drained(
     cluster: Arc<Cluster>,
     listener: TcpListener,
     (tls, keys): Front,
     grace: Duration,
     stop: watch::Sender<bool>,
+    web: tokio::task::JoinHandle<std::io::Result<()>>,
 ) -> Result<(), RunError> {
     let (server_tx, server_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server::serve(cluster.clone(), listener, tls, keys, async {
@@ -186,6 +195,12 @@ async fn serve_until_drained(
     match tokio::time::timeout(Duration::from_secs(5), server).await {
         Ok(r) => r??,
         Err(_) => eprintln!("switchyard: the gRPC server did not stop within 5 s"),
+    }
+    if tokio::time::timeout(Duration::from_secs(5), web)
+        .await
+        .is_err()
+    {
+        eprintln!("switchyard: the HTTP port did not stop within 5 s");
     }
     eprintln!("switchyard: stopped");
     Ok(())

@@ -4,8 +4,10 @@
 //! etcd: a small client over its v3 API ([`etcd`]: KV, leases, watches, election) and where a
 //! cluster's keys live ([`keys`]); and a serving process's edges: binding its ports and waiting
 //! for the signal to drain ([`process`]); TLS on every plane and the cluster's identity
-//! ([`tls`]).
+//! ([`tls`]); how clients reach the client-facing ports: TLS, client certificates, API keys
+//! ([`api_client`]).
 
+pub mod api_client;
 pub mod etcd;
 pub mod grpc;
 pub mod keys;

@@ -12,8 +12,9 @@
 //!
 //! Certificates and keys are read again when their files change (Kubernetes rotates mounted
 //! Secrets by swapping a symlink): each handshake looks at the files' modification times, so
-//! new connections get the new certificate while those open keep theirs. A file that no
-//! longer parses is reported and the last good certificate is kept. CA files are read once.
+//! new connections get the new certificate while those open keep theirs. CA files are read
+//! again the same way ([`ReloadingCa`]), so a rotated CA is trusted from the next handshake. A
+//! file that no longer parses is reported and the last good certificate or CA is kept.
 //!
 //! Listening sockets become [`Incoming`] streams of connections, plain or TLS, that tonic's
 //! and axum's servers both take; handshakes run on their own tasks, so a client that stalls
@@ -38,11 +39,12 @@ use tokio_rustls::rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use tokio_rustls::rustls::crypto::{ring, CryptoProvider};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{
-    self, CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
-    SignatureScheme,
+    self, CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    ServerConfig, SignatureScheme,
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tonic::transport::server::{Connected, TcpConnectInfo};
@@ -109,16 +111,180 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-/// The CA certificates in `path` as a root store.
+/// The CA certificates in `path` as a root store. Certificates that cannot be roots are
+/// skipped with a warning (a system bundle may hold some); a file with none is an error.
 fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     let mut store = RootCertStore::empty();
-    for c in read_certs("CA", path)? {
-        store.add(c).map_err(|e| TlsError::Ca {
+    let (valid, invalid) = store.add_parsable_certificates(read_certs("CA", path)?);
+    if valid == 0 {
+        return Err(TlsError::Ca {
             path: path.into(),
-            reason: e.to_string(),
-        })?;
+            reason: "no certificate in it can be a trust anchor".into(),
+        });
+    }
+    if invalid > 0 {
+        warn!(
+            "{}: skipped {invalid} certificates that cannot be trust anchors",
+            path.display()
+        );
     }
     Ok(Arc::new(store))
+}
+
+/// A CA file, read again when it changes: what client certificates (as a server) and server
+/// certificates (as a client, with the usual name checks) are verified against. A CA file
+/// that no longer parses is reported once and the last good CA is kept.
+pub struct ReloadingCa {
+    path: PathBuf,
+    current: Mutex<CaLoaded>,
+}
+
+struct CaLoaded {
+    stamp: FileStamp,
+    verifiers: Verifiers,
+}
+
+#[derive(Clone)]
+struct Verifiers {
+    client: Arc<dyn ClientCertVerifier>,
+    server: Arc<WebPkiServerVerifier>,
+}
+
+impl fmt::Debug for ReloadingCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReloadingCa")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl ReloadingCa {
+    pub fn new(path: &Path) -> Result<Arc<ReloadingCa>, TlsError> {
+        let stamp = file_stamp(path);
+        let verifiers = Self::load(path)?;
+        Ok(Arc::new(ReloadingCa {
+            path: path.into(),
+            current: Mutex::new(CaLoaded { stamp, verifiers }),
+        }))
+    }
+
+    fn load(path: &Path) -> Result<Verifiers, TlsError> {
+        let roots = roots(path)?;
+        let invalid = |e: &dyn std::fmt::Display| TlsError::Ca {
+            path: path.into(),
+            reason: e.to_string(),
+        };
+        Ok(Verifiers {
+            client: WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .build()
+                .map_err(|e| invalid(&e))?,
+            server: WebPkiServerVerifier::builder_with_provider(roots, provider())
+                .build()
+                .map_err(|e| invalid(&e))?,
+        })
+    }
+
+    /// The verifiers of the CA as it is now: read again first if the file changed.
+    fn current(&self) -> Verifiers {
+        let stamp = file_stamp(&self.path);
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if stamp != current.stamp {
+            current.stamp = stamp;
+            match Self::load(&self.path) {
+                Ok(v) => {
+                    debug!("read the changed CA {}", self.path.display());
+                    current.verifiers = v;
+                }
+                Err(e) => warn!("keeping the previous CA: {e}"),
+            }
+        }
+        current.verifiers.clone()
+    }
+}
+
+impl ClientCertVerifier for ReloadingCa {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Hints are optional; with a CA that can change under us, none are sent.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()
+            .client
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current()
+            .client
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current()
+            .client
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().client.supported_verify_schemes()
+    }
+}
+
+impl ServerCertVerifier for ReloadingCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.current()
+            .server
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current()
+            .server
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current()
+            .server
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().server.supported_verify_schemes()
+    }
 }
 
 /// A certificate chain and its key, read again when either file changes.
@@ -133,8 +299,17 @@ struct Loaded {
     key: Arc<CertifiedKey>,
 }
 
-/// What tells a changed file: modification time and length of both files.
-type Stamp = [Option<(SystemTime, u64)>; 2];
+/// What tells a changed file: its modification time and length (through a link: of the file
+/// it points to, so a swapped Kubernetes Secret counts as changed).
+type FileStamp = Option<(SystemTime, u64)>;
+
+fn file_stamp(path: &Path) -> FileStamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// The stamps of a certificate and its key.
+type Stamp = [FileStamp; 2];
 
 impl fmt::Debug for ReloadingCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -158,10 +333,7 @@ impl ReloadingCert {
     }
 
     fn stamp_of(cert: &Path, key: &Path) -> Stamp {
-        [cert, key].map(|p| {
-            let m = std::fs::metadata(p).ok()?;
-            Some((m.modified().ok()?, m.len()))
-        })
+        [cert, key].map(file_stamp)
     }
 
     fn load(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
@@ -226,18 +398,17 @@ impl ServerTls {
         let builder = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?;
         let builder = match &self.client_ca {
-            Some(ca) => builder.with_client_cert_verifier(
-                WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
-                    .build()
-                    .map_err(|e| TlsError::Ca {
-                        path: ca.clone(),
-                        reason: e.to_string(),
-                    })?,
-            ),
+            Some(ca) => builder.with_client_cert_verifier(ReloadingCa::new(ca)?),
             None => builder.with_no_client_auth(),
         };
         let mut config = builder.with_cert_resolver(ReloadingCert::new(&self.cert, &self.key)?);
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        if self.client_ca.is_some() {
+            // A resumed session skips the client's certificate: after the CA file changes, a
+            // client of the old CA could come back on its ticket. Every handshake verifies.
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+        }
         Ok(Arc::new(config))
     }
 }
@@ -247,15 +418,17 @@ pub const H2: &[u8] = b"h2";
 /// ALPN of the HTTP port (HTTP/1.1 only).
 pub const HTTP1: &[u8] = b"http/1.1";
 
-/// A client configuration trusting the CA in `ca` (with the usual name checks), presenting
-/// the certificate `identity` (cert, key) when given: what an etcd client uses.
+/// A client configuration trusting the CA in `ca` (with the usual name checks; read again
+/// when the file changes), presenting the certificate `identity` (cert, key) when given,
+/// speaking gRPC (HTTP/2): what an etcd client and the API's clients use.
 pub fn client_config(
     ca: &Path,
     identity: Option<(&Path, &Path)>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots(ca)?);
+        .dangerous()
+        .with_custom_certificate_verifier(ReloadingCa::new(ca)?);
     let mut config = match identity {
         Some((cert, key)) => builder.with_client_cert_resolver(ReloadingCert::new(cert, key)?),
         None => builder.with_no_client_auth(),
@@ -276,24 +449,22 @@ pub struct ClusterFiles {
 /// Mutual TLS of the cluster plane, as a server and as a client.
 #[derive(Clone)]
 pub struct ClusterTls {
+    /// gRPC servers of the cluster plane (workers).
     pub server: Arc<ServerConfig>,
+    /// HTTP/1.1 ports of the cluster plane (a worker's metrics): the same certificates.
+    pub http: Arc<ServerConfig>,
     pub client: Arc<ClientConfig>,
 }
 
 impl ClusterTls {
     pub fn new(files: &ClusterFiles) -> Result<ClusterTls, TlsError> {
-        let server = ServerTls {
+        let server_tls = ServerTls {
             cert: files.cert.clone(),
             key: files.key.clone(),
             client_ca: Some(files.ca.clone()),
-        }
-        .config(&[H2])?;
-        let verifier = WebPkiServerVerifier::builder_with_provider(roots(&files.ca)?, provider())
-            .build()
-            .map_err(|e| TlsError::Ca {
-                path: files.ca.clone(),
-                reason: e.to_string(),
-            })?;
+        };
+        let (server, http) = (server_tls.config(&[H2])?, server_tls.config(&[HTTP1])?);
+        let verifier = ReloadingCa::new(&files.ca)?;
         let mut client = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .dangerous()
@@ -302,6 +473,7 @@ impl ClusterTls {
         client.alpn_protocols = vec![H2.to_vec()];
         Ok(ClusterTls {
             server,
+            http,
             client: Arc::new(client),
         })
     }
@@ -322,7 +494,7 @@ pub fn cluster() -> Option<ClusterTls> {
 
 /// Accepts a server certificate the cluster CA signed, whatever name it carries.
 #[derive(Debug)]
-struct SignedByClusterCa(Arc<WebPkiServerVerifier>);
+struct SignedByClusterCa(Arc<ReloadingCa>);
 
 impl ServerCertVerifier for SignedByClusterCa {
     fn verify_server_cert(
@@ -350,7 +522,7 @@ impl ServerCertVerifier for SignedByClusterCa {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        ServerCertVerifier::verify_tls12_signature(&*self.0, message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -359,11 +531,11 @@ impl ServerCertVerifier for SignedByClusterCa {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        ServerCertVerifier::verify_tls13_signature(&*self.0, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        ServerCertVerifier::supported_verify_schemes(&*self.0)
     }
 }
 
@@ -373,21 +545,10 @@ impl ServerCertVerifier for SignedByClusterCa {
 #[derive(Clone)]
 pub struct Connector(pub Arc<ClientConfig>);
 
-type Connecting = Pin<
-    Box<
-        dyn std::future::Future<
-                Output = Result<
-                    TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
-                    std::io::Error,
-                >,
-            > + Send,
-    >,
->;
-
 impl tonic::codegen::Service<tonic::codegen::http::Uri> for Connector {
-    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Response = TokioIo<Io>;
     type Error = std::io::Error;
-    type Future = Connecting;
+    type Future = Pin<Box<dyn std::future::Future<Output = std::io::Result<TokioIo<Io>>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -395,25 +556,34 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for Connector {
 
     fn call(&mut self, uri: tonic::codegen::http::Uri) -> Self::Future {
         let config = self.0.clone();
-        Box::pin(async move {
-            let invalid = |what: &str| {
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri}: {what}"))
-            };
-            let host = uri.host().ok_or_else(|| invalid("no host"))?;
-            let host = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string();
-            let port = uri.port_u16().unwrap_or(443);
-            let name = ServerName::try_from(host.clone())
-                .map_err(|_| invalid("not a host name or IP address"))?;
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
-            // An exchange is many small round trips: no Nagle delay.
-            tcp.set_nodelay(true)?;
-            let tls = TlsConnector::from(config).connect(name, tcp).await?;
-            Ok(TokioIo::new(tls))
-        })
+        Box::pin(async move { connect(&uri, Some(config)).await.map(TokioIo::new) })
     }
+}
+
+/// Connects to `uri`'s host and port (443 when it names none), over TLS with `tls` (the
+/// server's name checked against the host), else plain.
+pub async fn connect(
+    uri: &tonic::codegen::http::Uri,
+    tls: Option<Arc<ClientConfig>>,
+) -> std::io::Result<Io> {
+    let invalid = |what: &str| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri}: {what}"))
+    };
+    let host = uri.host().ok_or_else(|| invalid("no host"))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(443);
+    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+    // An exchange is many small round trips: no Nagle delay.
+    tcp.set_nodelay(true)?;
+    let Some(config) = tls else {
+        return Ok(Io::Plain(tcp));
+    };
+    let name = ServerName::try_from(host).map_err(|_| invalid("not a host name or IP address"))?;
+    let tls = TlsConnector::from(config).connect(name, tcp).await?;
+    Ok(Io::Tls(Box::new(tls.into())))
 }
 
 /// An accepted connection, plain or TLS, counted against its port's connection limit until it
@@ -423,9 +593,10 @@ pub struct Conn {
     _permit: OwnedSemaphorePermit,
 }
 
-enum Io {
+/// A TCP stream, plain or TLS (either end of it).
+pub enum Io {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
 }
 
 impl Connected for Conn {
@@ -439,16 +610,63 @@ impl Connected for Conn {
     }
 }
 
+/// Calls `$f` on the stream inside an [`Io`], whichever it is.
+macro_rules! on_io {
+    ($io:expr, $s:ident => $f:expr) => {
+        match $io {
+            Io::Plain($s) => $f,
+            Io::Tls($s) => $f,
+        }
+    };
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        on_io!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        on_io!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        on_io!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        on_io!(self, s => s.is_write_vectored())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        on_io!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        on_io!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
 impl AsyncRead for Conn {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -458,10 +676,7 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match &mut self.get_mut().io {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -469,31 +684,19 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match &mut self.get_mut().io {
-            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Io::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.io {
-            Io::Plain(s) => s.is_write_vectored(),
-            Io::Tls(s) => s.is_write_vectored(),
-        }
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -569,7 +772,7 @@ async fn accept_loop(
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => {
                     let conn = Conn {
-                        io: Io::Tls(Box::new(s)),
+                        io: Io::Tls(Box::new(s.into())),
                         _permit: permit,
                     };
                     let _ = tx.send((conn, peer)).await;
@@ -725,10 +928,46 @@ mod tests {
         anonymous
             .dangerous()
             .set_certificate_verifier(Arc::new(SignedByClusterCa(
-                WebPkiServerVerifier::builder_with_provider(roots(&a.ca).unwrap(), provider())
-                    .build()
-                    .unwrap(),
+                ReloadingCa::new(&a.ca).unwrap(),
             )));
         assert!(!answered(&address, Arc::new(anonymous)).await);
+    }
+
+    #[tokio::test]
+    async fn a_rotated_ca_is_trusted_from_the_next_handshake() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (pki(a.path()), pki(b.path()));
+        // A server requiring client certificates from the CA in a's file.
+        let server = ServerTls {
+            cert: a.cert.clone(),
+            key: a.key.clone(),
+            client_ca: Some(a.ca.clone()),
+        };
+        let address = echo(server.config(&[H2]).unwrap()).await;
+        // The clients trust the server through a copy of a's CA that does not rotate.
+        let trust = a.ca.with_file_name("trust.pem");
+        std::fs::copy(&a.ca, &trust).unwrap();
+        let client = |identity: &ClusterFiles| {
+            let mut c =
+                (*client_config(&trust, Some((&identity.cert, &identity.key))).unwrap()).clone();
+            // The server's certificate names node.test, not 127.0.0.1.
+            c.dangerous()
+                .set_certificate_verifier(Arc::new(SignedByClusterCa(
+                    ReloadingCa::new(&trust).unwrap(),
+                )));
+            Arc::new(c)
+        };
+        let (old_member, new_member) = (client(&a), client(&b));
+        assert!(answered(&address, old_member.clone()).await);
+        assert!(!answered(&address, new_member.clone()).await);
+
+        // The CA file now holds b's CA: b's certificates are in, a's are out.
+        std::fs::copy(&b.ca, &a.ca).unwrap();
+        assert!(answered(&address, new_member.clone()).await);
+        assert!(!answered(&address, old_member.clone()).await);
+
+        // A broken CA file: the last good CA stays.
+        std::fs::write(&a.ca, "not a CA").unwrap();
+        assert!(answered(&address, new_member).await);
     }
 }

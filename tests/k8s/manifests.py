@@ -135,6 +135,37 @@ class Checker:
         elif listen and listen.startswith("0.0.0.0"):
             self.fail(where, f"listens on {listen} but does not --advertise its address")
 
+    def check_security(self, where, c, spec, flags):
+        """Certificate, key and API key files lie in a mounted Secret that holds that key;
+        probes speak what the probed port speaks (HTTPS with --tls-cert; no HTTP or gRPC probe
+        where --tls-client-ca asks for a certificate the kubelet cannot present)."""
+        mounts = {m["mountPath"].rstrip("/"): m["name"] for m in c.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for flag in FILE_FLAGS:
+            path = flags.get(flag)
+            if path is None:
+                continue
+            directory, _, key = path.rpartition("/")
+            volume = volumes.get(mounts.get(directory))
+            if volume is None or "secret" not in volume:
+                self.fail(where, f"{flag} {path}: no Secret is mounted at {directory}")
+            elif key not in SECRET_KEYS:
+                self.fail(where, f"{flag} {path}: {key} is no key of a TLS or API key Secret")
+        if "--cluster-ca" in flags and not ("--cluster-cert" in flags and "--cluster-key" in flags):
+            self.fail(where, "--cluster-ca without --cluster-cert and --cluster-key")
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+            probe = c.get(kind) or {}
+            get = probe.get("httpGet")
+            if get and get.get("port") in ("http", flags.get("--http-addr", "").rsplit(":", 1)[-1]):
+                scheme = get.get("scheme", "HTTP")
+                want = "HTTPS" if "--tls-cert" in flags else "HTTP"
+                if scheme != want:
+                    self.fail(where, f"{kind} probes the HTTP port with {scheme}, which serves {want}")
+                if "--tls-client-ca" in flags:
+                    self.fail(where, f"{kind} is an HTTP probe, but the port requires a client certificate")
+            if "grpc" in probe and "--tls-cert" in flags:
+                self.fail(where, f"{kind} is a gRPC probe (plain), but the gRPC API speaks TLS")
+
     def check_probe_paths(self, where, c, ports, command_flags):
         """HTTP probe paths must be routes served on the probed port."""
         by_port = {}
@@ -186,6 +217,7 @@ class Checker:
                     flags = flag_values(c.get("args", []))
                     if runs_switchyard(c):
                         self.check_probe_paths(cw, c, ports, flags)
+                        self.check_security(cw, c, spec, flags)
                     if "--drain-grace" in flags:
                         grace = spec.get("terminationGracePeriodSeconds", 30)
                         drain = seconds(flags["--drain-grace"])
@@ -226,6 +258,12 @@ class Checker:
                         if sel is not None and "namespaceSelector" not in peer and not any(matches(sel, p[1]) for p in pods):
                             self.fail(where, f"admits pods {sel}, of which there are none")
         return self.problems
+
+
+# Flags that name a file from a Secret, and the keys such Secrets hold (kubernetes.io/tls and
+# cert-manager's ca.crt; the chart's api-keys).
+FILE_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca", "--cluster-ca", "--cluster-cert", "--cluster-key", "--api-key-file")
+SECRET_KEYS = {"tls.crt", "tls.key", "ca.crt", "api-keys"}
 
 
 def runs_switchyard(c):

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use switchyard_metrics as metrics;
 use switchyard_net::process::{bind, shutdown_signal, BindError, EtcdMember, JoinError};
-use switchyard_net::tls::Incoming;
+use switchyard_net::tls::{self, Incoming};
 use switchyard_proto::v1 as pb;
 
 use crate::backend::{Backend, Hardware};
@@ -68,13 +68,17 @@ where
     let (addr, task) = (w.address, w.task);
     if let Some(metrics_addr) = o.metrics_addr {
         let listener = bind(metrics_addr).await?;
+        // With a cluster identity the metrics port is part of the cluster plane: mutual TLS,
+        // so a scraper needs a certificate the cluster CA signed.
+        let tls = tls::cluster().map(|c| c.http);
         eprintln!(
-            "switchyard: worker metrics on {} (/metrics)",
-            listener.local_addr()?
+            "switchyard: worker metrics on {} (/metrics{})",
+            listener.local_addr()?,
+            if tls.is_some() { ", mutual TLS" } else { "" }
         );
         let m = w.metrics.clone();
         let router = metrics::router(move || m.registry.render());
-        let incoming = Incoming::new(listener, None, metrics::MAX_CONNECTIONS)?;
+        let incoming = Incoming::new(listener, tls, metrics::MAX_CONNECTIONS)?;
         tokio::spawn(metrics::serve_http(incoming, router, shutdown_signal()));
     }
     eprintln!("switchyard: worker listening on {addr}");

@@ -113,3 +113,66 @@ capabilities:
 - name: cache
   mountPath: /cache
 {{- end -}}
+
+{{/* TLS and API keys (values: security). Secrets mount under /etc/switchyard, where a rotated
+Secret (Kubernetes swaps a symlink) is read again by the processes on their next handshake. */}}
+{{- define "switchyard.clusterTlsArgs" -}}
+{{- if .Values.security.clusterTlsSecret }}
+- --cluster-ca
+- /etc/switchyard/cluster-tls/ca.crt
+- --cluster-cert
+- /etc/switchyard/cluster-tls/tls.crt
+- --cluster-key
+- /etc/switchyard/cluster-tls/tls.key
+{{- end }}
+{{- end -}}
+
+{{- define "switchyard.clientTlsArgs" -}}
+{{- $s := .Values.security -}}
+{{- if $s.clientTlsSecret }}
+- --tls-cert
+- /etc/switchyard/client-tls/tls.crt
+- --tls-key
+- /etc/switchyard/client-tls/tls.key
+{{- end }}
+{{- if $s.clientCaSecret }}
+- --tls-client-ca
+- /etc/switchyard/client-ca/ca.crt
+{{- end }}
+{{- if $s.apiKeysSecret }}
+- --api-key-file
+- /etc/switchyard/api-keys/api-keys
+{{- end }}
+{{- end -}}
+
+{{/* The Secret volumes of a component: "coordinator" mounts all four, "worker" the cluster's. */}}
+{{- define "switchyard.securityVolumes" -}}
+{{- $s := .ctx.Values.security -}}
+{{- $mounts := list (list "cluster-tls" $s.clusterTlsSecret) -}}
+{{- if eq .component "coordinator" }}
+{{- $mounts = concat $mounts (list (list "client-tls" $s.clientTlsSecret) (list "client-ca" $s.clientCaSecret) (list "api-keys" $s.apiKeysSecret)) -}}
+{{- end }}
+{{- range $mounts }}
+{{- if index . 1 }}
+- name: {{ index . 0 }}
+  secret:
+    secretName: {{ index . 1 }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "switchyard.securityVolumeMounts" -}}
+{{- $s := .ctx.Values.security -}}
+{{- $mounts := list (list "cluster-tls" $s.clusterTlsSecret) -}}
+{{- if eq .component "coordinator" }}
+{{- $mounts = concat $mounts (list (list "client-tls" $s.clientTlsSecret) (list "client-ca" $s.clientCaSecret) (list "api-keys" $s.apiKeysSecret)) -}}
+{{- end }}
+{{- range $mounts }}
+{{- if index . 1 }}
+- name: {{ index . 0 }}
+  mountPath: /etc/switchyard/{{ index . 0 }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end -}}

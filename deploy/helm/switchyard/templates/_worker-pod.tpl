@@ -42,6 +42,7 @@ spec:
         - {{ $w.leaseTtl }}
         - --drain-grace
         - {{ $w.drainGrace }}
+        {{- with (include "switchyard.clusterTlsArgs" . | trim) }}{{ . | nindent 8 }}{{- end }}
         {{- range $w.extraArgs }}
         - {{ . | quote }}
         {{- end }}
@@ -79,12 +80,14 @@ spec:
         {{- include "switchyard.containerSecurityContext" . | nindent 8 }}
       volumeMounts:
         {{- include "switchyard.volumeMounts" . | nindent 8 }}
+        {{- with (include "switchyard.securityVolumeMounts" (dict "ctx" . "component" "worker") | trim) }}{{ . | nindent 8 }}{{- end }}
         {{- if $w.shmSize }}
         - name: shm
           mountPath: /dev/shm
         {{- end }}
   volumes:
     {{- include "switchyard.volumes" . | nindent 4 }}
+    {{- with (include "switchyard.securityVolumes" (dict "ctx" . "component" "worker") | trim) }}{{ . | nindent 4 }}{{- end }}
     {{- if $w.shmSize }}
     - name: shm
       emptyDir:
