@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
-use switchyard_net::api_client::{ApiAccess, ApiInferenceClient, HttpConnector};
+use switchyard_net::api_client::{AccessError, ApiAccess, ApiInferenceClient, HttpConnector};
 use switchyard_proto::code_name;
 use switchyard_proto::v1 as pb;
 
@@ -78,7 +78,11 @@ impl Client {
         let probe = async {
             match target {
                 Target::Grpc(uri) => {
-                    let mut client = access.inference(uri).map_err(|e| e.to_string())?;
+                    let mut client = match access.connect_inference(uri).await {
+                        Ok(c) => c,
+                        Err(AccessError::Connect { reason, .. }) => return Err(reason),
+                        Err(e) => return Err(e.to_string()),
+                    };
                     let models = client
                         .list_models(pb::ListModelsRequest {})
                         .await

@@ -19,7 +19,7 @@ use tokio_rustls::rustls::ClientConfig;
 use tonic::codegen::http::Uri;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::grpc::{endpoint, MAX_MESSAGE_BYTES};
 use crate::tls::{client_config, Io, TlsError, H2, HTTP1};
@@ -46,6 +46,23 @@ pub enum AccessError {
     NoCa,
     #[error("the API key holds characters a header cannot carry (expected printable ASCII)")]
     Key,
+    #[error("cannot connect to {address}: {reason}")]
+    Connect { address: String, reason: String },
+}
+
+/// An error and its causes, joined: transport errors keep the useful part ("connection
+/// refused") in their sources.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !out.contains(&s_text) {
+            out = format!("{out}: {s_text}");
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// How to reach a server's client ports.
@@ -131,18 +148,52 @@ impl ApiAccess {
     /// A client of the `Inference` API at `address`, connected on first use, taking replies
     /// as large as the API sends (prompt logprobs of a long prompt exceed tonic's 4 MiB).
     pub fn inference(&self, address: &str) -> Result<ApiInferenceClient, AccessError> {
+        let (endpoint, tls, bearer) = self.prepare(address)?;
+        let channel = match tls {
+            Some(c) => endpoint.connect_with_connector_lazy(crate::tls::Connector(c)),
+            None => endpoint.connect_lazy(),
+        };
+        Ok(Self::client(channel, bearer))
+    }
+
+    /// [`Self::inference`], connected now: an unreachable server is an error here, with its
+    /// cause ("connection refused", a certificate refused).
+    pub async fn connect_inference(
+        &self,
+        address: &str,
+    ) -> Result<ApiInferenceClient, AccessError> {
+        let (endpoint, tls, bearer) = self.prepare(address)?;
+        let channel = match tls {
+            Some(c) => endpoint.connect_with_connector(crate::tls::Connector(c)).await,
+            None => endpoint.connect().await,
+        }
+        .map_err(|e| AccessError::Connect {
+            address: address.into(),
+            reason: causes(&e),
+        })?;
+        Ok(Self::client(channel, bearer))
+    }
+
+    fn prepare(
+        &self,
+        address: &str,
+    ) -> Result<(Endpoint, Option<Arc<ClientConfig>>, Bearer), AccessError> {
         let bearer = self.bearer()?;
         let (uri, tls) = self.split(address)?;
         let endpoint = endpoint(&uri).map_err(|e| AccessError::Address {
             address: address.into(),
             reason: e.to_string(),
         })?;
-        let channel = match tls {
-            true => endpoint.connect_with_connector_lazy(crate::tls::Connector(self.tls(H2)?)),
-            false => endpoint.connect_lazy(),
+        let tls = match tls {
+            true => Some(self.tls(H2)?),
+            false => None,
         };
-        Ok(InferenceClient::with_interceptor(channel, bearer)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES))
+        Ok((endpoint, tls, bearer))
+    }
+
+    fn client(channel: Channel, bearer: Bearer) -> ApiInferenceClient {
+        InferenceClient::with_interceptor(channel, bearer)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     /// A connector for hyper's client that dials `https://` URIs over TLS (HTTP/1.1) and
