@@ -15,6 +15,7 @@ use switchyard_net::etcd::{Credentials, EtcdAccess};
 use switchyard_net::process::EtcdMember;
 use switchyard_net::tls::{self, ClusterFiles, ClusterTls, ServerTls};
 use switchyard_scheduler::SamplingParams;
+use switchyard_worker::offload::Offload;
 use switchyard_worker::{CpuBackend, Device};
 
 use crate::telemetry::LogFormat;
@@ -245,6 +246,37 @@ pub struct EtcdArgs {
     pub etcd_password_file: Option<PathBuf>,
 }
 
+/// Expert offload: how much of the experts a worker keeps resident.
+#[derive(Args, Clone, Default)]
+pub struct OffloadArgs {
+    /// Keep at most this much of the experts resident (e.g. 512MiB, 6GiB) and read the others
+    /// from the checkpoint file when tokens are routed to them. Absent: every expert resident.
+    #[arg(long, value_parser = expert_memory)]
+    pub expert_memory: Option<u64>,
+    /// With --expert-memory: do not read the next layer's likely experts ahead (they are
+    /// guessed by applying its router to the current hidden state).
+    #[arg(long, requires = "expert_memory")]
+    pub no_prefetch: bool,
+    /// With --expert-memory: routing statistics (JSON). Read at load, to keep the hottest
+    /// experts resident before taking traffic; written as tokens are routed and at exit.
+    #[arg(long, requires = "expert_memory")]
+    pub expert_stats: Option<PathBuf>,
+}
+
+fn expert_memory(s: &str) -> Result<u64, String> {
+    switchyard_planner::units::parse_bytes("--expert-memory", s).map_err(|e| e.to_string())
+}
+
+impl OffloadArgs {
+    pub fn offload(&self) -> Option<Offload> {
+        self.expert_memory.map(|budget_bytes| Offload {
+            budget_bytes,
+            prefetch: !self.no_prefetch,
+            stats_file: self.expert_stats.clone(),
+        })
+    }
+}
+
 #[derive(Args)]
 pub struct ServeArgs {
     /// Model directory; without it, a demo tiny-mixtral made once into ~/.cache/switchyard.
@@ -260,6 +292,8 @@ pub struct ServeArgs {
     pub dtype: CpuDtype,
     #[arg(long, default_value = "f32")]
     pub activations: CpuActivations,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
 }
@@ -332,6 +366,8 @@ pub struct WorkerArgs {
     pub dtype: CpuDtype,
     #[arg(long, default_value = "f32")]
     pub activations: CpuActivations,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
     /// Serve Prometheus metrics on this address (`/metrics`).
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
@@ -507,6 +543,8 @@ pub struct GenerateArgs {
     pub dtype: CpuDtype,
     #[arg(long, default_value = "f32")]
     pub activations: CpuActivations,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
 }
 
 /// The sampling flags of `generate`: one mapping to [`SamplingParams`], which the in-process
