@@ -131,8 +131,9 @@ fn peak_rss(dir: &Path, extra: &[&str]) -> u64 {
 
 /// Overhead allowed beyond the weights: the binary and its runtime, the tokenizer, the KV
 /// blocks touched, activations, and the experts read on a miss or prefetched that are not
-/// kept (at most top-k demanded plus top-k prefetched at a time: 4 experts of 4.5 MiB).
-const OVERHEAD: u64 = 80 << 20;
+/// kept (a layer's misses, read ahead, and top-k prefetched: at most 10 experts of 4.5 MiB
+/// here). Measured on the 2-core AMD EPYC: 62 MiB.
+const OVERHEAD: u64 = 96 << 20;
 
 #[test]
 fn resident_memory_stays_under_the_budget_plus_the_other_weights() {

@@ -769,8 +769,14 @@ mod tests {
         assert_eq!(s, vec![vec![0.0, 0.0, 9.0, 0.0], vec![0.0; 4]]);
         for (text, expected) in [
             ("[]", "an array `layers`"),
-            (r#"{"layers": [{"layer": 1, "scores": [1]}]}"#, "1 scores; the model has 4 experts"),
-            (r#"{"layers": [{"layer": 1, "scores": [1, -2, 0, 0]}]}"#, "expert 1: expected a finite score"),
+            (
+                r#"{"layers": [{"layer": 1, "scores": [1]}]}"#,
+                "1 scores; the model has 4 experts",
+            ),
+            (
+                r#"{"layers": [{"layer": 1, "scores": [1, -2, 0, 0]}]}"#,
+                "expert 1: expected a finite score",
+            ),
             ("{", "not valid JSON"),
         ] {
             std::fs::write(&path, text).unwrap();

@@ -209,8 +209,7 @@ fn a_checkpoint_truncated_or_removed_while_served_fails_the_request() {
     let a = prompt(30, 5);
     let err = e
         .step_chunks(&[(1, &a, 0, LogitsWanted::Last)])
-        .err()
-        .expect("a truncated checkpoint fails the step")
+        .expect_err("a truncated checkpoint fails the step")
         .to_string();
     assert!(err.contains("was the file truncated"), "{err}");
     e.release(1);
@@ -218,8 +217,7 @@ fn a_checkpoint_truncated_or_removed_while_served_fails_the_request() {
     std::fs::remove_file(&file).unwrap();
     let err = e
         .step_chunks(&[(2, &a, 0, LogitsWanted::Last)])
-        .err()
-        .expect("a removed checkpoint fails the step")
+        .expect_err("a removed checkpoint fails the step")
         .to_string();
     assert!(
         err.contains("cannot read") && err.contains("model.gguf"),
@@ -292,7 +290,14 @@ async fn a_worker_with_a_truncated_checkpoint_fails_the_step_and_is_not_ready() 
     use switchyard_worker::service::{spawn_worker, WorkerService};
 
     let model = tempfile::tempdir().unwrap();
-    write_model_dir(model.path(), &preset("tiny-mixtral").unwrap(), 1, Dtype::F32, None).unwrap();
+    write_model_dir(
+        model.path(),
+        &preset("tiny-mixtral").unwrap(),
+        1,
+        Dtype::F32,
+        None,
+    )
+    .unwrap();
     // tiny-mixtral in f32: experts of 3 × 64 × 128 × 4 bytes, 2 layers of 4.
     let expert = 3 * 64 * 128 * 4;
     let service = WorkerService::new(CpuBackend::default()).with_offload(Offload {
@@ -301,9 +306,13 @@ async fn a_worker_with_a_truncated_checkpoint_fails_the_step_and_is_not_ready() 
         stats_file: None,
     });
     let metrics = service.metrics();
-    let w = spawn_worker(service, "127.0.0.1:0".parse().unwrap(), std::future::pending())
-        .await
-        .unwrap();
+    let w = spawn_worker(
+        service,
+        "127.0.0.1:0".parse().unwrap(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
     let mut client = worker_client(channel(&w.address.to_string()).unwrap());
     let inventory = client
         .inventory(pb::InventoryRequest {})
