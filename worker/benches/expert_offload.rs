@@ -9,8 +9,9 @@
 //! wider and win the top-2 more often, and each layer has its own hot experts (not the lowest
 //! ids, which a cold start keeps). The measured share of each rank is printed.
 //!
-//! `cargo bench --workspace --bench expert_offload`. The checkpoint is read from the page
-//! cache (it was just written): the reads cost a copy, not a disk.
+//! `cargo bench --workspace --bench expert_offload` (or `cargo test --workspace --bench
+//! expert_offload` for the test profile). The checkpoint is read from the page cache (it was
+//! just written): the reads cost a copy, not a disk.
 
 use std::path::Path;
 use std::time::Instant;
@@ -138,7 +139,8 @@ fn main() {
     let vocab = config.vocab_size;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
-        "small-mixtral bf16, router row e scaled by {SKEW}^e: experts {:.0} MiB, other weights {:.0} MiB",
+        "small-mixtral bf16, router row e of layer l scaled by {SKEW}^((3e + 5l + 1) mod 8): \
+         experts {:.0} MiB, other weights {:.0} MiB",
         mib(experts),
         mib(rest)
     );
