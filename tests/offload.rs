@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{fails, four_layers_eight_experts, generate_json, model, BIN};
+use common::{
+    fails, four_layers_eight_experts, generate_json, http, http_address, model, serve, BIN,
+};
 use switchyard_model::init::{preset, write_model_dir};
 use switchyard_model::safetensors::Dtype;
 use switchyard_model::{Checkpoint, Subset};
@@ -95,6 +97,60 @@ fn generate_with_any_budget_gives_the_all_resident_tokens_and_logprobs() {
         e.contains("--expert-memory \"lots\": expected a number with a unit"),
         "{e}"
     );
+}
+
+#[test]
+fn a_cluster_with_offloading_workers_gives_the_all_resident_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path(), "tiny-mixtral", four_layers_eight_experts);
+    let d = dir.path().to_str().unwrap();
+    let (experts, _) = expert_and_other_bytes(dir.path());
+    // 2×2: each worker holds 2 layers × 4 experts; one expert per layer resident.
+    let budget = format!("{}B", 2 * experts / (4 * 8));
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--model", d, "--grid", "2x2"];
+        args.extend_from_slice(extra);
+        let server = serve(&args);
+        let out = generate_json(&[
+            "--server",
+            &server.address,
+            "--prompt-ids",
+            "5,21,37,53,69,85,101,117,133,149,165,181,197",
+            "--max-tokens",
+            "12",
+            "--ignore-eos",
+            "--logprobs",
+            "2",
+        ]);
+        // The workers' expert cache misses, summed from the serve process's /metrics.
+        let (_, metrics) = http(&http_address(&server), "GET", "/metrics", "");
+        let misses: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("switchyard_expert_cache_misses_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        (out, misses)
+    };
+    let (want, none) = run(&[]);
+    let (got, misses) = run(&["--expert-memory", &budget]);
+    assert_eq!(none, 0.0, "all resident: no misses");
+    assert!(
+        misses > 0.0,
+        "one expert per layer resident: misses expected"
+    );
+    assert_eq!(got["token_ids"], want["token_ids"]);
+    for (g, w) in got["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(want["logprobs"].as_array().unwrap())
+    {
+        let (g, w) = (
+            g["logprob"].as_f64().unwrap(),
+            w["logprob"].as_f64().unwrap(),
+        );
+        assert!((g - w).abs() <= 1e-6, "logprob {g} vs {w}");
+    }
 }
 
 /// The highest VmRSS of `generate` with `extra` flags, polled every 5 ms while it runs (VmHWM,
