@@ -229,8 +229,15 @@ async fn status(server: &str) -> Result<()> {
         s.model, s.stages, s.shards, s.placement_epoch, s.queue_depth
     );
     for w in &s.workers {
+        let offload = match w.resident_expert_share > 0.0 {
+            true => format!(
+                ", {:.0}% of its experts resident",
+                100.0 * w.resident_expert_share
+            ),
+            false => String::new(),
+        };
         println!(
-            "  worker ({}, {}) {} {}: layers {}..{}, experts {:?}, {:.1} MiB weights, {:.1} MiB resident, ready {}",
+            "  worker ({}, {}) {} {}: layers {}..{}, experts {:?}, {:.1} MiB weights, {:.1} MiB resident{offload}, ready {}",
             w.stage, w.shard, w.address, w.device, w.layer_start, w.layer_end, w.experts,
             mib(w.weight_bytes), mib(w.resident_bytes), w.ready
         );

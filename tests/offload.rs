@@ -122,6 +122,7 @@ fn a_cluster_with_offloading_workers_gives_the_all_resident_outputs() {
             "--logprobs",
             "2",
         ]);
+        let status = common::ok(&["status", "--server", &server.address]);
         // The workers' expert cache misses, summed from the serve process's /metrics.
         let (_, metrics) = http(&http_address(&server), "GET", "/metrics", "");
         let misses: f64 = metrics
@@ -129,10 +130,17 @@ fn a_cluster_with_offloading_workers_gives_the_all_resident_outputs() {
             .filter(|l| l.starts_with("switchyard_expert_cache_misses_total"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
-        (out, misses)
+        (out, misses, status)
     };
-    let (want, none) = run(&[]);
-    let (got, misses) = run(&["--expert-memory", &budget]);
+    let (want, none, status) = run(&[]);
+    assert!(!status.contains("of its experts resident"), "{status}");
+    let (got, misses, status) = run(&["--expert-memory", &budget]);
+    // The placement counted them: 2 of each worker's 8 experts fit.
+    assert_eq!(
+        status.matches("25% of its experts resident").count(),
+        4,
+        "{status}"
+    );
     assert_eq!(none, 0.0, "all resident: no misses");
     assert!(
         misses > 0.0,
