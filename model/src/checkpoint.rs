@@ -164,9 +164,15 @@ impl TensorOnDisk {
         self.range.is_empty()
     }
 
+    /// [`TensorOnDisk::read`], then every value checked to be finite (as [`Checkpoint::read`]
+    /// checks them): for the first read of a tensor.
+    pub fn read_checked(&self) -> Result<HostWeight, CheckpointError> {
+        finite(&self.name, self.read()?)
+    }
+
     /// Opens the file again (so a file removed since is an error, not a read of the old one)
     /// and reads the tensor's bytes into an owned buffer. Values are not checked: the caller
-    /// checked them on the first read ([`Checkpoint::read_owned`]).
+    /// checked them on the first read ([`TensorOnDisk::read_checked`]).
     pub fn read(&self) -> Result<HostWeight, CheckpointError> {
         let io = |source| CheckpointError::ReadTensor {
             name: self.name.clone(),
@@ -550,7 +556,7 @@ impl Checkpoint {
     /// what a worker that offloads experts keeps, so that no weight it uses lives in a map a
     /// truncated file would turn into a SIGBUS.
     pub fn read_owned(&self, name: &str, shape: &[usize]) -> Result<HostWeight, CheckpointError> {
-        finite(name, self.on_disk(name, shape)?.read()?)
+        self.on_disk(name, shape)?.read_checked()
     }
 
     /// Reads one tensor as f32, checking it against `shape` first.

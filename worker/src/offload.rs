@@ -334,18 +334,7 @@ impl<W: Send + Sync> ExpertStore<W> {
         let mut resident_bytes = 0;
         for (l, e) in order {
             let d = disk[l][e].as_ref().expect("filtered to held experts");
-            let checked = [&d.gate, &d.up, &d.down].map(|t| {
-                let w = t.read()?;
-                match w.first_non_finite() {
-                    None => Ok(w),
-                    Some((index, value)) => Err(CheckpointError::NotFinite {
-                        name: t.name().to_string(),
-                        index,
-                        value,
-                    }),
-                }
-            });
-            let [gate, up, down] = checked;
+            let [gate, up, down] = [&d.gate, &d.up, &d.down].map(TensorOnDisk::read_checked);
             let (gate, up, down) = (gate?, up?, down?);
             if resident_bytes + expert_bytes <= offload.budget_bytes {
                 resident[l][e] = Some(Arc::new(FfnWeights {

@@ -370,3 +370,38 @@ async fn a_worker_with_a_truncated_checkpoint_fails_the_step_and_is_not_ready() 
     // The process and its gRPC server are still there.
     client.inventory(pb::InventoryRequest {}).await.unwrap();
 }
+
+#[test]
+fn a_non_finite_expert_is_refused_at_load_even_when_not_kept() {
+    use std::os::unix::fs::FileExt;
+    use switchyard_model::safetensors::SafetensorsFile;
+
+    let dir = tempfile::tempdir().unwrap();
+    write_model_dir(
+        dir.path(),
+        &preset("tiny-mixtral").unwrap(),
+        2,
+        Dtype::F32,
+        None,
+    )
+    .unwrap();
+    let path = dir.path().join("model.safetensors");
+    let name = "model.layers.1.block_sparse_moe.experts.3.w2.weight";
+    let at = {
+        let f = SafetensorsFile::open(&path).unwrap();
+        f.range(f.get(name).unwrap()).start + 4 * 5
+    };
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&f32::NAN.to_le_bytes(), at as u64)
+        .unwrap();
+    // The budget keeps one expert: layer 1's expert 3 would only ever be read on demand.
+    let expert = 3 * 64 * 128 * 4;
+    let err = engine(dir.path(), budget(expert, true))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains(name) && err.contains("element 5") && err.contains("expected finite"),
+        "{err}"
+    );
+}
