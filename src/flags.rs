@@ -784,6 +784,43 @@ mod tests {
     }
 
     #[test]
+    fn expert_memory_on_generate_serve_and_worker() {
+        let offload = |args: &[&str]| match parse(args).unwrap().command {
+            Command::Generate(a) => a.offload.offload(),
+            Command::Serve(a) => a.offload.offload(),
+            Command::Worker(a) => a.offload.offload(),
+            _ => unreachable!(),
+        };
+        let generate = ["generate", "--model", "m", "--prompt", "x"];
+        assert_eq!(offload(&generate), None);
+        let o = offload(&[&generate[..], &["--expert-memory", "512MiB"]].concat()).unwrap();
+        assert_eq!(
+            (o.budget_bytes, o.prefetch, o.stats_file),
+            (512 << 20, true, None)
+        );
+        let o = offload(&["serve", "--expert-memory", "6GiB", "--no-prefetch"]).unwrap();
+        assert_eq!((o.budget_bytes, o.prefetch), (6 << 30, false));
+        let o = offload(&[
+            "worker",
+            "--expert-memory",
+            "1GB",
+            "--expert-stats",
+            "s.json",
+        ])
+        .unwrap();
+        assert_eq!(o.budget_bytes, 1_000_000_000);
+        assert_eq!(o.stats_file, Some(PathBuf::from("s.json")));
+        // Prefetch and statistics mean nothing without a budget.
+        assert!(parse(&["worker", "--no-prefetch"]).is_err());
+        assert!(parse(&["worker", "--expert-stats", "s.json"]).is_err());
+        let e = parse(&["worker", "--expert-memory", "lots"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("expected a number with a unit"), "{e}");
+    }
+
+    #[test]
     fn durations_take_units_and_the_old_flag_names() {
         let c = coordinator(&[]);
         assert_eq!(c.cluster.step_timeout, Duration::from_secs(10));
