@@ -137,6 +137,8 @@ pub enum OffloadError {
     Stats { path: PathBuf, problem: String },
     #[error("cannot start the expert loader thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error("the expert loader thread stopped; see the log")]
+    LoaderStopped,
 }
 
 /// The three matrices of one expert as the file holds them: gate (`w1`), up (`w3`), down (`w2`).
@@ -579,7 +581,14 @@ impl<W: Send + Sync> ExpertStore<W> {
                 }
                 reading @ Load::Reading { .. } => {
                     io.loads[layer][e as usize] = reading;
-                    drop(self.loader.done.wait(io).unwrap_or_else(|p| p.into_inner()));
+                    // Woken by each finished read; the timeout only notices a loader that
+                    // died (a panic), which would otherwise leave this step waiting forever.
+                    let timeout = Duration::from_secs(1);
+                    let waited = self.loader.done.wait_timeout(io, timeout);
+                    drop(waited.unwrap_or_else(|p| p.into_inner()));
+                    if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
+                        return Err(OffloadError::LoaderStopped.into());
+                    }
                 }
             }
         };
