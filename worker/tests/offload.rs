@@ -20,13 +20,21 @@ fn fixture(path: &str) -> PathBuf {
 }
 
 fn engine(dir: &Path, offload: Option<Offload>) -> Result<Engine<CpuBackend>, EngineError> {
+    engine_on(CpuBackend::default(), dir, offload)
+}
+
+fn engine_on(
+    backend: CpuBackend,
+    dir: &Path,
+    offload: Option<Offload>,
+) -> Result<Engine<CpuBackend>, EngineError> {
     let config = EngineConfig {
         block_size: 4,
         kv_cache_bytes: 1 << 20,
         offload,
         ..EngineConfig::default()
     };
-    Engine::load(CpuBackend::default(), dir, config)
+    Engine::load(backend, dir, config)
 }
 
 fn budget(bytes: u64, prefetch: bool) -> Option<Offload> {
@@ -174,6 +182,40 @@ fn any_budget_gives_the_all_resident_outputs() {
             }
         }
     }
+}
+
+/// `--dtype f32` (experts widened on every read) and 8-bit activations offload exactly too;
+/// the budget counts experts as kept (f32: 4 bytes a value, whatever the file stores).
+#[test]
+fn widened_weights_and_q8_activations_offload_exactly() {
+    let dir = fixture("llama-cpp/mixtral-q4_k_m");
+    for backend in [
+        CpuBackend::exact_f32(),
+        CpuBackend::default().q8_activations(),
+    ] {
+        let want = outputs(&mut engine_on(backend, &dir, None).unwrap());
+        let all = engine_on(backend, &dir, budget(u64::MAX, false)).unwrap();
+        let store = all.model().expert_store().unwrap();
+        let (expert, layers) = (store.expert_bytes(), store.resident_per_layer().len());
+        drop(all);
+        let mut e = engine_on(backend, &dir, budget(expert * layers as u64, true)).unwrap();
+        assert_same(
+            &format!("{backend:?}"),
+            "one expert per layer",
+            &outputs(&mut e),
+            &want,
+        );
+        assert!(e.model().expert_store().unwrap().metrics().misses.get() > 0);
+    }
+    let widened = engine_on(CpuBackend::exact_f32(), &dir, budget(u64::MAX, false)).unwrap();
+    let c = widened.model().config();
+    let f32_expert = (3 * c.hidden_size * c.intermediate_size * 4) as u64;
+    assert_eq!(
+        widened.model().expert_store().unwrap().expert_bytes(),
+        f32_expert
+    );
+    let stored = engine(&dir, budget(u64::MAX, false)).unwrap();
+    assert!(stored.model().expert_store().unwrap().expert_bytes() < f32_expert / 4);
 }
 
 #[test]
