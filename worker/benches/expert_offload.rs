@@ -86,8 +86,15 @@ fn prompt(vocab: usize, salt: u32) -> Vec<u32> {
         .collect()
 }
 
-/// (time to first token in seconds, decode tokens/s at batch 1, hit rate during decode).
-fn run(e: &mut Engine<CpuBackend>, vocab: usize, salt: u32) -> (f64, f64, Option<f64>) {
+/// Decode-time expert cache figures: hit rate, and the share of misses a prefetch had read or
+/// started.
+struct Cache {
+    hit_rate: f64,
+    prefetched: f64,
+}
+
+/// (time to first token in seconds, decode tokens/s at batch 1, the cache during decode).
+fn run(e: &mut Engine<CpuBackend>, vocab: usize, salt: u32) -> (f64, f64, Option<Cache>) {
     let p = prompt(vocab, salt);
     let t = Instant::now();
     let logits = e
@@ -95,9 +102,10 @@ fn run(e: &mut Engine<CpuBackend>, vocab: usize, salt: u32) -> (f64, f64, Option
         .unwrap();
     let ttft = t.elapsed().as_secs_f64();
     let counts = |e: &Engine<CpuBackend>| {
-        e.model()
-            .expert_store()
-            .map(|s| (s.metrics().hits.get(), s.metrics().misses.get()))
+        e.model().expert_store().map(|s| {
+            let m = s.metrics();
+            (m.hits.get(), m.misses.get(), m.prefetch_useful.get())
+        })
     };
     let before = counts(e);
     let mut next = [argmax(&logits[0])];
@@ -110,11 +118,14 @@ fn run(e: &mut Engine<CpuBackend>, vocab: usize, salt: u32) -> (f64, f64, Option
     }
     let decode = DECODE_STEPS as f64 / t.elapsed().as_secs_f64();
     e.release(0);
-    let hit_rate = match (before, counts(e)) {
-        (Some((h0, m0)), Some((h1, m1))) => Some((h1 - h0) as f64 / ((h1 - h0) + (m1 - m0)) as f64),
+    let cache = match (before, counts(e)) {
+        (Some((h0, m0, p0)), Some((h1, m1, p1))) => Some(Cache {
+            hit_rate: (h1 - h0) as f64 / ((h1 - h0) + (m1 - m0)) as f64,
+            prefetched: (p1 - p0) as f64 / (m1 - m0).max(1) as f64,
+        }),
         _ => None,
     };
-    (ttft, decode, hit_rate)
+    (ttft, decode, cache)
 }
 
 fn main() {
@@ -178,10 +189,10 @@ fn main() {
     );
 
     println!();
-    println!("| budget | prefetch | decode tok/s | hit rate |");
-    println!("| --- | --- | --- | --- |");
+    println!("| budget | prefetch | decode tok/s | hit rate | misses a prefetch had read |");
+    println!("| --- | --- | --- | --- | --- |");
     let (_, base, _) = run(&mut engine(dir.path(), None), vocab, 1);
-    println!("| all resident (no --expert-memory) | – | {base:.1} | – |");
+    println!("| all resident (no --expert-memory) | – | {base:.1} | – | – |");
     for (label, num, den) in [
         ("100%", 1, 1),
         ("50%", 1, 2),
@@ -197,12 +208,14 @@ fn main() {
             let mut e = engine(dir.path(), Some(o));
             // The first request fills the cache; the second is measured.
             run(&mut e, vocab, 2);
-            let (_, tps, hit) = run(&mut e, vocab, 1);
+            let (_, tps, cache) = run(&mut e, vocab, 1);
+            let cache = cache.unwrap();
             println!(
-                "| {label} ({:.0} MiB) | {} | {tps:.1} | {:.1}% |",
+                "| {label} ({:.0} MiB) | {} | {tps:.1} | {:.1}% | {:.1}% |",
                 mib(experts * num / den),
                 if prefetch { "on" } else { "off" },
-                100.0 * hit.unwrap()
+                100.0 * cache.hit_rate,
+                100.0 * cache.prefetched
             );
         }
     }
@@ -217,7 +230,7 @@ fn main() {
             stats_file,
         };
         let mut e = engine(dir.path(), Some(o));
-        let (ttft, tps, hit) = run(&mut e, vocab, 1);
+        let (ttft, tps, cache) = run(&mut e, vocab, 1);
         println!(
             "| {label} | {} | {:.0} ms | {tps:.1} | {:.1}% |",
             if label == "cold" {
@@ -226,7 +239,7 @@ fn main() {
                 "hottest by the statistics file"
             },
             1000.0 * ttft,
-            100.0 * hit.unwrap()
+            100.0 * cache.unwrap().hit_rate
         );
     }
 }
