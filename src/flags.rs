@@ -16,6 +16,7 @@ use switchyard_net::etcd::{Credentials, EtcdAccess};
 use switchyard_net::process::EtcdMember;
 use switchyard_net::tls::{self, ClusterFiles, ClusterTls, ServerTls};
 use switchyard_scheduler::SamplingParams;
+use switchyard_worker::offload::Offload;
 use switchyard_worker::{CpuBackend, Device};
 
 use crate::telemetry::LogFormat;
@@ -253,6 +254,37 @@ pub struct EtcdArgs {
     pub etcd_password_file: Option<PathBuf>,
 }
 
+/// Expert offload: how much of the experts a worker keeps resident.
+#[derive(Args, Clone, Default)]
+pub struct OffloadArgs {
+    /// Keep at most this much of the experts resident (e.g. 512MiB, 6GiB) and read the others
+    /// from the checkpoint file when tokens are routed to them. Absent: every expert resident.
+    #[arg(long, value_parser = expert_memory)]
+    pub expert_memory: Option<u64>,
+    /// With --expert-memory: do not read the next layer's likely experts ahead (they are
+    /// guessed by applying its router to the current hidden state).
+    #[arg(long, requires = "expert_memory")]
+    pub no_prefetch: bool,
+    /// With --expert-memory: routing statistics (JSON). Read at load, to keep the hottest
+    /// experts resident before taking traffic; written as tokens are routed and at exit.
+    #[arg(long, requires = "expert_memory")]
+    pub expert_stats: Option<PathBuf>,
+}
+
+fn expert_memory(s: &str) -> Result<u64, String> {
+    switchyard_planner::units::parse_bytes("--expert-memory", s).map_err(|e| e.to_string())
+}
+
+impl OffloadArgs {
+    pub fn offload(&self) -> Option<Offload> {
+        self.expert_memory.map(|budget_bytes| Offload {
+            budget_bytes,
+            prefetch: !self.no_prefetch,
+            stats_file: self.expert_stats.clone(),
+        })
+    }
+}
+
 #[derive(Args)]
 pub struct ServeArgs {
     /// Model directory; without it, a demo tiny-mixtral made once into ~/.cache/switchyard.
@@ -268,6 +300,8 @@ pub struct ServeArgs {
     pub dtype: CpuDtype,
     #[arg(long, default_value = "f32")]
     pub activations: CpuActivations,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
 }
@@ -340,6 +374,8 @@ pub struct WorkerArgs {
     pub dtype: CpuDtype,
     #[arg(long, default_value = "f32")]
     pub activations: CpuActivations,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
     /// Serve Prometheus metrics on this address (`/metrics`).
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
@@ -519,6 +555,8 @@ pub struct GenerateArgs {
     pub dtype: CpuDtype,
     #[arg(long, default_value = "f32")]
     pub activations: CpuActivations,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
 }
 
 /// The sampling flags of `generate`: one mapping to [`SamplingParams`], which the in-process
@@ -763,6 +801,43 @@ mod tests {
             Command::Coordinator(c) => *c,
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn expert_memory_on_generate_serve_and_worker() {
+        let offload = |args: &[&str]| match parse(args).unwrap().command {
+            Command::Generate(a) => a.offload.offload(),
+            Command::Serve(a) => a.offload.offload(),
+            Command::Worker(a) => a.offload.offload(),
+            _ => unreachable!(),
+        };
+        let generate = ["generate", "--model", "m", "--prompt", "x"];
+        assert_eq!(offload(&generate), None);
+        let o = offload(&[&generate[..], &["--expert-memory", "512MiB"]].concat()).unwrap();
+        assert_eq!(
+            (o.budget_bytes, o.prefetch, o.stats_file),
+            (512 << 20, true, None)
+        );
+        let o = offload(&["serve", "--expert-memory", "6GiB", "--no-prefetch"]).unwrap();
+        assert_eq!((o.budget_bytes, o.prefetch), (6 << 30, false));
+        let o = offload(&[
+            "worker",
+            "--expert-memory",
+            "1GB",
+            "--expert-stats",
+            "s.json",
+        ])
+        .unwrap();
+        assert_eq!(o.budget_bytes, 1_000_000_000);
+        assert_eq!(o.stats_file, Some(PathBuf::from("s.json")));
+        // Prefetch and statistics mean nothing without a budget.
+        assert!(parse(&["worker", "--no-prefetch"]).is_err());
+        assert!(parse(&["worker", "--expert-stats", "s.json"]).is_err());
+        let e = parse(&["worker", "--expert-memory", "lots"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("expected a number with a unit"), "{e}");
     }
 
     #[test]

@@ -21,7 +21,9 @@ use switchyard_model::Checkpoint;
 use switchyard_worker::service::{spawn_worker, WorkerService};
 use switchyard_worker::{run as worker, CudaHardware, Device};
 
-use flags::{Cli, Command, CoordinatorArgs, ModelCommand, ServeArgs, ServeDevices, WorkerArgs};
+use flags::{
+    Cli, Command, CoordinatorArgs, ModelCommand, OffloadArgs, ServeArgs, ServeDevices, WorkerArgs,
+};
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -126,7 +128,18 @@ async fn serve(a: ServeArgs) -> Result<()> {
         .with_context(|| format!("--model {}: cannot open it", model.display()))?;
     let (mut workers, mut metrics) = (Vec::new(), Vec::new());
     let any = "127.0.0.1:0".parse()?;
-    for i in 0..a.cluster.grid.cells() {
+    let cells = a.cluster.grid.cells();
+    for i in 0..cells {
+        // Each in-process worker keeps statistics of its own part: `experts.json` becomes
+        // `experts.worker0.json`, `experts.worker1.json`, ...
+        let mut offload = a.offload.clone();
+        if let (Some(file), true) = (&mut offload.expert_stats, cells > 1) {
+            let ext = file.extension().map(|e| e.to_string_lossy().into_owned());
+            *file = file.with_extension(match ext {
+                Some(ext) => format!("worker{i}.{ext}"),
+                None => format!("worker{i}"),
+            });
+        }
         let forever = std::future::pending();
         let gpu = match a.device {
             ServeDevices::Cpu => None,
@@ -136,14 +149,13 @@ async fn serve(a: ServeArgs) -> Result<()> {
         // The in-process workers load this model and nothing else.
         let w = match gpu {
             None => {
-                spawn_worker(
-                    service(a.dtype.backend(a.activations), Some(&model))?,
-                    any,
-                    forever,
-                )
-                .await?
+                let hardware = a.dtype.backend(a.activations);
+                spawn_worker(service(hardware, Some(&model), &offload)?, any, forever).await?
             }
-            Some(n) => spawn_worker(service(open_gpu(n)?, Some(&model))?, any, forever).await?,
+            Some(n) => {
+                let hardware = open_gpu(n)?;
+                spawn_worker(service(hardware, Some(&model), &offload)?, any, forever).await?
+            }
         };
         workers.push(w.address.to_string());
         metrics.push(w.metrics.registry.clone());
@@ -157,22 +169,31 @@ async fn run_worker(a: WorkerArgs) -> Result<()> {
     let options = a.options()?;
     let root = a.model_root.as_deref();
     match a.device {
-        Device::Cpu => worker::run(service(a.dtype.backend(a.activations), root)?, options).await?,
-        Device::Cuda(n) => worker::run(service(open_gpu(n)?, root)?, options).await?,
+        Device::Cpu => {
+            let hardware = a.dtype.backend(a.activations);
+            worker::run(service(hardware, root, &a.offload)?, options).await?
+        }
+        Device::Cuda(n) => worker::run(service(open_gpu(n)?, root, &a.offload)?, options).await?,
     }
     Ok(())
 }
 
-/// A worker's service on `hardware`, loading models only under `model_root` when given.
+/// A worker's service on `hardware`, loading models only under `model_root` when given, with
+/// its experts offloaded when `--expert-memory` is given.
 fn service<H: switchyard_worker::Hardware>(
     hardware: H,
     model_root: Option<&Path>,
+    offload: &OffloadArgs,
 ) -> Result<WorkerService<H>> {
-    match model_root {
-        None => Ok(WorkerService::new(hardware)),
+    let service = match model_root {
+        None => WorkerService::new(hardware),
         Some(root) => WorkerService::with_model_root(hardware, root)
-            .with_context(|| format!("--model-root {}: cannot use it", root.display())),
-    }
+            .with_context(|| format!("--model-root {}: cannot use it", root.display()))?,
+    };
+    Ok(match offload.offload() {
+        Some(o) => service.with_offload(o),
+        None => service,
+    })
 }
 
 async fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
@@ -208,8 +229,15 @@ async fn status(server: &str, access: &switchyard_bench::args::AccessArgs) -> Re
         s.model, s.stages, s.shards, s.placement_epoch, s.queue_depth
     );
     for w in &s.workers {
+        let offload = match w.resident_expert_share > 0.0 {
+            true => format!(
+                ", {:.0}% of its experts resident",
+                100.0 * w.resident_expert_share
+            ),
+            false => String::new(),
+        };
         println!(
-            "  worker ({}, {}) {} {}: layers {}..{}, experts {:?}, {:.1} MiB weights, {:.1} MiB resident, ready {}",
+            "  worker ({}, {}) {} {}: layers {}..{}, experts {:?}, {:.1} MiB weights, {:.1} MiB resident{offload}, ready {}",
             w.stage, w.shard, w.address, w.device, w.layer_start, w.layer_end, w.experts,
             mib(w.weight_bytes), mib(w.resident_bytes), w.ready
         );

@@ -97,6 +97,7 @@ impl InferenceApi {
                 layer_end: cell.subset.layers.end as u32,
                 experts: p.experts[cell.shard].clone(),
                 ready: true,
+                resident_expert_share: cell.resident_expert_share.unwrap_or(0.0),
             })
             .collect();
         let lanes: Vec<pb::LaneStatus> = serving

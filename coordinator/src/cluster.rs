@@ -620,6 +620,7 @@ async fn probe(
                 n => n.into(),
             },
             keeps_stored_weights: reply.keeps_stored_weights,
+            expert_memory: (reply.expert_memory_bytes > 0).then_some(reply.expert_memory_bytes),
         },
         reply,
     ))

@@ -58,6 +58,9 @@ pub struct Inventory {
     pub value_bytes: u64,
     /// Weights stay in the checkpoint's stored type instead (a CPU worker by default).
     pub keeps_stored_weights: bool,
+    /// With expert offload: the most bytes of experts it keeps resident (the rest are read
+    /// from the checkpoint on demand), so a part larger than its memory can fit.
+    pub expert_memory: Option<u64>,
 }
 
 /// One worker's part.
@@ -67,8 +70,11 @@ pub struct Cell {
     pub stage: usize,
     pub shard: usize,
     pub subset: Subset,
+    /// Bytes of the weights it keeps resident (its experts up to its expert memory).
     pub weight_bytes: u64,
     pub kv_bytes: u64,
+    /// With expert offload: the share of its experts' bytes that fits its expert memory.
+    pub resident_expert_share: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -129,9 +135,16 @@ impl fmt::Display for Placement {
             }
             writeln!(
                 f,
-                ", {:.1} MiB weights + {:.1} MiB KV",
+                ", {:.1} MiB weights + {:.1} MiB KV{}",
                 c.weight_bytes as f64 / (1 << 20) as f64,
-                c.kv_bytes as f64 / (1 << 20) as f64
+                c.kv_bytes as f64 / (1 << 20) as f64,
+                match c.resident_expert_share {
+                    Some(s) => format!(
+                        " ({:.0}% of its experts resident, the rest read on demand)",
+                        100.0 * s
+                    ),
+                    None => String::new(),
+                }
             )?;
         }
         Ok(())
@@ -314,10 +327,25 @@ pub fn plan(
         for shard in 0..grid.shards {
             let w = &workers[stage * grid.shards + shard];
             let subset = subset(layers.clone(), shard, stage);
-            let weight_bytes = match w.keeps_stored_weights {
-                true => stored_bytes(&subset),
-                false => config.subset_params(&subset) * w.value_bytes,
+            let bytes_of = |s: &Subset| match w.keeps_stored_weights {
+                true => stored_bytes(s),
+                false => config.subset_params(s) * w.value_bytes,
             };
+            let mut weight_bytes = bytes_of(&subset);
+            // An offloading worker keeps its experts only up to its expert memory.
+            let mut resident_expert_share = None;
+            if let (Some(budget), Some(_)) = (w.expert_memory, config.moe) {
+                let rest = bytes_of(&Subset {
+                    experts: Some(Default::default()),
+                    ..subset.clone()
+                });
+                let experts = weight_bytes - rest;
+                if experts > 0 {
+                    let kept = experts.min(budget);
+                    resident_expert_share = Some(kept as f64 / experts as f64);
+                    weight_bytes = rest + kept;
+                }
+            }
             let kv_bytes = kv_blocks as u64 * kv_block(layers.len(), w.value_bytes);
             let needed = weight_bytes + kv_bytes;
             if needed > w.available_bytes {
@@ -339,6 +367,7 @@ pub fn plan(
                 subset,
                 weight_bytes,
                 kv_bytes,
+                resident_expert_share,
             });
         }
     }
@@ -404,6 +433,7 @@ mod tests {
                 available_bytes: available,
                 value_bytes: 4,
                 keeps_stored_weights: false,
+                expert_memory: None,
             })
             .collect()
     }
@@ -471,6 +501,39 @@ mod tests {
             head: false,
         }) * 4;
         assert!(a.abs_diff(b) <= layer, "{a} vs {b}, one layer {layer}");
+    }
+
+    #[test]
+    fn a_worker_smaller_than_its_part_fits_with_expert_offload() {
+        let c = preset("small-mixtral").unwrap();
+        let bytes = |s: &Subset| c.subset_params(s) * 4;
+        let all = Subset::all(&c);
+        let rest = bytes(&Subset {
+            experts: Some(Default::default()),
+            ..all.clone()
+        });
+        let experts = bytes(&all) - rest;
+        let kv = PlanOptions::default().kv_bytes_per_worker;
+        // Room for the other weights, a quarter of the experts and the KV cache.
+        let mut w = workers(1, rest + experts / 4 + kv);
+        let grid = "1x1".parse().unwrap();
+        let refused = plan(&c, &bytes, grid, &w, PlanOptions::default(), 1).unwrap_err();
+        assert!(matches!(refused, PlanError::DoesNotFit { .. }), "{refused}");
+        w[0].expert_memory = Some(experts / 4);
+        let p = plan(&c, &bytes, grid, &w, PlanOptions::default(), 1).unwrap();
+        assert_eq!(p.cells[0].weight_bytes, rest + experts / 4);
+        let share = p.cells[0].resident_expert_share.unwrap();
+        assert!((share - 0.25).abs() < 1e-9, "{share}");
+        assert!(
+            p.to_string().contains("(25% of its experts resident"),
+            "{p}"
+        );
+        // A budget over the part's experts keeps them all, and counts only what they take.
+        w[0].expert_memory = Some(experts * 2);
+        w[0].available_bytes = bytes(&all) + kv;
+        let p = plan(&c, &bytes, grid, &w, PlanOptions::default(), 1).unwrap();
+        assert_eq!(p.cells[0].weight_bytes, bytes(&all));
+        assert_eq!(p.cells[0].resident_expert_share, Some(1.0));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! llama.cpp's (see [`crate::gguf_model`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::{ConfigError, ModelConfig};
@@ -56,6 +58,23 @@ pub enum CheckpointError {
     Dtype { name: String, found: String },
     #[error("tensor {name}: {problem}")]
     Layout { name: String, problem: String },
+    #[error(
+        "tensor {name}: {path} is {len} bytes now; the tensor lies at bytes {start}..{end} \
+         (was the file truncated or replaced while in use?)"
+    )]
+    Truncated {
+        name: String,
+        path: PathBuf,
+        len: u64,
+        start: usize,
+        end: usize,
+    },
+    #[error("tensor {name}: cannot read {path}: {source}")]
+    ReadTensor {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("tensor {name} holds {value} at element {index}; expected finite weights")]
     NotFinite {
         name: String,
@@ -102,8 +121,137 @@ struct Located {
     rows: usize,
     cols: usize,
     bytes: WeightBytes,
+    /// The file the bytes are in, and where (absolute offsets).
+    file: PathBuf,
+    range: Range<usize>,
     /// Rows to reorder (a GGUF Q/K projection): the head count.
     rope_heads: Option<usize>,
+}
+
+/// Where one tensor lies in its file, found from the headers: read with `pread` into owned
+/// memory, never through the file's map. Expert offload reads the experts it does not keep
+/// this way on demand, so a file truncated or removed while being served is an error on that
+/// read instead of a SIGBUS, and bytes never read stay out of the process's memory.
+#[derive(Debug, Clone)]
+pub struct TensorOnDisk {
+    name: String,
+    path: PathBuf,
+    range: Range<usize>,
+    ty: WeightType,
+    rows: usize,
+    cols: usize,
+    rope_heads: Option<usize>,
+}
+
+impl TensorOnDisk {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn ty(&self) -> WeightType {
+        self.ty
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bytes the tensor takes in the file.
+    pub fn len(&self) -> usize {
+        self.range.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.range.is_empty()
+    }
+
+    /// [`TensorOnDisk::read`], then every value checked to be finite (as [`Checkpoint::read`]
+    /// checks them): for the first read of a tensor.
+    pub fn read_checked(&self) -> Result<HostWeight, CheckpointError> {
+        finite(&self.name, self.read()?)
+    }
+
+    /// Opens the file again (so a file removed since is an error, not a read of the old one)
+    /// and reads the tensor's bytes into an owned buffer. Values are not checked: the caller
+    /// checked them on the first read ([`TensorOnDisk::read_checked`]).
+    pub fn read(&self) -> Result<HostWeight, CheckpointError> {
+        let io = |source| CheckpointError::ReadTensor {
+            name: self.name.clone(),
+            path: self.path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&self.path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        if len < self.range.end as u64 {
+            return Err(CheckpointError::Truncated {
+                name: self.name.clone(),
+                path: self.path.clone(),
+                len,
+                start: self.range.start,
+                end: self.range.end,
+            });
+        }
+        // An anonymous map rather than the heap: a worker reads and drops experts all the
+        // time, and a map's pages go back to the system when it is dropped, where freed heap
+        // blocks between live ones would stay resident.
+        let bytes = match self.range.len() {
+            0 => WeightBytes::from(Vec::new()),
+            len => {
+                let mut buf = memmap2::MmapMut::map_anon(len).map_err(io)?;
+                file.read_exact_at(&mut buf, self.range.start as u64)
+                    .map_err(io)?;
+                WeightBytes::Mapped {
+                    map: std::sync::Arc::new(buf.make_read_only().map_err(io)?),
+                    range: 0..len,
+                }
+            }
+        };
+        finish(
+            &self.name,
+            self.ty,
+            self.rows,
+            self.cols,
+            bytes,
+            self.rope_heads,
+        )
+    }
+}
+
+/// A tensor's bytes as a [`HostWeight`], its rows put back in Hugging Face order when it is a
+/// GGUF Q/K projection (a copy).
+fn finish(
+    name: &str,
+    ty: WeightType,
+    rows: usize,
+    cols: usize,
+    bytes: WeightBytes,
+    rope_heads: Option<usize>,
+) -> Result<HostWeight, CheckpointError> {
+    let layout = |problem: String| CheckpointError::Layout {
+        name: name.to_string(),
+        problem,
+    };
+    let mut weight = HostWeight::new(ty, rows, cols, bytes).map_err(|e| layout(e.to_string()))?;
+    if let Some(heads) = rope_heads {
+        let order = unpermute_qk_order(rows, heads).ok_or_else(|| {
+            layout(format!(
+                "{rows} rows do not split into {heads} heads of an even size"
+            ))
+        })?;
+        weight = weight.permute_rows(&order);
+    }
+    Ok(weight)
+}
+
+/// `weight` if every value is finite.
+fn finite(name: &str, weight: HostWeight) -> Result<HostWeight, CheckpointError> {
+    match weight.first_non_finite() {
+        None => Ok(weight),
+        Some((index, value)) => Err(CheckpointError::NotFinite {
+            name: name.to_string(),
+            index,
+            value,
+        }),
+    }
 }
 
 impl Checkpoint {
@@ -316,6 +464,8 @@ impl Checkpoint {
                     rows,
                     cols,
                     bytes: file.weight_bytes(info),
+                    range: file.range(info),
+                    file: file.path().to_path_buf(),
                     rope_heads: None,
                 })
             }
@@ -360,7 +510,9 @@ impl Checkpoint {
                     ty: info.ty,
                     rows,
                     cols,
-                    bytes: f.weight_bytes(range),
+                    bytes: f.weight_bytes(range.clone()),
+                    file: f.path().to_path_buf(),
+                    range,
                     rope_heads: loc.rope_heads,
                 })
             }
@@ -372,34 +524,39 @@ impl Checkpoint {
     /// except a GGUF file's Q and K projections, whose rows are put back in Hugging Face order
     /// (a copy).
     pub fn read(&self, name: &str, shape: &[usize]) -> Result<HostWeight, CheckpointError> {
-        let spec = TensorSpec {
+        let at = self.check(&TensorSpec {
             name: name.to_string(),
             shape: shape.to_vec(),
-        };
-        let at = self.check(&spec)?;
-        let layout = |problem: String| CheckpointError::Layout {
+        })?;
+        finite(
+            name,
+            finish(name, at.ty, at.rows, at.cols, at.bytes, at.rope_heads)?,
+        )
+    }
+
+    /// Where one tensor lies in its file, checked against `shape` (`[cols]` or `[rows,
+    /// cols]`); reads headers only.
+    pub fn on_disk(&self, name: &str, shape: &[usize]) -> Result<TensorOnDisk, CheckpointError> {
+        let at = self.check(&TensorSpec {
             name: name.to_string(),
-            problem,
-        };
-        let mut weight = HostWeight::new(at.ty, at.rows, at.cols, at.bytes)
-            .map_err(|e| layout(e.to_string()))?;
-        if let Some(heads) = at.rope_heads {
-            let order = unpermute_qk_order(at.rows, heads).ok_or_else(|| {
-                layout(format!(
-                    "{} rows do not split into {heads} heads of an even size",
-                    at.rows
-                ))
-            })?;
-            weight = weight.permute_rows(&order);
-        }
-        match weight.first_non_finite() {
-            None => Ok(weight),
-            Some((index, value)) => Err(CheckpointError::NotFinite {
-                name: name.to_string(),
-                index,
-                value,
-            }),
-        }
+            shape: shape.to_vec(),
+        })?;
+        Ok(TensorOnDisk {
+            name: name.to_string(),
+            path: at.file,
+            range: at.range,
+            ty: at.ty,
+            rows: at.rows,
+            cols: at.cols,
+            rope_heads: at.rope_heads,
+        })
+    }
+
+    /// [`Checkpoint::read`] into owned memory with `pread`, without touching the file's map:
+    /// what a worker that offloads experts keeps, so that no weight it uses lives in a map a
+    /// truncated file would turn into a SIGBUS.
+    pub fn read_owned(&self, name: &str, shape: &[usize]) -> Result<HostWeight, CheckpointError> {
+        self.on_disk(name, shape)?.read_checked()
     }
 
     /// Reads one tensor as f32, checking it against `shape` first.

@@ -22,7 +22,7 @@ pub mod upcycle;
 pub mod weights;
 
 pub use chat::ChatMessage;
-pub use checkpoint::{Checkpoint, CheckpointError};
+pub use checkpoint::{Checkpoint, CheckpointError, TensorOnDisk};
 pub use config::{Arch, ConfigError, ModelConfig, MoeConfig};
 pub use gguf_vocab::GgufVocab;
 pub use quant::{HostWeight, WeightBytes, WeightError, WeightType};

@@ -155,8 +155,13 @@ impl SafetensorsFile {
     pub fn weight_bytes(&self, info: &TensorInfo) -> crate::quant::WeightBytes {
         crate::quant::WeightBytes::Mapped {
             map: self.mmap.clone(),
-            range: self.data_start + info.begin..self.data_start + info.end,
+            range: self.range(info),
         }
+    }
+
+    /// Where a tensor's bytes lie in the file (absolute offsets).
+    pub fn range(&self, info: &TensorInfo) -> std::ops::Range<usize> {
+        self.data_start + info.begin..self.data_start + info.end
     }
 }
 

@@ -60,6 +60,7 @@ pub fn place(
             available_bytes: available,
             value_bytes: worker.value_bytes,
             keeps_stored_weights: worker.keeps_stored_weights,
+            expert_memory: None,
         })
         .collect();
     placement::plan(

@@ -70,6 +70,10 @@ pub trait Backend: Send + Sync {
     /// it has kernels for that type, and converts it otherwise.
     fn weight(&self, w: HostWeight) -> Result<Self::Weight, BackendError>;
 
+    /// The type a matrix stored as `stored` is kept in by [`Backend::weight`] (what it costs
+    /// in memory; the expert cache budgets with it).
+    fn kept_type(&self, stored: WeightType) -> WeightType;
+
     /// [`Backend::weight`] of an f32 matrix `[rows, cols]`.
     fn weight_f32(
         &self,

@@ -333,10 +333,7 @@ impl Hardware for CpuBackend {
     }
 
     fn weight_type(&self, stored: WeightType) -> WeightType {
-        match self.widen {
-            true => WeightType::F32,
-            false => stored,
-        }
+        self.kept_type(stored)
     }
 
     fn backend(&self, _: &ModelConfig) -> Result<CpuBackend, BackendError> {
@@ -352,6 +349,13 @@ impl Backend for CpuBackend {
 
     /// Vectors (norm weights) and f32 matrices become f32; other matrices stay as stored
     /// unless this backend widens everything.
+    fn kept_type(&self, stored: WeightType) -> WeightType {
+        match self.widen {
+            true => WeightType::F32,
+            false => stored,
+        }
+    }
+
     fn weight(&self, w: HostWeight) -> Result<CpuWeight, BackendError> {
         if self.widen || w.rows() == 1 || w.ty() == WeightType::F32 {
             let (rows, cols) = (w.rows(), w.cols());

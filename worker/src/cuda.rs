@@ -450,6 +450,10 @@ impl Backend for CudaBackend {
 
     /// Every stored type is widened on the host and kept as bf16 (the dequantizing GEMV
     /// kernels are not wired in yet).
+    fn kept_type(&self, _: WeightType) -> WeightType {
+        WeightType::BF16
+    }
+
     fn weight(&self, w: HostWeight) -> Result<CudaWeight, BackendError> {
         Ok(CudaWeight {
             data: self.upload(&to_bf16_bits(&w.to_f32()))?,

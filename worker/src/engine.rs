@@ -11,6 +11,8 @@ use tracing::info_span;
 
 use crate::backend::Backend;
 use crate::model::{Model, ModelError};
+use crate::offload::{ExpertCacheMetrics, Offload};
+use switchyard_metrics::Registry;
 use switchyard_scheduler::kv_blocks::{BlockAllocator, SeqId};
 use switchyard_scheduler::step::{sample_step, LogitsWanted, SeqInput};
 use switchyard_scheduler::Completion;
@@ -49,6 +51,8 @@ pub struct EngineConfig {
     pub max_step_tokens: usize,
     /// Most sequences running at once.
     pub max_running: usize,
+    /// Keep only this many bytes of experts resident and read the others on demand.
+    pub offload: Option<Offload>,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +62,7 @@ impl Default for EngineConfig {
             kv_cache_bytes: 512 << 20,
             max_step_tokens: 512,
             max_running: 64,
+            offload: None,
         }
     }
 }
@@ -75,7 +80,14 @@ impl<B: Backend> Engine<B> {
     /// Loads a whole model directory onto `backend`.
     pub fn load(backend: B, dir: &Path, config: EngineConfig) -> Result<Self, EngineError> {
         let checkpoint = Checkpoint::open(dir).map_err(ModelError::from)?;
-        let model = Model::load(&backend, &checkpoint, &Subset::all(checkpoint.config()))?;
+        let subset = Subset::all(checkpoint.config());
+        let model = match &config.offload {
+            None => Model::load(&backend, &checkpoint, &subset)?,
+            Some(o) => {
+                let metrics = ExpertCacheMetrics::register(&Registry::default());
+                Model::load_offloaded(&backend, &checkpoint, &subset, o, metrics)?
+            }
+        };
         let tokenizer = Tokenizer::for_checkpoint(&checkpoint)?.map(Arc::new);
         Self::new(backend, model, tokenizer, config)
     }

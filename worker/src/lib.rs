@@ -17,6 +17,7 @@ pub mod matmul;
 mod message_limit;
 pub mod metrics;
 pub mod model;
+pub mod offload;
 pub mod registration;
 pub mod run;
 pub mod service;

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use switchyard_metrics::{Counter, Family, Gauge, Histogram, Registry, LATENCY_BUCKETS};
 
+use crate::offload::ExpertCacheMetrics;
+
 pub struct WorkerMetrics {
     pub registry: Arc<Registry>,
     pub steps: Arc<Counter>,
@@ -21,8 +23,12 @@ pub struct WorkerMetrics {
     pub expert_tokens_served: Arc<Counter>,
     /// Tokens the router sent to each expert, by global layer and expert id.
     pub routed: Arc<Family<Counter>>,
+    /// 1 when this worker holds a loaded part and can run steps; 0 again when a step could
+    /// not read an offloaded expert from its checkpoint file.
     pub ready: Arc<Gauge>,
     pub epoch: Arc<Gauge>,
+    /// The expert cache, with `--expert-memory`.
+    pub expert_cache: ExpertCacheMetrics,
 }
 
 impl Default for WorkerMetrics {
@@ -99,6 +105,7 @@ impl Default for WorkerMetrics {
                     &[],
                 )
                 .with(&[]),
+            expert_cache: ExpertCacheMetrics::register(&r),
             registry: Arc::new(r),
         }
     }

@@ -9,6 +9,9 @@ use switchyard_model::{Checkpoint, CheckpointError, ModelConfig, Subset};
 
 use crate::backend::{Backend, BackendError, FfnWeights, Qkv, Routes};
 use crate::batch::AttentionBatch;
+use crate::offload::{
+    most_routed, ExpertCacheMetrics, ExpertOnDisk, ExpertStore, Offload, OffloadError,
+};
 use switchyard_scheduler::step::{LogitsWanted, SeqInput};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +24,8 @@ pub enum ModelError {
     MissingPart(&'static str),
     #[error("layer {layer}: tokens are routed to expert {expert}, which this worker does not hold and no exchange reaches")]
     ExpertNotHere { layer: usize, expert: u32 },
+    #[error(transparent)]
+    Offload(#[from] OffloadError),
     /// The exchange failed; its own error (e.g. a peer's gRPC status) is the source.
     #[error("expert exchange: {0}")]
     Exchange(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -64,7 +69,8 @@ enum Ffn<W> {
     Dense(FfnWeights<W>),
     Moe {
         router: W,
-        /// The experts this part holds, by expert id.
+        /// The experts this part holds, by expert id; empty when they are in the
+        /// [`Model`]'s expert store.
         experts: Vec<(u32, FfnWeights<W>)>,
     },
 }
@@ -93,6 +99,9 @@ pub struct Model<B: Backend> {
     layers: Vec<Layer<B::Weight>>,
     head: Option<(B::Weight, LmHead<B::Weight>)>,
     route_observer: Option<RouteObserver>,
+    /// With expert offload: every expert of the part, some resident, the others read on
+    /// demand.
+    store: Option<ExpertStore<B::Weight>>,
 }
 
 /// Told, at every MoE layer of a step, the global layer index and the top-k expert ids of
@@ -102,12 +111,73 @@ pub type RouteObserver = std::sync::Arc<dyn Fn(usize, &[u32]) + Send + Sync>;
 impl<B: Backend> Model<B> {
     /// Validates every tensor `subset` needs, then loads them (only their bytes are read).
     pub fn load(backend: &B, checkpoint: &Checkpoint, subset: &Subset) -> Result<Self, ModelError> {
+        Self::load_with(backend, checkpoint, subset, None)
+    }
+
+    /// [`Model::load`] with `offload`'s budget for experts: every weight is read into owned
+    /// memory (none stays in the file's map), the experts that fit the budget are kept and
+    /// the others are read again when tokens are routed to them. A dense model has no experts
+    /// to offload and loads as [`Model::load`] does, into owned memory.
+    pub fn load_offloaded(
+        backend: &B,
+        checkpoint: &Checkpoint,
+        subset: &Subset,
+        offload: &Offload,
+        metrics: ExpertCacheMetrics,
+    ) -> Result<Self, ModelError> {
+        Self::load_with(backend, checkpoint, subset, Some((offload, metrics)))
+    }
+
+    fn load_with(
+        backend: &B,
+        checkpoint: &Checkpoint,
+        subset: &Subset,
+        offload: Option<(&Offload, ExpertCacheMetrics)>,
+    ) -> Result<Self, ModelError> {
         checkpoint.validate(subset)?;
         let c = checkpoint.config().clone();
         let (h, i) = (c.hidden_size, c.intermediate_size);
+        let owned = offload.is_some();
+        let shape = |rows: usize, cols: usize| -> Vec<usize> {
+            if rows == 1 {
+                vec![cols]
+            } else {
+                vec![rows, cols]
+            }
+        };
         let load = |name: &str, rows: usize, cols: usize| -> Result<B::Weight, ModelError> {
-            let shape: &[usize] = if rows == 1 { &[cols] } else { &[rows, cols] };
-            Ok(backend.weight(checkpoint.read(name, shape)?)?)
+            let shape = shape(rows, cols);
+            let w = match owned {
+                true => checkpoint.read_owned(name, &shape)?,
+                false => checkpoint.read(name, &shape)?,
+            };
+            Ok(backend.weight(w)?)
+        };
+        // The expert store first: a budget under one expert is refused before anything loads.
+        let store = match (offload, c.moe) {
+            (Some((o, metrics)), Some(moe)) => {
+                let mut on_disk: Vec<Vec<Option<ExpertOnDisk>>> = Vec::new();
+                for l in subset.layers.clone() {
+                    let n = LayerNames::new(l);
+                    on_disk.push(
+                        (0..moe.num_experts)
+                            .map(|e| {
+                                if !subset.has_expert(e) {
+                                    return Ok(None);
+                                }
+                                Ok(Some(ExpertOnDisk {
+                                    gate: checkpoint.on_disk(&n.expert(e, "w1"), &[i, h])?,
+                                    up: checkpoint.on_disk(&n.expert(e, "w3"), &[i, h])?,
+                                    down: checkpoint.on_disk(&n.expert(e, "w2"), &[h, i])?,
+                                }))
+                            })
+                            .collect::<Result<_, ModelError>>()?,
+                    );
+                }
+                let first = subset.layers.start;
+                Some(ExpertStore::new(backend, first, on_disk, o, metrics)?)
+            }
+            _ => None,
         };
         let ffn =
             |gate: String, up: String, down: String| -> Result<FfnWeights<B::Weight>, ModelError> {
@@ -126,6 +196,10 @@ impl<B: Backend> Model<B> {
         for l in subset.layers.clone() {
             let n = LayerNames::new(l);
             let ffn = match c.moe {
+                Some(moe) if store.is_some() => Ffn::Moe {
+                    router: load(&n.router(), moe.num_experts, h)?,
+                    experts: Vec::new(),
+                },
                 Some(moe) => Ffn::Moe {
                     router: load(&n.router(), moe.num_experts, h)?,
                     experts: (0..moe.num_experts)
@@ -172,7 +246,41 @@ impl<B: Backend> Model<B> {
             layers,
             head,
             route_observer: None,
+            store,
         })
+    }
+
+    /// The expert store, when experts are offloaded.
+    pub fn expert_store(&self) -> Option<&ExpertStore<B::Weight>> {
+        self.store.as_ref()
+    }
+
+    /// `residual += Σ weight · expert(x)` over the experts of local layer `local` this part
+    /// holds that `routes` names, in ascending expert id (resident or read from the store);
+    /// `next` is the next layer's likely experts, for the store to prefetch.
+    fn run_held_experts(
+        &self,
+        backend: &B,
+        local: usize,
+        x: &B::Tensor,
+        routes: &Routes,
+        residual: &mut B::Tensor,
+        next: Option<(usize, &[u32])>,
+    ) -> Result<(), ModelError> {
+        let Ffn::Moe { experts, .. } = &self.layers[local].ffn else {
+            return Err(ModelError::MissingPart("has no experts in that layer"));
+        };
+        match &self.store {
+            None => {
+                let held: Vec<(u32, &FfnWeights<B::Weight>)> =
+                    experts.iter().map(|(e, w)| (*e, w)).collect();
+                Ok(backend.experts_ffn_add(x, routes, &held, residual)?)
+            }
+            // One expert at a time in ascending id: the order the resident path adds them in.
+            Some(store) => store.run_layer(backend, local, &routes.experts, next, |e, w| {
+                Ok(backend.experts_ffn_add(x, routes, &[(e, w)], residual)?)
+            }),
+        }
     }
 
     pub fn observe_routes(&mut self, observer: RouteObserver) {
@@ -211,12 +319,7 @@ impl<B: Backend> Model<B> {
             .checked_sub(self.subset.layers.start)
             .filter(|l| *l < self.layers.len())
             .ok_or(ModelError::MissingPart("does not hold that layer"))?;
-        let Ffn::Moe { experts, .. } = &self.layers[local].ffn else {
-            return Err(ModelError::MissingPart("has no experts in that layer"));
-        };
-        let held: Vec<(u32, &FfnWeights<B::Weight>)> =
-            experts.iter().map(|(e, w)| (*e, w)).collect();
-        Ok(backend.experts_ffn_add(x, routes, &held, residual)?)
+        self.run_held_experts(backend, local, x, routes, residual, None)
     }
 
     /// Runs one step of a whole model: token ids in, the logits each sequence asked for out
@@ -275,7 +378,7 @@ impl<B: Backend> Model<B> {
             let x = backend.rms_norm(hidden, &layer.post_norm, eps)?;
             match &layer.ffn {
                 Ffn::Dense(w) => backend.mlp_add(&x, w, hidden)?,
-                Ffn::Moe { router, experts } => {
+                Ffn::Moe { router, .. } => {
                     let top_k = c.moe.expect("MoE layer of a MoE config").top_k;
                     let routes = backend.router_topk(&x, router, top_k)?;
                     let global = self.subset.layers.start + local;
@@ -285,7 +388,7 @@ impl<B: Backend> Model<B> {
                     let remote = routes
                         .experts
                         .iter()
-                        .find(|e| !experts.iter().any(|(have, _)| have == *e));
+                        .find(|e| !self.subset.has_expert(**e as usize));
                     let pending = match (remote, exchange) {
                         (None, _) => None,
                         (Some(&expert), None) => {
@@ -296,9 +399,20 @@ impl<B: Backend> Model<B> {
                         }
                         (Some(_), Some(ex)) => Some(ex.dispatch(backend, global, &x, &routes)?),
                     };
-                    let held: Vec<(u32, &FfnWeights<B::Weight>)> =
-                        experts.iter().map(|(e, w)| (*e, w)).collect();
-                    backend.experts_ffn_add(&x, &routes, &held, hidden)?;
+                    // The next layer's router on this hidden state: its likely experts, read
+                    // while this layer's experts compute.
+                    let guess = match (&self.store, self.layers.get(local + 1)) {
+                        (Some(store), Some(next)) if store.prefetches() => match &next.ffn {
+                            Ffn::Moe { router, .. } => {
+                                let guess = backend.router_topk(&x, router, top_k)?;
+                                Some(most_routed(&guess.experts, top_k))
+                            }
+                            Ffn::Dense(_) => None,
+                        },
+                        _ => None,
+                    };
+                    let next = guess.as_deref().map(|g| (local + 1, g));
+                    self.run_held_experts(backend, local, &x, &routes, hidden, next)?;
                     if let Some(p) = pending {
                         backend.add(&p.wait(backend)?, hidden)?;
                     }

@@ -42,6 +42,7 @@ use crate::exchange::GrpcExchange;
 use crate::message_limit::MessageLimit;
 use crate::metrics::WorkerMetrics;
 use crate::model::{ExpertExchange, Model, ModelError};
+use crate::offload::{Offload, OffloadError};
 use switchyard_net::grpc::{channel, worker_client, MAX_MESSAGE_BYTES};
 use switchyard_net::tls;
 use switchyard_net::{trace_context, wire};
@@ -84,6 +85,8 @@ struct WorkerState<H: Hardware> {
     assigning: tokio::sync::Mutex<()>,
     /// The largest `Step` / `RunExperts` message the part held takes.
     data_limit: Arc<AtomicUsize>,
+    /// `--expert-memory`: parts load with their experts offloaded to this budget.
+    offload: std::sync::OnceLock<Offload>,
 }
 
 #[derive(Default)]
@@ -191,7 +194,15 @@ impl<H: Hardware> WorkerService<H> {
             model_root,
             assigning: tokio::sync::Mutex::new(()),
             data_limit: Arc::new(AtomicUsize::new(CONTROL_MESSAGE_BYTES)),
+            offload: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Parts this worker loads keep `offload.budget_bytes` of experts resident and read the
+    /// others from the checkpoint on demand (`--expert-memory`).
+    pub fn with_offload(self, offload: Offload) -> Self {
+        let _ = self.0.offload.set(offload);
+        self
     }
 
     /// What this worker measures, for `/metrics`.
@@ -291,9 +302,21 @@ impl<H: Hardware> WorkerState<H> {
                     .map_err(|e| invalid(format!("worker address {addr:?}: {e}")))?;
             }
         }
-        let weight_bytes = checkpoint
-            .subset_bytes(&subset, |t| self.hardware.weight_type(t))
+        let kept = |t| self.hardware.weight_type(t);
+        let mut weight_bytes = checkpoint
+            .subset_bytes(&subset, kept)
             .map_err(|e| invalid(e.to_string()))?;
+        if let Some(o) = self.offload.get() {
+            // Offloaded experts count only up to the budget.
+            let without_experts = Subset {
+                experts: Some(Default::default()),
+                ..subset.clone()
+            };
+            let rest = checkpoint
+                .subset_bytes(&without_experts, kept)
+                .map_err(|e| invalid(e.to_string()))?;
+            weight_bytes = rest + (weight_bytes - rest).min(o.budget_bytes);
+        }
         Ok(Prepared {
             checkpoint,
             subset,
@@ -322,11 +345,25 @@ impl<H: Hardware> WorkerState<H> {
                         self.hardware.describe()
                     ))
                 })?;
-                let mut m = Model::load(&backend, &p.checkpoint, &p.subset)
-                    .map_err(|e| invalid(e.to_string()))?;
+                let mut m = match self.offload.get() {
+                    None => Model::load(&backend, &p.checkpoint, &p.subset),
+                    Some(o) => Model::load_offloaded(
+                        &backend,
+                        &p.checkpoint,
+                        &p.subset,
+                        o,
+                        self.metrics.expert_cache.clone(),
+                    ),
+                }
+                .map_err(|e| invalid(e.to_string()))?;
                 let metrics = self.metrics.clone();
+                // Without offload every expert is resident: each use is a hit.
+                let all_resident = self.offload.get().is_none().then(|| p.subset.clone());
                 m.observe_routes(Arc::new(move |layer, experts| {
-                    metrics.count_routes(layer, experts)
+                    metrics.count_routes(layer, experts);
+                    if let Some(held) = &all_resident {
+                        metrics.expert_cache.count_resident_uses(held, experts);
+                    }
                 }));
                 (Arc::new(backend), Arc::new(m))
             }
@@ -378,12 +415,34 @@ impl<H: Hardware> WorkerState<H> {
         })
     }
 
+    /// A step or exchange that could not read an offloaded expert from the checkpoint file
+    /// (truncated, removed) leaves the worker not ready: its part can fail any step.
+    fn check_health(&self, status: &Status) {
+        if status.message().starts_with(EXPERT_READ_FAILED) {
+            self.metrics.ready.set(0.0);
+            tracing::error!(problem = status.message(), "worker marked not ready");
+        }
+    }
+
     /// Holds `part` from now on, and sizes the data messages it takes.
     fn hold(&self, part: Part<H::Backend>) {
         self.data_limit
             .store(part.limits.max_message_bytes(), Ordering::SeqCst);
         self.metrics.ready.set(1.0);
         *self.part.write().expect("not poisoned") = Some(Arc::new(part));
+    }
+}
+
+/// How a step's status begins when an offloaded expert could not be read.
+const EXPERT_READ_FAILED: &str = "cannot read an offloaded expert";
+
+/// A model error as a step's status; an expert read that failed is named as such.
+fn model_failed(e: ModelError) -> Status {
+    match e {
+        ModelError::Offload(e @ OffloadError::Read { .. }) => {
+            Status::unavailable(format!("{EXPERT_READ_FAILED}: {e}"))
+        }
+        e => Status::internal(e.to_string()),
     }
 }
 
@@ -416,7 +475,7 @@ fn run_step<B: Backend>(part: &Part<B>, request: &pb::StepRequest) -> Result<Sta
     let inputs: Vec<SeqInput> = work.iter().map(|w| w.input.clone()).collect();
     let model = &part.model;
     let c = model.config();
-    let failed = |e: ModelError| Status::internal(e.to_string());
+    let failed = model_failed;
     let mut hidden = match &request.hidden {
         None => {
             let ids: Vec<u32> = inputs.iter().flat_map(|s| s.tokens.clone()).collect();
@@ -488,6 +547,7 @@ where
             value_bytes: H::Backend::VALUE_BYTES as u32,
             // Hardware that keeps the densest block type as it is keeps every stored type.
             keeps_stored_weights: self.0.hardware.weight_type(WeightType::Q4_K) == WeightType::Q4_K,
+            expert_memory_bytes: self.0.offload.get().map_or(0, |o| o.budget_bytes),
         }))
     }
 
@@ -615,7 +675,7 @@ where
         m.steps.inc();
         m.step_tokens.add(tokens);
         m.step_seconds.observe(started.elapsed().as_secs_f64());
-        match out? {
+        match out.inspect_err(|s| self.0.check_health(s))? {
             StageOutput::Done(done) => Ok(Response::new(done)),
             StageOutput::Forward(hidden) => {
                 let mut next = part
@@ -672,7 +732,7 @@ where
                 experts: b.experts,
                 weights: b.weights,
             };
-            let failed = |e: ModelError| Status::internal(e.to_string());
+            let failed = model_failed;
             let x = backend
                 .tensor(data, rows, cols)
                 .map_err(|e| failed(e.into()))?;
@@ -687,7 +747,8 @@ where
             Ok(wire::tensor(&y, rows, cols))
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))??;
+        .map_err(|e| Status::internal(e.to_string()))?
+        .inspect_err(|s| self.0.check_health(s))?;
         Ok(Response::new(pb::ExpertOutput { y: Some(y) }))
     }
 

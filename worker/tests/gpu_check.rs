@@ -17,7 +17,7 @@ use switchyard_kernels::geometry::MOE_TILE_ROWS;
 use switchyard_kernels::routing::sort_by_expert;
 use switchyard_model::rng::Rng;
 use switchyard_model::safetensors::Dtype;
-use switchyard_model::{init, HostWeight, ModelConfig};
+use switchyard_model::{init, HostWeight, ModelConfig, WeightType};
 use switchyard_scheduler::kv_blocks::FREED;
 use switchyard_scheduler::sampling::argmax;
 use switchyard_scheduler::step::{LogitsWanted, SeqInput};
@@ -807,6 +807,9 @@ impl<B: Backend> Backend for Recording<B> {
 
     fn weight(&self, w: HostWeight) -> Result<B::Weight, BackendError> {
         self.inner.weight(w)
+    }
+    fn kept_type(&self, stored: WeightType) -> WeightType {
+        self.inner.kept_type(stored)
     }
     fn tensor(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<B::Tensor, BackendError> {
         self.inner.tensor(data, rows, cols)

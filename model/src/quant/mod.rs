@@ -158,7 +158,8 @@ impl From<crate::safetensors::Dtype> for WeightType {
     }
 }
 
-/// A weight's bytes: owned, or a range of a memory-mapped file (shared, never copied).
+/// A weight's bytes: owned, or a range of a memory map (shared, never copied): of a file, or
+/// an anonymous one the bytes were read into.
 #[derive(Clone)]
 pub enum WeightBytes {
     Owned(Arc<[u8]>),
