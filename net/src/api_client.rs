@@ -164,7 +164,11 @@ impl ApiAccess {
     ) -> Result<ApiInferenceClient, AccessError> {
         let (endpoint, tls, bearer) = self.prepare(address)?;
         let channel = match tls {
-            Some(c) => endpoint.connect_with_connector(crate::tls::Connector(c)).await,
+            Some(c) => {
+                endpoint
+                    .connect_with_connector(crate::tls::Connector(c))
+                    .await
+            }
             None => endpoint.connect().await,
         }
         .map_err(|e| AccessError::Connect {
