@@ -32,6 +32,7 @@ pub fn local(a: GenerateArgs) -> Result<()> {
 fn generate_on<B: Backend>(backend: B, a: GenerateArgs) -> Result<()> {
     let config = EngineConfig {
         kv_cache_bytes: a.kv_cache_mb << 20,
+        prefix_caching: a.prefix_caching.enabled(),
         ..EngineConfig::default()
     };
     let model = a
