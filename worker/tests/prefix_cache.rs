@@ -1,6 +1,6 @@
 //! The prefix cache changes what is computed, never what comes out: the same prompt twice, and
-//! prompts sharing a system prompt, give the same tokens and logprobs with it on as with it
-//! off, through the one-process engine; and the hits really happened. The sliding-window model
+//! prompts sharing a system prompt, give the same tokens, and logprobs within f32 rounding,
+//! with it on as with it off, through the one-process engine; and the hits really happened. The sliding-window model
 //! (tiny-mistral, window 16) is run with prompts longer than its window.
 
 use switchyard_model::init::{preset, write_model_dir};
@@ -40,26 +40,23 @@ fn request(id: u64, prompt: Vec<u32>) -> Request {
     }
 }
 
-/// Tokens equal, every logprob (drawn and top) within 1e-6.
-fn assert_same(what: &str, on: &Completion, off: &Completion) {
+/// Tokens equal; the largest difference between their logprobs (drawn and top).
+fn gap(what: &str, on: &Completion, off: &Completion) -> f32 {
     assert_eq!(on.token_ids, off.token_ids, "{what}: tokens differ");
     let (on_lp, off_lp) = (
         on.logprobs.as_ref().unwrap(),
         off.logprobs.as_ref().unwrap(),
     );
     assert_eq!(on_lp.len(), off_lp.len());
+    let mut worst = 0.0f32;
     for (a, b) in on_lp.iter().zip(off_lp) {
-        assert!(
-            (a.logprob - b.logprob).abs() <= 1e-6,
-            "{what}: logprob {} vs {}",
-            a.logprob,
-            b.logprob
-        );
+        worst = worst.max((a.logprob - b.logprob).abs());
         for (x, y) in a.top.iter().zip(&b.top) {
             assert_eq!(x.token_id, y.token_id, "{what}: top tokens differ");
-            assert!((x.logprob - y.logprob).abs() <= 1e-6, "{what}: top logprob");
+            worst = worst.max((x.logprob - y.logprob).abs());
         }
     }
+    worst
 }
 
 #[test]
@@ -77,11 +74,12 @@ fn cached_prefixes_give_the_same_outputs() {
         let mut on = engine(dir.path(), true);
         let mut off = engine(dir.path(), false);
         let mut cached = Vec::new();
+        let mut worst = 0.0f32;
         for (i, p) in prompts.iter().enumerate() {
             let r = request(i as u64, p.clone());
             let a = on.run(vec![r.clone()]).unwrap().remove(0);
             let b = off.run(vec![r]).unwrap().remove(0);
-            assert_same(&format!("{name}, prompt {i}"), &a, &b);
+            worst = worst.max(gap(&format!("{name}, prompt {i}"), &a, &b));
             assert_eq!(b.usage.cached_tokens, 0);
             cached.push(a.usage.cached_tokens);
         }
@@ -104,12 +102,17 @@ fn cached_prefixes_give_the_same_outputs() {
         let a = on.run(batch.clone()).unwrap();
         let b = off.run(batch).unwrap();
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert_same(&format!("{name}, batched {i}"), x, y);
+            worst = worst.max(gap(&format!("{name}, batched {i}"), x, y));
         }
         assert_eq!(
             a.iter().map(|c| c.usage.cached_tokens).collect::<Vec<_>>(),
             [32, 36, 24]
         );
         assert_eq!(on.blocks().num_free(), on.blocks().num_blocks());
+        // A hit changes where prefill chunks start, and f32 rounding with them: the same
+        // few-ulp differences as chunked prefill (`batching.rs`). Measured: 9.5e-7 for
+        // tiny-mixtral, 1.2e-6 for tiny-mistral (a top logprob of -3.85).
+        println!("{name}: cache on vs off, max |Δlogprob| = {worst:e}");
+        assert!(worst <= 1e-5, "{name}: logprobs differ by {worst}");
     }
 }
