@@ -139,11 +139,6 @@ impl BlockAllocator {
         self
     }
 
-    /// The salt of the prefix cache, if it is on.
-    pub fn prefix_cache_salt(&self) -> Option<u64> {
-        self.cache.as_ref().map(|c| c.salt)
-    }
-
     /// Starts keeping the [`CacheChange`]s for [`BlockAllocator::take_changes`].
     pub fn track_changes(&mut self) {
         if let Some(c) = &mut self.cache {
