@@ -79,7 +79,7 @@ pub enum Routing {
 /// holds a quarter of `max_running` (at least 4) more requests than the least loaded one.
 /// Computing a prefix again costs one prefill; waiting behind a full lane costs whole
 /// generations, and a lane that holds every popular prefix must not take all the traffic
-/// (SGLang's router balances on the same two grounds, with an absolute and a relative gap).
+/// (SGLang's router likewise falls back to balancing when the load gap grows too large).
 /// The least loaded lane is never overloaded.
 fn overloaded(load: usize, least: usize, max_running: usize) -> bool {
     load > least && (load >= max_running || load - least >= (max_running / 4).max(4))
