@@ -11,7 +11,7 @@ use switchyard_bench::args::AccessArgs;
 use switchyard_bench::config::parse_duration_or_zero;
 use switchyard_coordinator::auth::{ApiKeys, RateLimit};
 use switchyard_coordinator::run::Ports;
-use switchyard_coordinator::{ClusterConfig, Grid, PlanOptions};
+use switchyard_coordinator::{ClusterConfig, Grid, PlanOptions, Routing};
 use switchyard_net::etcd::{Credentials, EtcdAccess};
 use switchyard_net::process::EtcdMember;
 use switchyard_net::tls::{self, ClusterFiles, ClusterTls, ServerTls};
@@ -100,6 +100,13 @@ pub struct ClusterArgs {
     /// Most sequences running at once per lane.
     #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub max_running: usize,
+    #[command(flatten)]
+    pub prefix_caching: PrefixCachingArgs,
+    /// How a request picks its lane: `cache-aware` (the lane whose prefix cache holds the
+    /// longest prefix of its prompt, unless that lane is overloaded; then the least loaded),
+    /// or `least-loaded`.
+    #[arg(long, default_value = "cache-aware")]
+    pub routing: RoutingArg,
     /// Requests waiting beyond this are refused with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1024)]
     pub max_queue: usize,
@@ -520,6 +527,38 @@ pub struct PlanArgs {
     pub json: bool,
 }
 
+/// `--enable-prefix-caching` (the default) and `--no-enable-prefix-caching`, as vLLM spells
+/// them; the last one given wins.
+#[derive(Args)]
+pub struct PrefixCachingArgs {
+    /// Reuse the KV cache of full blocks (--block-size tokens) that a prompt shares with an
+    /// earlier one, kept until the blocks are needed (on by default).
+    #[arg(
+        long = "enable-prefix-caching",
+        overrides_with = "no_enable_prefix_caching"
+    )]
+    enable_prefix_caching: bool,
+    /// Compute every prompt in full: no KV block is shared or kept.
+    #[arg(
+        long = "no-enable-prefix-caching",
+        overrides_with = "enable_prefix_caching"
+    )]
+    no_enable_prefix_caching: bool,
+}
+
+impl PrefixCachingArgs {
+    pub fn enabled(&self) -> bool {
+        !self.no_enable_prefix_caching
+    }
+}
+
+/// `--routing`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoutingArg {
+    CacheAware,
+    LeastLoaded,
+}
+
 #[derive(Args)]
 pub struct GenerateArgs {
     /// Model directory (config.json, safetensors, tokenizer.json).
@@ -548,6 +587,8 @@ pub struct GenerateArgs {
     /// KV cache size in MiB.
     #[arg(long, default_value_t = 512)]
     pub kv_cache_mb: usize,
+    #[command(flatten)]
+    pub prefix_caching: PrefixCachingArgs,
     /// Where to run: cpu, or cuda:N (GPU N; kernels compile on first use and are cached).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
@@ -677,6 +718,11 @@ impl ClusterArgs {
             },
             max_step_tokens: self.max_step_tokens,
             max_running: self.max_running,
+            prefix_caching: self.prefix_caching.enabled(),
+            routing: match self.routing {
+                RoutingArg::CacheAware => Routing::CacheAware,
+                RoutingArg::LeastLoaded => Routing::LeastLoaded,
+            },
             max_queue: self.max_queue,
             request_timeout: self.request_timeout,
             step_timeout: self.step_timeout,

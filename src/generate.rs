@@ -33,6 +33,7 @@ fn generate_on<B: Backend>(backend: B, a: GenerateArgs) -> Result<()> {
     let config = EngineConfig {
         kv_cache_bytes: a.kv_cache_mb << 20,
         offload: a.offload.offload(),
+        prefix_caching: a.prefix_caching.enabled(),
         ..EngineConfig::default()
     };
     let model = a

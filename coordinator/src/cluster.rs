@@ -19,7 +19,7 @@ use switchyard_model::{Checkpoint, CheckpointError, ModelConfig, Tokenizer, Toke
 use switchyard_net::grpc::{channel, worker_client};
 use switchyard_proto::v1 as pb;
 use switchyard_scheduler::{
-    Invalid, PromptInput, Request, Scheduler, SchedulerConfig, ValidRequest, Validator,
+    kv_blocks, Invalid, PromptInput, Request, Scheduler, SchedulerConfig, ValidRequest, Validator,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -55,6 +55,34 @@ pub struct ClusterConfig {
     pub recovery_timeout: Duration,
     /// How long a draining worker's or coordinator's requests may take to finish.
     pub drain_grace: Duration,
+    /// Each lane keeps the K/V of full blocks for sequences that start with the same tokens
+    /// (`switchyard_scheduler::kv_blocks`).
+    pub prefix_caching: bool,
+    /// How a request picks its lane.
+    pub routing: Routing,
+}
+
+/// How a new request picks its lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Routing {
+    /// The lane whose prefix cache holds the longest prefix of the prompt, unless that lane
+    /// is overloaded ([`overloaded`]); ties (no lane holding any of it, too) go to the least
+    /// loaded. Without the prefix cache, the same as `LeastLoaded`.
+    #[default]
+    CacheAware,
+    /// The lane with the fewest requests, running or queued.
+    LeastLoaded,
+}
+
+/// A lane that cache-aware routing passes over although it holds the longest prefix: a
+/// request sent there would queue (it already holds `max_running` requests) or the lane
+/// holds a quarter of `max_running` (at least 4) more requests than the least loaded one.
+/// Computing a prefix again costs one prefill; waiting behind a full lane costs whole
+/// generations, and a lane that holds every popular prefix must not take all the traffic
+/// (SGLang's router likewise falls back to balancing when the load gap grows too large).
+/// The least loaded lane is never overloaded.
+fn overloaded(load: usize, least: usize, max_running: usize) -> bool {
+    load > least && (load >= max_running || load - least >= (max_running / 4).max(4))
 }
 
 impl ClusterConfig {
@@ -73,6 +101,8 @@ impl ClusterConfig {
             load_timeout: Duration::from_secs(300),
             recovery_timeout: Duration::from_secs(30),
             drain_grace: Duration::from_secs(30),
+            prefix_caching: true,
+            routing: Routing::default(),
         }
     }
 }
@@ -196,6 +226,8 @@ impl Cluster {
                 num_blocks: model.max_position_embeddings.div_ceil(block_size) + 2,
                 max_step_tokens: config.max_step_tokens,
                 max_running: config.max_running,
+                prefix_caching: false,
+                cache_salt: 0,
             },
             model.clone(),
             tokenizer.clone(),
@@ -342,19 +374,49 @@ impl Cluster {
             .push(Parked { admitted, since });
     }
 
-    /// Hands a request to the least loaded lane taking requests; gives it back if none does.
+    /// Hands a request to a lane taking requests ([`Routing`]); gives it back if none does.
     fn route(&self, admitted: Admitted) -> Option<Admitted> {
-        let lane = self.serving().and_then(|s| {
-            s.lanes
-                .iter()
-                .filter(|l| !l.is_draining())
-                .min_by_key(|l| l.load())
-                .cloned()
-        });
+        let lane = self.serving().and_then(|s| self.pick_lane(&s, &admitted));
         match lane {
             Some(lane) => lane.submit(admitted).err().map(|a| *a),
             None => Some(admitted),
         }
+    }
+
+    /// The lane for a request, by [`Routing`]: the most blocks of its prompt cached, then the
+    /// fewest requests, then the first.
+    fn pick_lane(&self, s: &Serving, admitted: &Admitted) -> Option<Lane> {
+        let lanes: Vec<(&Lane, usize)> = s
+            .lanes
+            .iter()
+            .filter(|l| !l.is_draining())
+            .map(|l| (l, l.load()))
+            .collect();
+        let least = lanes.iter().map(|(_, load)| *load).min()?;
+        let hashes = match self.config.routing {
+            Routing::CacheAware if self.config.prefix_caching && lanes.len() > 1 => {
+                // The lanes' schedulers hash with the placement's epoch as the salt.
+                kv_blocks::block_hashes(
+                    s.placement.epoch,
+                    s.placement.block_size,
+                    admitted.tokens(),
+                )
+            }
+            _ => Vec::new(),
+        };
+        let max_running = self.config.max_running;
+        lanes
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, load))| !overloaded(*load, least, max_running))
+            .max_by_key(|(i, (lane, load))| {
+                let cached = match hashes.is_empty() {
+                    true => 0,
+                    false => lane.cached_prefix(&hashes),
+                };
+                (cached, std::cmp::Reverse(*load), std::cmp::Reverse(*i))
+            })
+            .map(|(_, (lane, _))| (*lane).clone())
     }
 
     /// Ends or re-routes waiting requests: those whose client left, whose deadline passed,
@@ -481,6 +543,10 @@ impl Cluster {
             num_blocks: placement.kv_blocks,
             max_step_tokens: self.config.max_step_tokens,
             max_running: self.config.max_running,
+            prefix_caching: self.config.prefix_caching,
+            // What else a block's K/V depend on: the model and the workers of this placement.
+            // A router's hashes must use the same salt (`pick_lane`).
+            cache_salt: epoch,
         };
         let scheduler = || {
             Scheduler::new(
@@ -742,4 +808,23 @@ async fn assign_all(
         .into_iter()
         .map(|l| l.expect("every worker loaded"))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::overloaded;
+
+    #[test]
+    fn a_lane_is_overloaded_when_a_request_would_queue_or_it_is_far_ahead() {
+        // The least loaded lane never is, even when full.
+        assert!(!overloaded(64, 64, 64));
+        // A few requests ahead of the least loaded: still worth its cached prefix.
+        assert!(!overloaded(3, 0, 8));
+        assert!(!overloaded(15, 0, 64));
+        // At least a quarter of max_running (and 4) ahead…
+        assert!(overloaded(4, 0, 8));
+        assert!(overloaded(16, 0, 64));
+        // …or full while another lane has room.
+        assert!(overloaded(8, 7, 8));
+    }
 }

@@ -14,15 +14,15 @@
 //! failure; the cluster then stops the lane ([`Lane::stop`]), which hands every sequence back,
 //! with what its client has seen, to be recomputed on the next placement.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use switchyard_net::{trace_context, wire};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::worker_client::WorkerClient;
-use switchyard_scheduler::kv_blocks::SeqId;
+use switchyard_scheduler::kv_blocks::{BlockHash, CacheChange, SeqId};
 use switchyard_scheduler::step::SeqWork;
 use switchyard_scheduler::{Detached, Scheduler, Update, ValidRequest};
 use tokio::sync::{mpsc, oneshot};
@@ -104,6 +104,14 @@ impl Admitted {
             Work::Moved(d) => d.id(),
         }
     }
+
+    /// What the lane computes: the prompt, and for a moved request what it generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        match &self.work {
+            Work::New(r) => &r.prompt,
+            Work::Moved(d) => d.tokens(),
+        }
+    }
 }
 
 /// A lane's report that a step failed: some worker of the placement is in trouble.
@@ -143,6 +151,8 @@ pub struct Lane {
     stats: Arc<Mutex<LaneStats>>,
     /// Set while one of the lane's workers drains: it takes no new requests.
     draining: Arc<AtomicBool>,
+    /// The blocks its prefix cache holds, as of the driver's last turn: what routing looks at.
+    cached: Arc<RwLock<HashSet<BlockHash>>>,
 }
 
 enum Message {
@@ -155,7 +165,7 @@ impl Lane {
     /// Starts the driver of a lane whose stage-0 worker is `stage0`; step failures go to
     /// `failures`.
     pub fn spawn(
-        scheduler: Scheduler,
+        mut scheduler: Scheduler,
         stage0: WorkerClient<Channel>,
         config: LaneConfig,
         failures: mpsc::UnboundedSender<LaneFailure>,
@@ -167,7 +177,9 @@ impl Lane {
             pending: Arc::default(),
             stats: Arc::default(),
             draining: Arc::default(),
+            cached: Arc::default(),
         };
+        scheduler.blocks_mut().track_changes();
         let label = config.lane.to_string();
         // The lane's series exist from its start, so a rate over them sees its first steps.
         metrics.step_seconds.with(&[&label]);
@@ -175,6 +187,8 @@ impl Lane {
             label,
             metrics,
             preemptions_seen: 0,
+            prefix_seen: (0, 0),
+            cached: lane.cached.clone(),
             scheduler,
             stage0,
             max_in_flight: config.max_in_flight.max(1),
@@ -236,6 +250,12 @@ impl Lane {
         self.pending.load(Ordering::SeqCst) + self.stats().waiting
     }
 
+    /// How many of `hashes` (a prompt's full blocks, chained) lead its prefix cache holds.
+    pub fn cached_prefix(&self, hashes: &[BlockHash]) -> usize {
+        let cached = self.cached.read().expect("not poisoned");
+        hashes.iter().take_while(|h| cached.contains(h)).count()
+    }
+
     /// Requests on this lane, running or queued.
     pub fn load(&self) -> usize {
         self.pending.load(Ordering::SeqCst) + {
@@ -252,6 +272,9 @@ struct Driver {
     label: String,
     metrics: Arc<Metrics>,
     preemptions_seen: u64,
+    /// The scheduler's prefix-cache counts already added to the metrics.
+    prefix_seen: (u64, u64),
+    cached: Arc<RwLock<HashSet<BlockHash>>>,
     scheduler: Scheduler,
     stage0: WorkerClient<Channel>,
     config: LaneConfig,
@@ -348,6 +371,7 @@ impl Driver {
         }
         self.in_flight.abort_all();
         *self.stats.lock().expect("not poisoned") = LaneStats::default();
+        self.cached.write().expect("not poisoned").clear();
         let _ = reply.send(out);
     }
 
@@ -600,6 +624,22 @@ impl Driver {
         m.preemptions
             .add(stats.preemptions.saturating_sub(self.preemptions_seen));
         self.preemptions_seen = stats.preemptions;
+        let (queries, hits) = self.scheduler.prefix_cache_counts();
+        m.prefix_cache_queries
+            .add(queries.saturating_sub(self.prefix_seen.0));
+        m.prefix_cache_hits
+            .add(hits.saturating_sub(self.prefix_seen.1));
+        self.prefix_seen = (queries, hits);
+        let changes = self.scheduler.blocks_mut().take_changes();
+        if !changes.is_empty() {
+            let mut cached = self.cached.write().expect("not poisoned");
+            for change in changes {
+                match change {
+                    CacheChange::Added(h) => cached.insert(h),
+                    CacheChange::Evicted(h) => cached.remove(&h),
+                };
+            }
+        }
         *self.stats.lock().expect("not poisoned") = stats;
     }
 }

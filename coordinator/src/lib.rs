@@ -29,5 +29,5 @@ pub mod role;
 pub mod run;
 pub mod server;
 
-pub use cluster::{Cluster, ClusterConfig, StartError};
+pub use cluster::{Cluster, ClusterConfig, Routing, StartError};
 pub use placement::{Grid, PlanOptions};

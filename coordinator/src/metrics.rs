@@ -39,6 +39,8 @@ pub struct Metrics {
     pub success: Arc<Family<Counter>>,
     pub failure: Arc<Family<Counter>>,
     pub preemptions: Arc<Counter>,
+    pub prefix_cache_queries: Arc<Counter>,
+    pub prefix_cache_hits: Arc<Counter>,
     pub step_seconds: Arc<Family<Histogram>>,
     pub worker_up: Arc<Family<Gauge>>,
     pub worker_ready: Arc<Family<Gauge>>,
@@ -141,6 +143,20 @@ impl Default for Metrics {
                 .counter(
                     "switchyard_num_preemptions_total",
                     "Sequences preempted (KV blocks reclaimed, recomputed later).",
+                    &[],
+                )
+                .with(&[]),
+            prefix_cache_queries: r
+                .counter(
+                    "switchyard_prefix_cache_queries_total",
+                    "Prompt tokens looked up in the lanes' prefix caches (once per request; requests with prompt logprobs skip the cache).",
+                    &[],
+                )
+                .with(&[]),
+            prefix_cache_hits: r
+                .counter(
+                    "switchyard_prefix_cache_hits_total",
+                    "Prompt tokens found in the lanes' prefix caches (their prefill skipped).",
                     &[],
                 )
                 .with(&[]),

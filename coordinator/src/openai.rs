@@ -487,6 +487,8 @@ fn token_text(api: &InferenceApi, id: u32) -> String {
 struct Usage {
     prompt: u32,
     completion: u32,
+    /// Prompt tokens found in the prefix cache.
+    cached: u32,
 }
 
 impl Usage {
@@ -495,6 +497,7 @@ impl Usage {
             "prompt_tokens": self.prompt,
             "completion_tokens": self.completion,
             "total_tokens": self.prompt + self.completion,
+            "prompt_tokens_details": { "cached_tokens": self.cached },
         })
     }
 }
@@ -532,6 +535,7 @@ impl Meta {
         for (i, u) in parts.iter().enumerate() {
             if (i as u32).is_multiple_of(self.n) {
                 usage.prompt += u.prompt;
+                usage.cached += u.cached;
             }
             usage.completion += u.completion;
         }
@@ -597,6 +601,7 @@ impl Tracker {
                 Some(Usage {
                     prompt: usage.prompt_tokens as u32,
                     completion: usage.completion_tokens as u32,
+                    cached: usage.cached_tokens as u32,
                 }),
             ),
             None => (None, None),

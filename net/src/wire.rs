@@ -195,6 +195,7 @@ pub fn generate_response(request_id: &str, u: Update) -> pb::GenerateResponse {
             Some(pb::Usage {
                 prompt_tokens: usage.prompt_tokens as u32,
                 completion_tokens: usage.completion_tokens as u32,
+                cached_tokens: usage.cached_tokens as u32,
             }),
         ),
         None => (String::new(), None),
@@ -225,6 +226,7 @@ pub fn update(m: pb::GenerateResponse) -> Update {
         let usage = Usage {
             prompt_tokens: usage.prompt_tokens as usize,
             completion_tokens: usage.completion_tokens as usize,
+            cached_tokens: usage.cached_tokens as usize,
         };
         (reason, usage)
     });
@@ -335,6 +337,7 @@ mod tests {
             usage: Some(pb::Usage {
                 prompt_tokens: 3,
                 completion_tokens: 2,
+                cached_tokens: 1,
             }),
             ..Default::default()
         });
@@ -347,7 +350,8 @@ mod tests {
                 FinishReason::Length,
                 Usage {
                     prompt_tokens: 3,
-                    completion_tokens: 2
+                    completion_tokens: 2,
+                    cached_tokens: 1,
                 }
             ))
         );

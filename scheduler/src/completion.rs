@@ -36,6 +36,7 @@ impl Completion {
             usage: Usage {
                 prompt_tokens: 0,
                 completion_tokens: 0,
+                cached_tokens: 0,
             },
         }
     }

@@ -34,6 +34,12 @@ pub struct SchedulerConfig {
     pub max_step_tokens: usize,
     /// Most sequences running at once.
     pub max_running: usize,
+    /// Share the K/V of full blocks between sequences that start with the same tokens, and
+    /// keep them after their sequences end ([`crate::kv_blocks`]).
+    pub prefix_caching: bool,
+    /// What else the cached K/V depend on (the placement epoch): blocks of another salt are
+    /// never shared, and a router's block hashes must use the same one.
+    pub cache_salt: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -65,6 +71,9 @@ impl FinishReason {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens whose K/V came from the prefix cache when the request was first
+    /// admitted (OpenAI's `prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: usize,
 }
 
 /// What a request's client sees after a step: only what is final. Text that could still turn
@@ -91,6 +100,8 @@ struct Sequence {
     history: Box<History>,
     /// Tokens whose K/V are in the cache.
     computed: usize,
+    /// Prompt tokens found in the prefix cache when it was first admitted (`None` before).
+    cached_tokens: Option<usize>,
     /// Part of a planned step whose results are not applied yet.
     in_flight: bool,
     /// Its client is not reading: no more steps until it catches up ([`Scheduler::pause`]).
@@ -132,6 +143,11 @@ impl Detached {
     pub fn generated(&self) -> usize {
         self.0.generated().len()
     }
+
+    /// The prompt and the tokens generated so far: what it is recomputed from.
+    pub fn tokens(&self) -> &[u32] {
+        &self.0.tokens
+    }
 }
 
 pub struct Scheduler {
@@ -142,6 +158,9 @@ pub struct Scheduler {
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache, and those found there.
+    prefix_queries: u64,
+    prefix_hits: u64,
 }
 
 impl Scheduler {
@@ -150,8 +169,11 @@ impl Scheduler {
         model: ModelConfig,
         tokenizer: Option<Arc<Tokenizer>>,
     ) -> Self {
-        let blocks =
+        let mut blocks =
             BlockAllocator::new(config.num_blocks, config.block_size, model.sliding_window);
+        if config.prefix_caching {
+            blocks = blocks.with_prefix_cache(config.cache_salt);
+        }
         Scheduler {
             config,
             validator: Validator::new(model, tokenizer),
@@ -159,6 +181,8 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             preemptions: 0,
+            prefix_queries: 0,
+            prefix_hits: 0,
         }
     }
 
@@ -174,6 +198,13 @@ impl Scheduler {
     /// How many times a running sequence was preempted (its KV dropped, to be recomputed).
     pub fn num_preemptions(&self) -> u64 {
         self.preemptions
+    }
+
+    /// Prompt tokens looked up in the prefix cache and those found there, so far: once per
+    /// request, when first admitted; requests with prompt logprobs skip the cache and are not
+    /// counted (tokens, as vLLM counts them).
+    pub fn prefix_cache_counts(&self) -> (u64, u64) {
+        (self.prefix_queries, self.prefix_hits)
     }
 
     pub fn num_waiting(&self) -> usize {
@@ -226,6 +257,7 @@ impl Scheduler {
             tokens: req.prompt.clone(),
             history: Box::new(History::new(&req.params, &req.prompt)),
             computed: 0,
+            cached_tokens: None,
             in_flight: false,
             paused: false,
             cancelled: false,
@@ -365,6 +397,10 @@ impl Scheduler {
             }
             let start = w.input.start_pos;
             s.computed = start + w.input.tokens.len();
+            // Only now are the chunk's K/V written on every stage: from here on a step planned
+            // for another sequence may read them.
+            self.blocks
+                .register_computed(s.req.id, &s.tokens[..s.computed]);
             let prompt_len = s.req.prompt.len();
             if s.prompt_logprobs.is_empty() && s.req.params.prompt_logprobs.is_some() {
                 s.prompt_logprobs.push(None);
@@ -407,6 +443,7 @@ impl Scheduler {
                 let usage = Usage {
                     prompt_tokens: prompt_len,
                     completion_tokens: s.generated().len(),
+                    cached_tokens: s.cached_tokens.unwrap_or(0),
                 };
                 update.finish = Some((finish, usage));
             }
@@ -455,10 +492,31 @@ impl Scheduler {
             }
         }
         while self.running.len() < self.config.max_running {
-            let Some(s) = self.waiting.front() else { break };
-            let end = (s.computed + self.config.max_step_tokens).min(s.tokens.len());
-            if self.blocks.allocate(s.req.id, s.computed, end).is_err() {
+            let Some(s) = self.waiting.front_mut() else {
                 break;
+            };
+            // A waiting sequence holds no blocks (a preempted or moved one lost them); its
+            // prefix may be cached. Prompt logprobs need every prompt token's logits, so those
+            // requests compute the whole prompt, as vLLM does (their blocks are still cached).
+            let hit = match s.req.params.prompt_logprobs {
+                Some(_) => 0,
+                None => self.blocks.acquire_cached(s.req.id, &s.tokens),
+            };
+            let end = (hit + self.config.max_step_tokens).min(s.tokens.len());
+            if self.blocks.allocate(s.req.id, hit, end).is_err() {
+                // The hit is given back (still cached) and looked up again next time.
+                self.blocks.free(s.req.id);
+                break;
+            }
+            s.computed = hit;
+            if s.cached_tokens.is_none() {
+                // Counted once per request, as its usage reports it.
+                let cached = hit.min(s.req.prompt.len());
+                s.cached_tokens = Some(cached);
+                if self.blocks.prefix_caching() && s.req.params.prompt_logprobs.is_none() {
+                    self.prefix_queries += s.req.prompt.len() as u64;
+                    self.prefix_hits += cached as u64;
+                }
             }
             self.running
                 .push(self.waiting.pop_front().expect("front exists"));
@@ -564,8 +622,114 @@ mod tests {
             num_blocks: 64,
             max_step_tokens: 64,
             max_running: 8,
+            prefix_caching: true,
+            cache_salt: 0,
         };
         Scheduler::new(config, preset("tiny-mixtral").unwrap(), None)
+    }
+
+    fn add(s: &mut Scheduler, id: SeqId, prompt: Vec<u32>, max_tokens: usize) {
+        let params = SamplingParams {
+            max_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let req = s.check(Request { id, prompt, params }).unwrap();
+        s.add(req);
+    }
+
+    /// Runs every request to its end; the usage each one finished with.
+    fn run_all(s: &mut Scheduler) -> Vec<(SeqId, Usage)> {
+        let mut done = Vec::new();
+        while !s.is_idle() {
+            for u in step(s) {
+                if let Some((_, usage)) = u.finish {
+                    done.push((u.id, usage));
+                }
+            }
+        }
+        done
+    }
+
+    #[test]
+    fn a_cached_prefix_is_not_computed_again() {
+        let mut s = scheduler();
+        add(&mut s, 1, (0..10).collect(), 3);
+        assert_eq!(run_all(&mut s)[0].1.cached_tokens, 0);
+        // Shares 9 tokens: two full blocks of 4. The first step starts after them.
+        let mut prompt: Vec<u32> = (0..9).collect();
+        prompt.push(50);
+        add(&mut s, 2, prompt.clone(), 3);
+        let work = s.plan();
+        assert_eq!(work[0].input.start_pos, 8);
+        assert_eq!(work[0].input.tokens, [8, 50]);
+        s.apply(&work, stand_in(&work)).unwrap();
+        let done = run_all(&mut s);
+        assert_eq!(done[0].1.cached_tokens, 8);
+        assert_eq!(s.prefix_cache_counts(), (20, 8));
+
+        // Prompt logprobs need every prompt token's logits: no lookup, not counted.
+        let params = SamplingParams {
+            max_tokens: 1,
+            prompt_logprobs: Some(0),
+            ..Default::default()
+        };
+        let req = s
+            .check(Request {
+                id: 3,
+                prompt,
+                params,
+            })
+            .unwrap();
+        s.add(req);
+        assert_eq!(s.plan()[0].input.start_pos, 0);
+        assert_eq!(s.prefix_cache_counts(), (20, 8));
+    }
+
+    #[test]
+    fn without_prefix_caching_nothing_is_shared() {
+        let mut s = scheduler();
+        s.config.prefix_caching = false;
+        s.blocks = BlockAllocator::new(64, 4, None);
+        add(&mut s, 1, (0..10).collect(), 3);
+        run_all(&mut s);
+        add(&mut s, 2, (0..10).collect(), 3);
+        assert_eq!(s.plan()[0].input.start_pos, 0);
+        assert_eq!(s.prefix_cache_counts(), (0, 0));
+    }
+
+    #[test]
+    fn a_preempted_sequence_resumes_from_its_cached_blocks() {
+        // Room for one sequence of 3 blocks and not two: the second preempts the first.
+        let config = SchedulerConfig {
+            block_size: 4,
+            num_blocks: 5,
+            max_step_tokens: 64,
+            max_running: 8,
+            prefix_caching: true,
+            cache_salt: 0,
+        };
+        let mut s = Scheduler::new(config, preset("tiny-mixtral").unwrap(), None);
+        add(&mut s, 1, (0..8).collect(), 4);
+        add(&mut s, 2, (100..108).collect(), 4);
+        let mut tokens: std::collections::HashMap<SeqId, Vec<u32>> = Default::default();
+        let mut fed: std::collections::HashMap<SeqId, usize> = Default::default();
+        while !s.is_idle() {
+            let work = s.plan();
+            for w in &work {
+                *fed.entry(w.id).or_default() += w.input.tokens.len();
+            }
+            for u in s.apply(&work, stand_in(&work)).unwrap() {
+                tokens.entry(u.id).or_default().extend(u.token_ids);
+            }
+        }
+        assert!(s.num_preemptions() > 0);
+        // The preempted sequence resumed from its cached full blocks: no token went through the
+        // model twice (12 tokens, the last never fed), and it drew the same tokens.
+        assert_eq!(fed[&1], 11);
+        assert_eq!(fed[&2], 11);
+        assert_eq!(tokens[&1], [10, 11, 12, 13]);
+        assert_eq!(tokens[&2], [10, 11, 12, 13]);
     }
 
     /// What a stand-in model that draws token `10 + index` every time returns for `work`.

@@ -53,6 +53,9 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Keep only this many bytes of experts resident and read the others on demand.
     pub offload: Option<Offload>,
+    /// Reuse the K/V of full blocks whose tokens a sequence starts with (vLLM's automatic
+    /// prefix caching).
+    pub prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +66,7 @@ impl Default for EngineConfig {
             max_step_tokens: 512,
             max_running: 64,
             offload: None,
+            prefix_caching: true,
         }
     }
 }
@@ -115,6 +119,9 @@ impl<B: Backend> Engine<B> {
                 num_blocks,
                 max_step_tokens: config.max_step_tokens,
                 max_running: config.max_running,
+                prefix_caching: config.prefix_caching,
+                // One model in one process: nothing besides the tokens changes a block.
+                cache_salt: 0,
             },
             c,
             tokenizer.clone(),
@@ -144,6 +151,11 @@ impl<B: Backend> Engine<B> {
 
     pub fn blocks(&self) -> &BlockAllocator {
         self.scheduler.blocks()
+    }
+
+    /// Prompt tokens looked up in the prefix cache and those found there, so far.
+    pub fn prefix_cache_counts(&self) -> (u64, u64) {
+        self.scheduler.prefix_cache_counts()
     }
 
     /// Runs one step over chunks `(sequence, tokens, position of the first token, logits
