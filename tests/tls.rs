@@ -205,10 +205,17 @@ fn a_worker_refuses_callers_without_a_cluster_certificate() {
     certs(ca.path());
     certs(other.path());
     let c = ca.path();
-    let mut args = vec!["worker", "--listen", "127.0.0.1:0"];
+    let mut args = vec![
+        "worker",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ];
     let cluster = cluster_flags(c);
     args.extend(cluster.iter().map(String::as_str));
     let worker = common::start(&args, "worker listening on ");
+    let metrics = worker.address_after("worker metrics on ");
     let rt = common::runtime();
     rt.block_on(async {
         let stats = |tls: Option<Arc<ClientConfig>>| {
@@ -234,8 +241,23 @@ fn a_worker_refuses_callers_without_a_cluster_certificate() {
         );
         // A member's certificate gets in.
         let member = tls_client(c, Some((c, "node")));
-        stats(Some(member)).await.unwrap();
+        stats(Some(member.clone())).await.unwrap();
+
+        // The metrics port is on the cluster plane too: HTTPS, for members only.
+        let (code, body, _) = https_get(&metrics, member, "/metrics", "").await.unwrap();
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("switchyard_worker_ready"), "{body}");
+        assert!(https_get(&metrics, tls_client(c, None), "/metrics", "")
+            .await
+            .is_err());
+        let stranger = tls_client(c, Some((other.path(), "node")));
+        assert!(https_get(&metrics, stranger, "/metrics", "").await.is_err());
     });
+    let plain = std::panic::catch_unwind(|| http(&metrics, "GET", "/metrics", ""));
+    assert!(
+        plain.is_err(),
+        "plain HTTP answered on the worker's TLS metrics port"
+    );
 
     // A coordinator without the cluster identity cannot bring the worker up.
     let dir = tempfile::tempdir().unwrap();
