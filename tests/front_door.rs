@@ -101,6 +101,11 @@ fn slow_clients_are_cut_off() {
     let server = serve(&["--model", dir.path().to_str().unwrap()]);
     let web = http_address(&server);
     let started = Instant::now();
+    // On the gRPC port: a client that connects and never sends HTTP/2's preface, and one
+    // that sends only part of it.
+    let mut silent_grpc = TcpStream::connect(&server.address).unwrap();
+    let mut half_grpc = TcpStream::connect(&server.address).unwrap();
+    half_grpc.write_all(b"PRI * HTTP/2.0\r\n").unwrap();
     let mut slow_headers: Vec<TcpStream> = (0..20)
         .map(|_| {
             let mut s = TcpStream::connect(&web).unwrap();
@@ -125,6 +130,16 @@ fn slow_clients_are_cut_off() {
     assert!(
         waited >= Duration::from_secs(9) && waited < Duration::from_secs(25),
         "slow headers were cut off after {waited:?}"
+    );
+    for s in [&mut silent_grpc, &mut half_grpc] {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(25),
+        "gRPC connections that never opened were kept {waited:?}"
     );
     slow_body
         .set_read_timeout(Some(Duration::from_secs(40)))

@@ -21,6 +21,7 @@
 //! its handshake holds up no other.
 
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -52,6 +53,14 @@ use tracing::{debug, warn};
 
 /// How long a client may take to complete its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a client may take, once connected (and past TLS), to send its first
+/// [`OPENING_BYTES`]: HTTP/2's connection preface is 24 bytes, and an HTTP/1.1 request line
+/// with its headers is longer. A connection that never starts speaking would otherwise hold
+/// one of the port's connections for good: HTTP/2's keep-alive pings begin only after the
+/// preface.
+pub const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
+const OPENING_BYTES: usize = 24;
 
 /// Why a certificate, key or CA could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -591,6 +600,18 @@ pub async fn connect(
 pub struct Conn {
     io: Io,
     _permit: OwnedSemaphorePermit,
+    /// Until the client has sent [`OPENING_BYTES`]: the bytes still due and the deadline.
+    opening: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl Conn {
+    fn new(io: Io, permit: OwnedSemaphorePermit) -> Conn {
+        Conn {
+            io,
+            _permit: permit,
+            opening: Some((OPENING_BYTES, Box::pin(tokio::time::sleep(OPENING_TIMEOUT)))),
+        }
+    }
 }
 
 /// A TCP stream, plain or TLS (either end of it).
@@ -666,7 +687,31 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        let Some((due, deadline)) = &mut this.opening else {
+            return read;
+        };
+        match read {
+            Poll::Ready(Ok(())) => {
+                let got = buf.filled().len() - before;
+                match got >= *due || got == 0 {
+                    // Opened (or closed by the client): no deadline any more.
+                    true => this.opening = None,
+                    false => *due -= got,
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the client sent no request within {OPENING_TIMEOUT:?}"),
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            error => error,
+        }
     }
 }
 
@@ -758,10 +803,7 @@ async fn accept_loop(
         // Replies must not wait for Nagle's algorithm: an exchange is many small round trips.
         let _ = tcp.set_nodelay(true);
         let Some(acceptor) = tls.clone() else {
-            let conn = Conn {
-                io: Io::Plain(tcp),
-                _permit: permit,
-            };
+            let conn = Conn::new(Io::Plain(tcp), permit);
             if tx.send((conn, peer)).await.is_err() {
                 return;
             }
@@ -771,10 +813,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => {
-                    let conn = Conn {
-                        io: Io::Tls(Box::new(s.into())),
-                        _permit: permit,
-                    };
+                    let conn = Conn::new(Io::Tls(Box::new(s.into())), permit);
                     let _ = tx.send((conn, peer)).await;
                 }
                 Ok(Err(e)) => debug!("TLS handshake with {peer} failed: {e}"),
