@@ -9,7 +9,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
-use switchyard_net::api_client::{AccessError, ApiAccess, ApiInferenceClient, HttpConnector};
+use switchyard_net::api_client::{
+    error_chain, AccessError, ApiAccess, ApiInferenceClient, HttpConnector,
+};
 use switchyard_proto::code_name;
 use switchyard_proto::v1 as pb;
 
@@ -252,7 +254,7 @@ impl HttpClient {
             .inner
             .request(request)
             .await
-            .map_err(|e| format!("GET {url}: {}", source_chain(&e)))?;
+            .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
         let status = response.status();
         let body = response
             .into_body()
@@ -300,7 +302,7 @@ impl HttpClient {
             .inner
             .request(request)
             .await
-            .map_err(|e| transport(source_chain(&e)))?;
+            .map_err(|e| transport(error_chain(&e)))?;
         let status = response.status();
         let mut body = response.into_body();
         if !status.is_success() {
@@ -393,20 +395,6 @@ fn error_message(body: &[u8]) -> String {
         .ok()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
         .unwrap_or_else(|| text.chars().take(200).collect())
-}
-
-/// An error and its causes: transport errors hide the useful part ("connection refused").
-fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(e);
-    while let Some(err) = next {
-        let s = err.to_string();
-        if !parts.iter().any(|p| p.contains(&s)) {
-            parts.push(s);
-        }
-        next = err.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]

@@ -50,19 +50,19 @@ pub enum AccessError {
     Connect { address: String, reason: String },
 }
 
-/// An error and its causes, joined: transport errors keep the useful part ("connection
-/// refused") in their sources.
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !out.contains(&s_text) {
-            out = format!("{out}: {s_text}");
+/// An error and its causes, joined with ": " (a cause already said by an earlier one is left
+/// out): transport errors keep the useful part ("connection refused") in their sources.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let s = err.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
         }
-        source = s.source();
+        next = err.source();
     }
-    out
+    parts.join(": ")
 }
 
 /// How to reach a server's client ports.
@@ -173,7 +173,7 @@ impl ApiAccess {
         }
         .map_err(|e| AccessError::Connect {
             address: address.into(),
-            reason: causes(&e),
+            reason: error_chain(&e),
         })?;
         Ok(Self::client(channel, bearer))
     }
